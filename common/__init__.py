@@ -1,0 +1,1 @@
+"""Shared pieces of PAG: config, presets, model factory, prompt data, trajectory codec."""

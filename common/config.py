@@ -1,0 +1,296 @@
+"""One validated config tree for every role, built from a preset, an optional YAML file and
+`key=value` overrides, in that order.
+
+    cfg = load_config("tiny", yaml_path=None, overrides=["learner.lr=3e-5"])
+
+A wrong key or value raises ConfigError naming the field, the bad value and what is allowed,
+before anything starts. Derived values live in `Config.derived()`, computed in one place.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config key or value that is wrong; the message names the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    kind: Literal["tiny", "pretrained"] = Field("pretrained", description="tiny: seeded random weights, tiny configs; pretrained: from_pretrained")
+    policy: str = Field("gpt2", description="GPT-2 hub id or local directory of the policy's starting point")
+    sft_checkpoint: Optional[str] = Field(None, description="SFT checkpoint (hub id or dir) for policy and reference; None: `policy` (tiny: auto-SFT, cached)")
+    tokenizer: Optional[str] = Field(None, description="tokenizer id/dir; None: the policy's, or the packaged GPT-2 files for tiny")
+    sd: str = Field("CompVis/stable-diffusion-v1-4", description="Stable Diffusion hub id or local directory")
+    clip_arch: str = Field("ViT-L-14", description="open_clip architecture for aesthetic and relevance")
+    clip_pretrained: str = Field("openai", description="open_clip pretrained tag, or a local checkpoint file")
+    aesthetic_weights: Optional[str] = Field(None, description="LAION aesthetic MLP weights; None: the packaged sac+logos+ava1-l14-linearMSE")
+    sentence_encoder: str = Field("sentence-transformers/paraphrase-MiniLM-L6-v2", description="sentence encoder for text diversity (hub id or dir)")
+    image_size: int = Field(512, ge=32, description="SD render size in pixels")
+    seed: int = Field(0, description="seed for tiny random weights")
+
+
+class SamplerConfig(_Section):
+    num_samplers: int = Field(1, ge=1, description="sampler actors")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per sampler actor (fractional allowed)")
+    prompts_per_batch: int = Field(16, ge=1, description="plain prompts per sampling batch")
+    samples_per_prompt: int = Field(4, ge=1, description="K rewrites sampled per prompt")
+    min_len: int = Field(15, ge=1, description="minimum response tokens (EOS masked before)")
+    max_len: int = Field(75, ge=2, description="maximum response tokens")
+    temp_start: float = Field(2.0, gt=0, description="sampling temperature at step 0")
+    temp_end: float = Field(0.5, gt=0, description="sampling temperature after annealing")
+    temp_anneal_steps: int = Field(5000, ge=0, description="learner steps to anneal the sampling temperature over")
+    max_pending: int = Field(512, ge=1, description="backpressure: wait while the pending stream is longer")
+    datasets: list[str] = Field(default_factory=lambda: ["diffusiondb_ipgo", "pickapic", "coco_all"], description="training prompt sets (names or files); their train split, minus the paper's four evaluation sets")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "SamplerConfig":
+        if self.min_len >= self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must be below max_len ({self.max_len})")
+        return self
+
+
+class RewardConfig(_Section):
+    num_workers: int = Field(1, ge=0, description="reward-worker actors at start (scale at run time with `pag workers scale`)")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per reward worker")
+    images_per_prompt: int = Field(3, ge=1, description="images rendered per prompt (fixed seeds per index)")
+    steps: int = Field(20, ge=1, description="DPM-Solver++ steps")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    seed: int = Field(0, description="base seed; image i uses seed+i for every prompt")
+    batch_size: int = Field(8, ge=1, description="trajectories rendered together")
+    scorers: list[str] = Field(default_factory=lambda: ["aesthetic", "clip"], description="scorer names from the registry")
+    beta: float = Field(0.05, gt=0, description="reward temperature β: log R = r/β")
+    clip_threshold: float = Field(0.28, description="relevance penalty applies below this CLIP score")
+    clip_weight: float = Field(20.0, ge=0, description="relevance penalty weight")
+    fp16: bool = Field(True, description="half precision on GPU (ignored on CPU)")
+
+
+class BufferConfig(_Section):
+    redis_url: Optional[str] = Field(None, description="redis://[user:pw@]host:port/db; None: a private redis-server per run")
+    capacity: int = Field(5000, ge=1, description="trajectories kept")
+    eviction: Literal["priority", "fifo"] = Field("priority", description="which trajectory leaves when full")
+    prioritization: Literal["reward", "uniform"] = Field("reward", description="replay sampling: P ∝ exp(log R / T) or uniform")
+    priority_temperature: float = Field(1.0, gt=0, description="T in P ∝ exp(log R / T)")
+    dedup: bool = Field(True, description="keep one copy of an identical (prompt, response), the higher reward")
+
+
+class LearnerConfig(_Section):
+    steps: int = Field(10000, ge=1, description="optimiser steps")
+    batch_size: int = Field(64, ge=2, description="trajectories per micro-batch")
+    grad_accum: int = Field(4, ge=1, description="micro-batches per optimiser step (256 = 64×4)")
+    replay_ratio: float = Field(0.5, ge=0, le=1, description="fraction of a batch drawn from prioritised replay")
+    objective: Literal["fl-db", "db", "tb"] = Field("fl-db", description="fl-db (PAG), db (no decomposition), tb (vanilla GFlowNet)")
+    lr: float = Field(1e-5, gt=0, description="policy learning rate")
+    flow_lr: float = Field(1e-4, gt=0, description="flow head (and log Z) learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    reward_temp_start: float = Field(2.0, gt=0, description="τ at step 0 (everything divided by τ)")
+    reward_temp_end: float = Field(1.0, gt=0, description="τ after annealing")
+    reward_temp_anneal_steps: int = Field(5000, ge=0, description="steps to anneal τ over")
+    ref_temp: float = Field(1.0, gt=0, description="γ: reference log-probs are divided by γ")
+    min_len_penalty: float = Field(0.0, ge=0, description="log-reward penalty per token below sampler.min_len")
+    reactivation_every: int = Field(2000, ge=0, description="re-initialise the flow head's last layer every M steps (0: off)")
+    reactivation_dormant: Optional[float] = Field(None, ge=0, le=1, description="also reactivate when the flow head's dormant ratio exceeds this")
+    dormant_tau: float = Field(0.1, gt=0, description="τ of the τ-dormant neuron ratio (Sokar et al., 2023)")
+    flow_hidden: int = Field(256, ge=1, description="flow head hidden width")
+    publish_every: int = Field(1, ge=1, description="publish weights every K steps")
+    checkpoint_every: int = Field(500, ge=1, description="checkpoint every E steps")
+    max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite losses that stop training")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs for the learner actor")
+
+
+class RunConfig(_Section):
+    name: Optional[str] = Field(None, description="run name; None: {preset}__{seed}__{time}")
+    runs_dir: str = Field("runs", description="where run directories go")
+    seed: int = Field(1, description="seed for sampling and training")
+    device: str = Field("auto", description="auto, cpu or cuda[:i] for roles that do not get a Ray GPU")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local Ray")
+    max_restarts: int = Field(3, ge=0, description="Ray restarts per actor")
+    log_every: int = Field(10, ge=1, description="metrics every N learner steps")
+
+
+class Config(_Section):
+    preset: str = "sd14"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def derived(self) -> dict[str, Any]:
+        """Values computed from the config, in one place."""
+        per_step = self.learner.batch_size * self.learner.grad_accum
+        replay = int(round(self.learner.batch_size * self.learner.replay_ratio))
+        return {
+            "trajectories_per_step": per_step,
+            "replay_per_micro_batch": replay,
+            "fresh_per_micro_batch": self.learner.batch_size - replay,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Short hash of what changes the data (model and reward), stored in the run's meta."""
+        part = {"model": self.model.model_dump(mode="json"), "reward": self.reward.model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- presets
+
+def _preset_sd14() -> dict[str, Any]:
+    return {}  # the base is the paper
+
+
+def _preset_tiny() -> dict[str, Any]:
+    return {
+        "model": {
+            "kind": "tiny", "policy": "tiny", "sd": "tiny", "clip_arch": "tiny", "clip_pretrained": "random",
+            "sentence_encoder": "auto", "image_size": 32,
+        },
+        "sampler": {
+            "prompts_per_batch": 4, "samples_per_prompt": 4, "min_len": 4, "max_len": 16,
+            "temp_anneal_steps": 60, "max_pending": 64, "temp_start": 1.5, "temp_end": 0.7,
+        },
+        "reward": {"num_gpus": 0.0, "steps": 4, "batch_size": 8, "images_per_prompt": 3, "fp16": False},
+        "buffer": {"capacity": 2000},
+        "learner": {
+            "steps": 120, "batch_size": 16, "grad_accum": 1, "lr": 3e-4, "flow_lr": 1e-3,
+            "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 40,
+            "num_gpus": 0.0, "flow_hidden": 64,
+        },
+        "run": {"log_every": 5},
+    }
+
+
+PRESETS = {"sd14": _preset_sd14, "tiny": _preset_tiny}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _allowed(section: type[BaseModel]) -> list[str]:
+    return list(section.model_fields)
+
+
+def _check_keys(tree: dict[str, Any], model: type[BaseModel], where: str, source: str) -> None:
+    for key, value in tree.items():
+        fields = model.model_fields
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            name = f"{where}{key}"
+            raise ConfigError(
+                f"{source}: unknown config key '{name}'"
+                + (f" (did you mean '{where}{hint[0]}'?)" if hint else "")
+                + f"; allowed under '{where.rstrip('.') or 'top level'}': {', '.join(fields)}"
+            )
+        annotation = fields[key].annotation
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, f"{where}{key}.", source)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`learner.lr=3e-5` → (['learner', 'lr'], 3e-05); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. learner.lr=3e-5)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def _format_validation(exc: ValidationError, tree: dict[str, Any], source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        bad = err.get("input")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{loc}'")
+        elif isinstance(bad, dict):  # a cross-field check on a whole section: the message names the fields
+            lines.append(f"section '{loc}': {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"field '{loc}' = {bad!r}: {err['msg']}")
+    return ConfigError(f"{source}: invalid config: " + "; ".join(lines))
+
+
+def load_config(
+    preset: str = "tiny",
+    yaml_path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Preset → YAML file → key=value overrides, validated; raises ConfigError."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    tree: dict[str, Any] = _merge({"preset": preset}, PRESETS[preset]())
+    source = f"preset {preset!r}"
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        loaded.pop("preset", None)
+        _check_keys(loaded, Config, "", f"config file {path}")
+        tree = _merge(tree, loaded)
+        source = f"config file {path}"
+    for text in overrides:
+        path_parts, value = parse_override(text)
+        nested = _nest(path_parts, value)
+        _check_keys(nested, Config, "", f"override {text!r}")
+        tree = _merge(tree, nested)
+        source = f"override {text!r}" if len(overrides) == 1 else "overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise _format_validation(exc, tree, source) from None
+
+
+def describe(model: type[BaseModel] = Config, where: str = "") -> list[str]:
+    """One line per leaf field: `section.key (default): description` — used by `pag config --list`."""
+    lines = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.extend(describe(annotation, f"{where}{name}."))
+        else:
+            default = info.default if info.default_factory is None else info.default_factory()
+            lines.append(f"{where}{name} = {default!r}  # {info.description or ''}")
+    return lines

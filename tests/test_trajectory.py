@@ -1,0 +1,62 @@
+import math
+
+import msgpack
+import pytest
+
+from common.constants import TRAJECTORY_SCHEMA
+from common.trajectory import (CorruptBlobError, SchemaVersionError, Trajectory, decode, encode,
+                               from_redis_hash, to_redis_hash)
+
+
+def make(**kw) -> Trajectory:
+    base = dict(prompt="a cat", response="a cat, oil painting", prompt_ids=[1, 2], response_ids=[3, 4, 5],
+                ref_logprobs=[-1.5, -0.25, -3.0], policy_version=7, run="demo",
+                scores={"aes": 5.25, "rel": 0.0}, log_reward=12.5)
+    base.update(kw)
+    return Trajectory(**base)
+
+
+def test_round_trip_keeps_every_field():
+    traj = make()
+    assert decode(encode(traj)) == traj
+
+
+def test_unscored_nan_round_trips():
+    back = decode(encode(make(log_reward=float("nan"))))
+    assert math.isnan(back.log_reward) and not back.scored
+
+
+def test_lengths_must_match():
+    with pytest.raises(ValueError, match="ref_logprobs has 2 entries"):
+        make(ref_logprobs=[0.0, 0.0])
+
+
+@pytest.mark.parametrize("blob", [b"", b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"id": "x"})])
+def test_corrupt_blob_raises_typed_error(blob):
+    with pytest.raises(CorruptBlobError):
+        decode(blob)
+
+
+def test_wrong_field_type_is_corrupt():
+    record = msgpack.unpackb(encode(make()))
+    record["response_ids"] = ["not", "ints"]
+    with pytest.raises(CorruptBlobError, match="wrong type"):
+        decode(msgpack.packb(record))
+
+
+def test_newer_schema_raises():
+    record = msgpack.unpackb(encode(make()))
+    record["v"] = TRAJECTORY_SCHEMA + 1
+    with pytest.raises(SchemaVersionError, match="not understood"):
+        decode(msgpack.packb(record))
+
+
+def test_redis_hash_is_readable_and_decodes():
+    traj = make()
+    mapping = to_redis_hash(traj)
+    assert mapping["prompt"] == "a cat" and mapping["log_reward"] == "12.5" and mapping["aes"] == "5.25"
+    assert mapping["created_at"].endswith("+00:00")
+    raw = {k.encode(): (v if isinstance(v, bytes) else v.encode()) for k, v in mapping.items()}
+    assert from_redis_hash(raw) == traj
+    with pytest.raises(CorruptBlobError):
+        from_redis_hash({b"prompt": b"x"})
