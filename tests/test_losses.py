@@ -1,0 +1,255 @@
+"""The objectives against brute force, their special cases, gradients, masking and schedules."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner import losses
+from learner.losses import (
+    check_finite, db_residuals, fl_db_residuals, gflownet_loss, min_length_penalty, reinforce_loss,
+    tb_residuals, temper,
+)
+from learner.schedules import (
+    Anneal, Schedules, exponential_anneal, linear_anneal, reward_temperature, sampling_temperature,
+)
+from learner.toy import build_problem
+
+torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+
+
+def _random_batch(seed: int = 0, lengths=(1, 3, 5, 2)):
+    gen = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths)
+    mask = torch.arange(T) < torch.tensor(lengths)[:, None]
+    log_pf = -torch.rand(B, T, generator=gen) * 3
+    log_flow = torch.randn(B, T, generator=gen)
+    ref = -torch.rand(B, T, generator=gen) * 2
+    terminal = torch.randn(B, generator=gen)
+    return log_pf, log_flow, ref, terminal, mask
+
+
+def _fl_db_loop(log_pf, log_flow, ref, terminal, mask):
+    """δ_t written out one step at a time, straight from the definition."""
+    out = torch.zeros_like(log_pf)
+    for b in range(log_pf.shape[0]):
+        n = int(mask[b].sum())
+        for t in range(n):
+            nxt = terminal[b] if t == n - 1 else log_flow[b, t + 1]
+            out[b, t] = log_flow[b, t] + log_pf[b, t] - ref[b, t] - nxt
+    return out
+
+
+# ---------------------------------------------------------------- against the definition
+
+def test_fl_db_matches_step_by_step_definition():
+    batch = _random_batch()
+    torch.testing.assert_close(fl_db_residuals(*batch), _fl_db_loop(*batch))
+
+
+def test_residuals_are_zero_on_padding_even_with_nan_there():
+    log_pf, log_flow, ref, terminal, mask = _random_batch()
+    for x in (log_pf, log_flow, ref):
+        x[~mask] = float("nan")
+    log_pf.requires_grad_(True)
+    log_flow.requires_grad_(True)
+    for residuals in (fl_db_residuals(log_pf, log_flow, ref, terminal, mask),
+                      db_residuals(log_pf, log_flow, ref, terminal, mask)):
+        assert check_finite(residuals)
+        assert (residuals[~mask] == 0).all()
+    loss = losses.fl_db_loss(log_pf, log_flow, ref, terminal, mask) + losses.tb_loss(
+        log_flow[:, 0], log_pf, ref, terminal, mask)
+    loss.backward()
+    assert check_finite(loss, log_pf.grad, log_flow.grad)
+    assert (log_pf.grad[~mask] == 0).all() and (log_flow.grad[~mask] == 0).all()
+
+
+def test_shapes_and_mask_layout_are_checked():
+    log_pf, log_flow, ref, terminal, mask = _random_batch()
+    with pytest.raises(ValueError, match="log_flow"):
+        fl_db_residuals(log_pf, log_flow[:, :-1], ref, terminal, mask)
+    with pytest.raises(ValueError, match="log_reward_terminal"):
+        fl_db_residuals(log_pf, log_flow, ref, terminal[:-1], mask)
+    holes = mask.clone()
+    holes[2, 1] = False  # a gap in the middle of a trajectory
+    with pytest.raises(ValueError, match="left-aligned"):
+        fl_db_residuals(log_pf, log_flow, ref, terminal, holes)
+    empty = mask.clone()
+    empty[0] = False
+    with pytest.raises(ValueError, match="no valid step"):
+        fl_db_residuals(log_pf, log_flow, ref, terminal, empty)
+    with pytest.raises(ValueError, match="unknown objective"):
+        gflownet_loss("subtb", log_pf, log_flow, ref, terminal, mask)
+
+
+# ---------------------------------------------------------------- special cases and identities
+
+def test_fl_db_with_zero_reference_is_db():
+    log_pf, log_flow, _, terminal, mask = _random_batch(1)
+    zero = torch.zeros_like(log_pf)
+    torch.testing.assert_close(fl_db_residuals(log_pf, log_flow, zero, terminal, mask),
+                               db_residuals(log_pf, log_flow, zero, terminal, mask))
+
+
+def test_db_is_fl_db_with_the_reference_moved_into_the_flow():
+    """log F̃(s_t) = log F(s_t) − Σ_{i<t} ref_i turns DB residuals into FL-DB residuals, step by step."""
+    log_pf, log_flow_db, ref, terminal, mask = _random_batch(2)
+    ref_before = torch.cumsum(torch.where(mask, ref, 0), dim=1) - torch.where(mask, ref, 0)  # Σ_{i<t}
+    fl = fl_db_residuals(log_pf, log_flow_db - ref_before, ref, terminal, mask)
+    db = db_residuals(log_pf, log_flow_db, ref, terminal, mask)
+    torch.testing.assert_close(fl, db)
+    assert not torch.allclose(fl, fl_db_residuals(log_pf, log_flow_db, ref, terminal, mask))
+
+
+def test_fl_db_residuals_telescope_to_tb_with_log_z_the_initial_flow():
+    log_pf, log_flow, ref, terminal, mask = _random_batch(3)
+    torch.testing.assert_close(fl_db_residuals(log_pf, log_flow, ref, terminal, mask).sum(-1),
+                               tb_residuals(log_flow[:, 0], log_pf, ref, terminal, mask))
+
+
+# ---------------------------------------------------------------- balance on an enumerable problem
+
+@pytest.fixture(scope="module")
+def balanced():
+    """The exact balanced policy and flows of a 340-sequence problem, built by brute-force sums."""
+    problem = build_problem(seed=3)
+    gamma, tau = 0.8, 1.7
+    problem.gamma = gamma
+    mask = problem.mask
+    ref, terminal = temper(problem.ref_logprobs().double(), problem.log_reward().double(), mask, gamma=gamma, tau=tau)
+    log_r = ref.sum(-1) + terminal  # (N,) log of the tempered unnormalised target
+    states = torch.where(mask, problem.states, -1)
+    S = problem.num_states
+
+    def sum_over_states(weights):  # Σ over the sequences passing through each state, (S,)
+        out = torch.zeros(S, dtype=torch.float64)
+        valid = states >= 0
+        out.index_add_(0, states[valid], weights[valid].double())
+        return out
+
+    # DB flow F(s) = Σ_{y ∋ s} R(y); forward-looking F̃(s_t) = Σ_{y ∋ s_t} exp(Σ_{i≥t} ref_i + terminal)
+    log_F = sum_over_states(log_r.double().exp()[:, None].expand_as(mask)).log()
+    suffix = torch.flip(torch.cumsum(torch.flip(torch.where(mask, ref, 0), [1]), 1), [1]) + terminal[:, None]
+    log_F_fl = sum_over_states(suffix.double().exp()).log()
+    # P_F*(a | s) as a table, from child flows: F(child)/F(s), and R(y)/F(s) for EOS
+    child = torch.cat([states[:, 1:], torch.full_like(states[:, :1], -1)], 1)
+    is_last = torch.arange(mask.shape[1]) == mask.sum(-1, keepdim=True) - 1
+    log_child = torch.where(is_last, log_r[:, None].double(), log_F[child.clamp(min=0)])
+    table = torch.full((S, problem.allowed.shape[1]), -math.inf, dtype=torch.float64)
+    table[states[mask], problem.actions[mask]] = (log_child - log_F[states.clamp(min=0)])[mask]
+    log_pf = torch.where(mask, table[states.clamp(min=0), problem.actions], 0.0)
+    return dict(problem=problem, mask=mask, ref=ref.double(), terminal=terminal.double(), log_r=log_r.double(),
+                table=table, log_pf=log_pf, log_F=log_F[states.clamp(min=0)], log_F_fl=log_F_fl[states.clamp(min=0)])
+
+
+def test_brute_force_balanced_policy_is_normalised_and_samples_the_target(balanced):
+    table, problem = balanced["table"], balanced["problem"]
+    torch.testing.assert_close(torch.logsumexp(table, -1), torch.zeros(len(table), dtype=torch.float64))
+    log_target = balanced["log_r"] - torch.logsumexp(balanced["log_r"], 0)
+    torch.testing.assert_close(balanced["log_pf"].sum(-1), log_target)
+    assert (table.exp()[~problem.allowed] == 0).all()
+
+
+def test_all_residuals_vanish_at_balance_and_not_elsewhere(balanced):
+    b = balanced
+    args = (b["log_pf"], b["ref"], b["terminal"], b["mask"])
+    fl = fl_db_residuals(b["log_pf"], b["log_F_fl"], *args[1:])
+    db = db_residuals(b["log_pf"], b["log_F"], *args[1:])
+    log_z = torch.logsumexp(b["log_r"], 0).expand(len(b["log_r"]))
+    tb = tb_residuals(log_z, *args)
+    for residuals in (fl, db, tb):
+        assert residuals.abs().max() < 1e-9
+    # the DB flow is not balanced for FL-DB (the reference energy would be counted twice), and vice versa
+    assert fl_db_residuals(b["log_pf"], b["log_F"], *args[1:]).abs().max() > 0.1
+    assert db_residuals(b["log_pf"], b["log_F_fl"], *args[1:]).abs().max() > 0.1
+    # perturbing one state's flow breaks exactly the two steps that touch it
+    row = int(b["mask"].sum(-1).argmax())  # a trajectory with all 5 steps
+    bumped = b["log_F_fl"].clone()
+    bumped[row, 2] += 0.3
+    bad = fl_db_residuals(b["log_pf"], bumped, *args[1:])
+    torch.testing.assert_close(bad[row, 1:3], torch.tensor([-0.3, 0.3], dtype=torch.float64))
+    assert bad[row, [0, 3, 4]].abs().max() < 1e-9
+
+
+# ---------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("objective", losses.OBJECTIVES)
+def test_gradients_reach_every_estimator(objective):
+    log_pf, log_flow, ref, terminal, mask = _random_batch(4)
+    log_pf.requires_grad_(True)
+    log_flow.requires_grad_(True)
+    loss = gflownet_loss(objective, log_pf, log_flow, ref, terminal, mask)
+    loss.backward()
+    assert check_finite(loss) and loss > 0
+    assert (log_pf.grad[mask] != 0).all()
+    if objective == "tb":  # log Z(x) = log F̃(s_0): only the initial flow gets a gradient
+        assert (log_flow.grad[:, 0] != 0).all() and (log_flow.grad[:, 1:] == 0).all()
+    else:
+        assert (log_flow.grad[mask] != 0).all()
+    assert (log_pf.grad[~mask] == 0).all() and (log_flow.grad[~mask] == 0).all()
+
+
+def test_nonfinite_loss_is_returned_and_detected():
+    log_pf, log_flow, ref, terminal, mask = _random_batch(5)
+    log_pf[1, 0] = -float("inf")  # e.g. an EOS where the policy forbids it
+    loss = losses.fl_db_loss(log_pf, log_flow, ref, terminal, mask)
+    assert not check_finite(loss)
+    assert check_finite(torch.ones(3), torch.zeros(2)) and not check_finite(torch.tensor([1.0, float("nan")]))
+
+
+# ---------------------------------------------------------------- reward maximisation
+
+def test_reinforce_pushes_up_the_rewarded_trajectory():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    log_pf = torch.full((2, 3), -1.0, requires_grad=True)
+    loss = reinforce_loss(log_pf, torch.tensor([1.0, 0.0]), mask)
+    loss.backward()
+    # advantage ±0.5 around the batch mean, loss −mean(A · log P(y))
+    assert float(loss.detach()) == pytest.approx(-(0.5 * -2.0 + -0.5 * -3.0) / 2)
+    assert (log_pf.grad[0, :2] < 0).all() and (log_pf.grad[1] > 0).all() and log_pf.grad[0, 2] == 0
+
+
+def test_reinforce_kl_penalty_shapes_the_reward():
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    log_pf = torch.tensor([[-0.1, -0.1], [-2.0, -2.0]], requires_grad=True)
+    ref = torch.full((2, 2), -1.0)
+    # same raw reward; the first trajectory drifted above the reference, so it is penalised
+    loss = reinforce_loss(log_pf, torch.zeros(2), mask, ref_logprobs=ref, kl_coef=1.0)
+    loss.backward()
+    assert log_pf.grad[0, 0] > 0 and log_pf.grad[1, 0] < 0
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        reinforce_loss(log_pf, torch.zeros(2), mask, kl_coef=1.0)
+
+
+# ---------------------------------------------------------------- tempering, length penalty, schedules
+
+def test_temper_divides_and_penalises_short_responses():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    raw = torch.tensor([[-1.0, -2.0, -3.0, 9.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref, terminal = temper(raw, torch.tensor([4.0, 4.0]), mask, gamma=0.5, tau=2.0, min_len=3, len_penalty=1.5)
+    torch.testing.assert_close(ref, torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]))
+    # row 0: 2 tokens before EOS, 1 short of min_len → (4 − 1.5) / 2; row 1: 3 tokens, no penalty
+    torch.testing.assert_close(terminal, torch.tensor([1.25, 2.0]))
+    torch.testing.assert_close(min_length_penalty(torch.tensor([0, 5, 9]), 5, 0.5), torch.tensor([-2.5, 0.0, 0.0]))
+
+
+def test_schedules():
+    assert sampling_temperature(0) == 2.0 and sampling_temperature(5000) == 0.5 and sampling_temperature(10**6) == 0.5
+    assert sampling_temperature(2500) == pytest.approx(1.25)
+    assert reward_temperature(0) == 2.0 and reward_temperature(9999) == 1.0
+    assert reward_temperature(2500) == pytest.approx(1.5)
+    assert linear_anneal(7, 3.0, 1.0, 0) == 1.0
+    assert exponential_anneal(50, 4.0, 1.0, 100) == pytest.approx(2.0)
+    assert Anneal(2.0, 1.0, 10, "constant")(5) == 2.0
+    with pytest.raises(ValueError, match="positive"):
+        exponential_anneal(1, 0.0, 1.0, 10)
+
+
+def test_schedules_from_config():
+    from common.config import load_config
+
+    cfg = load_config("sd14", overrides=["learner.ref_temp=0.7"])
+    values = Schedules.from_config(cfg).at(2500)
+    expected = {"sampling_temperature": 1.25, "reward_temperature": 1.5, "reference_temperature": 0.7}
+    assert values == pytest.approx(expected)

@@ -1,0 +1,250 @@
+"""Policy passes on a tiny random GPT-2: teacher forcing vs a KV cache, padding, EOS rule, sampling,
+gradients into policy and flow head, flow reactivation, and the dormant-neuron ratio."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from learner.flow import FlowHead
+from learner.losses import check_finite, fl_db_loss, temper
+from learner.plasticity import (
+    DormantProbe, dormant_metrics, dormant_ratio, policy_mlp_activations, should_reactivate,
+)
+from learner.policy import ref_logprobs, sample, teacher_forced
+
+torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+V, EOS, PAD = 100, 99, 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        initializer_range=0.2, bos_token_id=EOS, eos_token_id=EOS)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three left-padded prompts (lengths 5, 2, 7) and right-padded responses (lengths 4, 6, 1)."""
+    gen = torch.Generator().manual_seed(1)
+    P, T = 7, 6
+    prompt_ids = torch.randint(1, V - 1, (3, P), generator=gen)
+    prompt_mask = torch.zeros(3, P, dtype=torch.long)
+    for b, n in enumerate((5, 2, 7)):
+        prompt_mask[b, P - n:] = 1
+    prompt_ids[prompt_mask == 0] = PAD
+    response_ids = torch.randint(1, V - 1, (3, T), generator=gen)
+    response_mask = (torch.arange(T) < torch.tensor([4, 6, 1])[:, None]).long()
+    response_ids[0, 3] = EOS  # row 0 ends with EOS; row 1 hits the length cap; row 2 is EOS alone
+    response_ids[2, 0] = EOS
+    response_ids[response_mask == 0] = PAD
+    return prompt_ids, prompt_mask, response_ids, response_mask
+
+
+def _kv_cache_reference(model, prompt, response, forbid_before: int):
+    """One unpadded example, token by token with a KV cache: (log P_F (n,), state hidden (n, H))."""
+    with torch.no_grad():
+        out = model.transformer(input_ids=prompt[None], use_cache=True)
+        hidden = [out.last_hidden_state[0, -1]]
+        for token in response[:-1]:
+            out = model.transformer(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+            hidden.append(out.last_hidden_state[0, -1])
+        hidden = torch.stack(hidden)  # (n, H)
+        logits = model.lm_head(hidden).float()
+        logits[:forbid_before, EOS] = float("-inf")
+        log_pf = torch.log_softmax(logits, -1).gather(-1, response[:, None]).squeeze(-1)
+    return log_pf, hidden
+
+
+@pytest.mark.parametrize("forbid_eos_first", [True, False])
+def test_teacher_forcing_equals_kv_cache_token_by_token(model, batch, forbid_eos_first):
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    response_ids = response_ids.clone()
+    response_ids[2, 0] = 5  # keep every log-prob finite for this comparison
+    with torch.no_grad():
+        out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS, forbid_eos_first)
+    assert out["log_pf"].shape == response_ids.shape and out["state_hidden"].shape == (3, 6, 32)
+    assert out["prompt_hidden"].shape == (3, 32)
+    for b in range(3):
+        n = int(response_mask[b].sum())
+        prompt = prompt_ids[b][prompt_mask[b].bool()]
+        log_pf, hidden = _kv_cache_reference(model, prompt, response_ids[b, :n], int(forbid_eos_first))
+        torch.testing.assert_close(out["log_pf"][b, :n], log_pf, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["state_hidden"][b, :n], hidden, atol=1e-5, rtol=0)
+        assert (out["log_pf"][b, n:] == 0).all() and (out["entropy"][b, n:] == 0).all()
+
+
+def test_eos_rule_in_teacher_forcing(model, batch):
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    with torch.no_grad():
+        strict = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)
+        loose = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS, forbid_eos_first=False)
+        min3 = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS, min_len=4)
+    assert strict["log_pf"][2, 0] == -float("inf") and not check_finite(strict["log_pf"])
+    assert torch.isfinite(loose["log_pf"]).all()
+    # step 0 renormalises over the non-EOS tokens, later steps are untouched
+    assert (strict["log_pf"][:2, 0] > loose["log_pf"][:2, 0]).all()
+    torch.testing.assert_close(strict["log_pf"][:2, 1:], loose["log_pf"][:2, 1:])
+    assert min3["log_pf"][0, 3] == -float("inf")  # row 0's EOS at step 3 < min_len
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        teacher_forced(model, prompt_ids.flip(1), prompt_mask.flip(1), response_ids, response_mask, EOS)
+    with pytest.raises(ValueError, match="RIGHT-padded"):
+        teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask.flip(1), EOS)
+
+
+def test_ref_logprobs_is_the_plain_model_in_one_pass(model, batch):
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    ref = ref_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    assert not ref.requires_grad and torch.isfinite(ref).all()
+    for b in range(3):
+        n = int(response_mask[b].sum())
+        expected, _ = _kv_cache_reference(model, prompt_ids[b][prompt_mask[b].bool()], response_ids[b, :n], 0)
+        torch.testing.assert_close(ref[b, :n], expected, atol=1e-5, rtol=0)
+
+
+def _eos_biased(model, bias: float):
+    """A copy of the model with `bias` added to the EOS logit, to make the EOS rule visible."""
+    biased = copy.deepcopy(model)
+    head = nn.Linear(32, V, bias=True)
+    head.weight = biased.transformer.wte.weight  # still tied
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[EOS] = bias
+    biased.set_output_embeddings(head)
+    return biased
+
+
+def _lengths(mask):
+    return mask.sum(-1)
+
+
+def test_sample_respects_eos_rule_and_layout(model, batch):
+    prompt_ids, prompt_mask = batch[0].repeat(20, 1), batch[1].repeat(20, 1)  # (60, P)
+    ids, mask = sample(_eos_biased(model, 50.0), prompt_ids, prompt_mask, max_len=10, min_len=0, temperature=1.0,
+                       eos_id=EOS, generator=torch.Generator().manual_seed(0))
+    assert (_lengths(mask) == 2).all() and (ids[:, 1] == EOS).all() and (ids[:, 0] != EOS).all()
+    ids, mask = sample(_eos_biased(model, 50.0), prompt_ids, prompt_mask, max_len=10, min_len=3, temperature=1.0,
+                       eos_id=EOS, generator=torch.Generator().manual_seed(0))
+    assert (_lengths(mask) == 4).all() and (ids[:, :3] != EOS).all()
+
+    draw = lambda seed: sample(_eos_biased(model, 3.0), prompt_ids, prompt_mask, max_len=8, min_len=2,  # noqa: E731
+                               temperature=1.5, eos_id=EOS, generator=torch.Generator().manual_seed(seed))
+    ids, mask = draw(0)
+    n = _lengths(mask)
+    assert ids.shape[1] <= 8 and (n >= 3).all()
+    assert torch.equal(mask.bool(), torch.arange(ids.shape[1]) < n[:, None])  # right-padded
+    assert (ids[~mask.bool()] == EOS).all()
+    for row, length in zip(ids, n.tolist()):
+        eos_at = (row[:length] == EOS).nonzero().flatten().tolist()
+        assert eos_at in ([], [length - 1]) and (eos_at or length == 8)
+    assert ((n < 8) & (n > 3)).any(), "a mix of lengths is expected with this EOS bias"
+    again, _ = draw(0)
+    other, _ = draw(1)
+    assert torch.equal(ids, again) and not torch.equal(ids, other)
+
+
+def test_greedy_sampling_follows_the_unpadded_model(model, batch):
+    """At a tiny temperature the KV-cache sampler is argmax decoding: check each token against a
+    plain full forward of the unpadded sequence (positions, cache and EOS rule all enter)."""
+    prompt_ids, prompt_mask = batch[0], batch[1]
+    ids, mask = sample(model, prompt_ids, prompt_mask, max_len=6, min_len=2, temperature=1e-4, eos_id=EOS)
+    for b in range(3):
+        n, prompt = int(mask[b].sum()), prompt_ids[b][prompt_mask[b].bool()]
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, ids[b, :n]])[None]).logits[0, len(prompt) - 1:][:n]
+        logits[:2, EOS] = float("-inf")
+        assert torch.equal(logits.argmax(-1), ids[b, :n])
+
+
+def test_gradients_reach_policy_and_flow_head_through_one_pass(model, batch):
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    response_ids = response_ids.clone()
+    response_ids[2, 0] = 5
+    head = FlowHead(32, 16)
+    model.zero_grad()
+    out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)
+    log_flow = head(out["state_hidden"], out["prompt_hidden"])
+    ref, terminal = temper(torch.full(response_ids.shape, -2.0), torch.tensor([1.0, -1.0, 0.5]), response_mask,
+                           gamma=1.0, tau=1.5)
+    loss = fl_db_loss(out["log_pf"], log_flow, ref, terminal, response_mask)
+    loss.backward()
+    for name, p in [*model.named_parameters(), *head.named_parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    # the head reads detached hidden states: a flow-only loss leaves the policy untouched
+    model.zero_grad(set_to_none=True)
+    head(out["state_hidden"], out["prompt_hidden"]).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_flow_head_prompt_conditioning_and_reactivation():
+    torch.manual_seed(0)
+    head = FlowHead(8, 16)
+    states = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        head.film.weight.normal_()
+        a = head(states, torch.randn(2, 8))
+        b = head(states, torch.randn(2, 8))
+    assert a.shape == (2, 5) and not torch.allclose(a, b)  # the prompt modulates the flow
+
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    head(states, torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    head.reinit_last_layer(optimizer)
+    for name, p in head.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == name.startswith("out."), name
+        assert (p in optimizer.state) == (not name.startswith("out.")), name
+
+
+def test_dormant_ratio_known_answer():
+    torch.manual_seed(0)
+    acts = torch.randn(1000, 4).abs() * torch.tensor([1.0, 1.0, 1.0, 0.05])  # s = (1.3, 1.3, 1.3, 0.07)
+    assert dormant_ratio(acts, tau=0.1) == 0.25
+    assert dormant_ratio(acts, tau=0.01) == 0.0
+    # padding rows would wake the dormant unit up if they counted
+    padded = torch.cat([acts, torch.full((1000, 4), 50.0)]).reshape(2, 1000, 4)
+    keep = torch.tensor([[True] * 1000, [False] * 1000])
+    assert dormant_ratio(padded, 0.1, keep) == 0.25 and dormant_ratio(padded, 0.1) == 0.0
+    assert dormant_ratio(torch.zeros(10, 3)) == 1.0
+
+
+def test_dormant_metrics_on_policy_and_flow_head(model, batch):
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    head = FlowHead(32, 16)
+
+    def forward():
+        out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)
+        head(out["state_hidden"], out["prompt_hidden"])
+
+    with torch.no_grad():
+        metrics = dormant_metrics(model, head, forward, tau=0.1, flow_mask=response_mask,
+                                  policy_mask=torch.cat([prompt_mask, response_mask], 1))
+        assert set(metrics) == {"plasticity/flow_dormant", "plasticity/policy_dormant",
+                                "plasticity/policy_dormant/layer0", "plasticity/policy_dormant/layer1"}
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+        head.inp.bias.fill_(-1e3)  # every ReLU unit of the head is dead
+        assert dormant_metrics(model, head, forward)["plasticity/flow_dormant"] == 1.0
+
+    # a probe accumulates over micro-batches and removes its hooks on exit
+    with DormantProbe(policy_mlp_activations(model)) as probe, torch.no_grad():
+        forward()
+        forward()
+    assert set(probe.ratios()) == {"policy_mlp0", "policy_mlp1"}
+    assert probe._sums["policy_mlp0"][1] == 2 * 3 * (7 + 6)
+    assert all(not m._forward_hooks for m in policy_mlp_activations(model).values())
+
+
+def test_should_reactivate():
+    assert not should_reactivate(0, 2000) and should_reactivate(2000, 2000) and not should_reactivate(2001, 2000)
+    assert not should_reactivate(2000, 0)
+    assert should_reactivate(7, 2000, dormant=0.4, threshold=0.3)
+    assert not should_reactivate(7, 2000, dormant=0.2, threshold=0.3)
+    assert not should_reactivate(7, 2000, dormant=0.9, threshold=None)
