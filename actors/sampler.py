@@ -1,0 +1,190 @@
+"""Sampler: the policy's side of data collection.
+
+Holds a copy of the policy and the frozen reference; draws training prompts (shuffled, by
+epoch), samples K rewrites per prompt at the annealed temperature (EOS forbidden at the first
+step and before `min_len`), computes the per-token reference log-probs in one forward pass,
+stamps the policy version and pushes the unscored trajectories to the `pending` stream. It
+waits while `pending` is longer than `sampler.max_pending` (backpressure) and pulls newer
+weights between batches.
+
+`Sampler` is a plain class; `SamplerActor` is its Ray actor.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from common.config import Config
+from common.constants import REPHRASE_TEMPLATE
+from common.data import load_train_prompts
+from common.models import build_policy, build_reference, build_tokenizer, resolve_device
+from common.trajectory import Trajectory
+from learner.policy import ref_logprobs, sample
+from learner.schedules import sampling_temperature
+from learner.weights import WeightsClient
+
+log = logging.getLogger(__name__)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy inputs `"{prompt} Rephrase:\\n"`, LEFT-padded: (B, P) ids and mask."""
+    texts = [REPHRASE_TEMPLATE.format(prompt=p) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+class Sampler:
+    def __init__(self, cfg: Config, buffer, checkpoint: Optional[str] = None, weights=None,
+                 index: int = 0, device: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.buffer = buffer
+        self.index = index
+        self.device = resolve_device(device or cfg.run.device)
+        self.tokenizer = build_tokenizer(cfg.model)
+        self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
+        self.reference = build_reference(cfg.model, self.tokenizer, checkpoint).to(self.device)
+        self.weights = WeightsClient(weights) if weights is not None else None
+        self.version = -1  # nothing pulled yet: the starting (SFT) weights
+        self.prompts = load_train_prompts(cfg.sampler.datasets).prompts
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + index)
+        self._epoch, self._order, self._cursor = 0, [], 0
+        self.sampled = 0
+
+    # ----------------------------------------------------------- prompts
+
+    def next_prompts(self, n: int) -> list[str]:
+        """Shuffled by epoch (seeded by run seed, sampler index and epoch): every prompt once per epoch."""
+        out = []
+        while len(out) < n:
+            if self._cursor >= len(self._order):
+                self._order = list(range(len(self.prompts)))
+                random.Random(f"{self.cfg.run.seed}:{self.index}:{self._epoch}").shuffle(self._order)
+                self._epoch, self._cursor = self._epoch + 1, 0
+            out.append(self.prompts[self._order[self._cursor]])
+            self._cursor += 1
+        return out
+
+    # ----------------------------------------------------------- weights
+
+    def pull_weights(self) -> bool:
+        """Load newer weights if the learner published some; True when the version changed."""
+        if self.weights is None:
+            return False
+        answer = self.weights.fetch(self.version)
+        if answer is None:
+            return False
+        version, state = answer
+        self.policy.load_state_dict(state, strict=False)  # lm_head is tied to wte
+        self.version = version
+        return True
+
+    def temperature(self) -> float:
+        s = self.cfg.sampler
+        return sampling_temperature(max(self.version, 0), s.temp_start, s.temp_end, s.temp_anneal_steps)
+
+    # ----------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample_batch(self, prompts: Optional[list[str]] = None) -> list[Trajectory]:
+        s = self.cfg.sampler
+        prompts = prompts or self.next_prompts(s.prompts_per_batch)
+        repeated = [p for p in prompts for _ in range(s.samples_per_prompt)]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, repeated, self.device)
+        eos = self.tokenizer.eos_token_id
+        response_ids, response_mask = sample(self.policy, prompt_ids, prompt_mask, s.max_len, s.min_len,
+                                             self.temperature(), eos, generator=self.generator)
+        ref = ref_logprobs(self.reference, prompt_ids, prompt_mask, response_ids, response_mask)
+        trajs = []
+        for i, plain in enumerate(repeated):
+            n = int(response_mask[i].sum())
+            ids = response_ids[i, :n].tolist()
+            text_ids = ids[:-1] if ids and ids[-1] == eos else ids
+            trajs.append(Trajectory(
+                prompt=plain,
+                response=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+                prompt_ids=prompt_ids[i][prompt_mask[i].bool()].tolist(),
+                response_ids=ids,
+                ref_logprobs=ref[i, :n].tolist(),
+                policy_version=max(self.version, 0),
+                run=self.buffer.run if self.buffer is not None else "",
+            ))
+        self.sampled += len(trajs)
+        return trajs
+
+    def step(self) -> int:
+        """One batch if the pending stream has room; returns trajectories pushed (0 when held back)."""
+        if self.buffer.pending_len() >= self.cfg.sampler.max_pending:
+            return 0
+        self.pull_weights()
+        trajs = self.sample_batch()
+        self.buffer.push_pending(trajs)
+        return len(trajs)
+
+    def run(self, stop_event: Optional[threading.Event] = None, max_batches: Optional[int] = None,
+            idle_sleep: float = 0.2) -> int:
+        """Loop until `stop_event` or the run's stop flag is set (or max_batches); returns trajectories pushed.
+        Infrastructure errors (Redis restarting) are logged and retried with back-off."""
+        pushed, batches, backoff = 0, 0, 0.5
+        while max_batches is None or batches < max_batches:
+            if (stop_event is not None and stop_event.is_set()) or stop_requested(self.buffer):
+                break
+            try:
+                n = self.step()
+                backoff = 0.5
+            except Exception:  # noqa: BLE001 — the sampler holds no acknowledged data; retry
+                log.exception("sampler %d: batch failed; retrying in %.1fs", self.index, backoff)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 30.0)
+                continue
+            if n == 0:
+                time.sleep(idle_sleep)
+                continue
+            pushed, batches = pushed + n, batches + 1
+        return pushed
+
+    def stats(self) -> dict:
+        return {"sampled": self.sampled, "version": self.version, "epoch": self._epoch}
+
+
+def stop_requested(buffer) -> bool:
+    """The run's stop flag (`pag:{run}:meta` field `stop`), set by the driver on exit or Ctrl-C."""
+    return str(buffer.meta().get("stop", "0")) == "1"
+
+
+class _SamplerActor(Sampler):
+    """Ray actor: builds its own buffer client from the URL (connections do not cross processes) and
+    runs its loop in a thread from construction on, so a restarted actor pulls the latest weights and
+    resumes by itself while `stats`/`stop` still answer."""
+
+    def __init__(self, cfg_dict: dict, redis_url: str, run: str, checkpoint: Optional[str], weights,
+                 index: int, torch_threads: Optional[int] = None) -> None:
+        from buffer import ReplayBuffer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        cfg = Config.model_validate(cfg_dict)
+        super().__init__(cfg, ReplayBuffer.from_config(cfg.buffer, run, redis_url=redis_url), checkpoint,
+                         weights, index)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), daemon=True, name=f"sampler-{index}")
+        self._thread.start()
+
+    def stats(self) -> dict:
+        return {**super().stats(), "running": self._thread.is_alive()}
+
+    def stop(self, timeout_s: float = 60.0) -> dict:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        return self.stats()
+
+
+def sampler_actor_class(cfg: Config):
+    import ray
+
+    return ray.remote(num_cpus=1, num_gpus=cfg.sampler.num_gpus, max_restarts=cfg.run.max_restarts,
+                      max_task_retries=0)(_SamplerActor)

@@ -1,0 +1,111 @@
+"""Checkpoints in safetensors: policy (Hugging Face layout), flow head, optimiser moments, RNG,
+and a small JSON of counters. Written into a temporary directory and renamed, so a crash never
+leaves a half checkpoint; `latest` names the newest complete one.
+
+    runs/<name>/checkpoints/step_000040/
+        policy/model.safetensors, config.json, tokenizer files
+        flow.safetensors  optim.safetensors  rng.safetensors  state.json
+    runs/<name>/checkpoints/latest          → "step_000040"
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+KEEP = 3
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, counters: dict[str, Any]) -> Path:
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = root / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "policy")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in flow.state_dict().items()}, str(tmp / "flow.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, str(tmp / "optim.safetensors"))
+    rng = {"torch_cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda{i}"] = s
+    save_file(rng, str(tmp / "rng.safetensors"))
+    py_state = random.getstate()
+    (tmp / "state.json").write_text(json.dumps({
+        "step": step, "counters": counters, "optimizer": opt_meta,
+        "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+    }, indent=1))
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(name)
+    pointer_tmp.replace(root / "latest")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, policy, flow: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Load weights, optimiser and RNG in place; returns state.json (step, counters)."""
+    from transformers import GPT2LMHeadModel
+
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    saved = GPT2LMHeadModel.from_pretrained(path / "policy")
+    policy.load_state_dict(saved.state_dict())
+    flow.load_state_dict(load_file(str(path / "flow.safetensors")))
+    if optimizer is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optim.safetensors")), state["optimizer"]))
+    if restore_rng:
+        rng = load_file(str(path / "rng.safetensors"))
+        torch.random.set_rng_state(rng["torch_cpu"])
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        version, inner, gauss = state["python_random"]
+        random.setstate((version, tuple(inner), gauss))
+    return state
