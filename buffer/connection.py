@@ -1,0 +1,83 @@
+"""Connecting to Redis: URLs with credentials or TLS, and reconnection with back-off.
+
+Accepted URLs (redis-py's `from_url`):
+
+    redis://127.0.0.1:6379/0                 plain TCP, database 0
+    redis://:password@host:6379/0            `requirepass` (the `default` user)
+    redis://user:password@host:6379/0        an ACL user
+    rediss://user:password@host:6380/0       TLS; add `?ssl_ca_certs=/path/ca.pem`, or
+                                             `?ssl_cert_reqs=none` for a self-signed test server
+
+A server that goes away (killed, restarting, still loading its AOF) is retried with exponential
+back-off instead of crashing the caller; a wrong password is not retried, it fails at once.
+"""
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Any, Callable, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError
+from redis.retry import Retry
+
+#: what the CLI uses when neither --redis-url nor PAG_REDIS_URL is given
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL_ENV = "PAG_REDIS_URL"
+
+#: errors that mean "the server is not there right now" rather than "you are not allowed"
+_FATAL = (AuthenticationError, AuthorizationError)
+
+
+class _Reconnect(Retry):
+    """redis-py's Retry, except that a wrong password or an untrusted TLS certificate (both
+    ConnectionErrors to redis-py) fail at once: waiting will not fix them."""
+
+    def call_with_retry(self, do: Callable[[], Any], fail: Callable[..., Any],
+                        is_retryable: Optional[Callable[[Exception], bool]] = None,
+                        with_failure_count: bool = False) -> Any:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, _FATAL) or isinstance(error.__context__, ssl.SSLCertVerificationError):
+                return False
+            return is_retryable(error) if is_retryable is not None else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def default_url() -> str:
+    return os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by `***`, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+def connect(url: str, *, retries: int = 10, backoff_cap: float = 2.0, backoff_base: float = 0.05,
+            socket_timeout: Optional[float] = 30.0, **options: Any) -> redis.Redis:
+    """A client that retries a lost connection `retries` times, sleeping base·2^k (≤ cap) seconds.
+
+    With the defaults a caller rides out about 15 s of server downtime (a kill -9 and restart
+    with a few GB of AOF to load). `options` go to `redis.Redis` (e.g. `ssl_ca_certs`).
+    """
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"redis URL {redact(url)!r} must start with redis://, rediss:// or unix://")
+    retry = _Reconnect(ExponentialBackoff(cap=backoff_cap, base=backoff_base), retries)
+    kwargs: dict[str, Any] = dict(
+        retry=retry,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+    kwargs.update(options)
+    return redis.Redis.from_url(url, **kwargs)
