@@ -1,0 +1,353 @@
+"""Reward worker: pending stream → render with Stable Diffusion → score → replay buffer → ack.
+
+    worker = RewardWorker(cfg, redis_url, run, name="reward-0")
+    worker.run(stop_event)          # or worker.step() for one batch
+
+The reward is the paper's (Promptist / PAG), for a rewrite y of a plain prompt x, with the means
+taken over the `images_per_prompt` images of each prompt:
+
+    r(x, y) = [aes(img(y)) − aes(img(x))] + w · min(0, clip(x, img(y)) − c)       (w = 20, c = 0.28)
+    log R   = r / β
+
+Image i of *every* prompt starts from the same noise, randn(seed + i), so a rewrite and its plain
+prompt are compared on identical noise and a trajectory's images do not depend on what else is in
+its batch. The plain prompt's scores come from `PlainCache` (rendered once per model, seed and
+prompt, shared across runs). Delivery is at-least-once: `add` before `ack`; a worker that dies
+leaves its entries to be reclaimed by another after `reclaim_idle_ms`, and the buffer's
+idempotent `add` keeps a re-scored trajectory from being stored twice.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from common.config import Config
+from common.constants import REPHRASE_TEMPLATE
+from common.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+_TEMPLATE_SUFFIX = REPHRASE_TEMPLATE.replace("{prompt}", "")  # " Rephrase:\n"
+
+
+def plain_text(prompt: str) -> str:
+    """The user's prompt x, without the policy's " Rephrase:" template if a sampler left it on."""
+    for suffix in (_TEMPLATE_SUFFIX, _TEMPLATE_SUFFIX.rstrip()):
+        if prompt.endswith(suffix):
+            return prompt[: -len(suffix)]
+    return prompt
+
+
+def paper_reward(aes: float, aes_plain: float, clip: float, threshold: float = 0.28, weight: float = 20.0) -> dict[str, float]:
+    """r = (aes − aes_plain) + weight · min(0, clip − threshold); returns every component by name."""
+    aes_gain = aes - aes_plain
+    rel = weight * min(0.0, clip - threshold)
+    return {"aes_gain": aes_gain, "rel": rel, "reward": aes_gain + rel}
+
+
+class Renderer:
+    """Text → images with fixed per-index noise. `__call__(texts)` → (len(texts)·k, 3, H, W) in [0, 1],
+    prompt-major (image i of text j at row j·k + i)."""
+
+    def __init__(self, pipe, images_per_prompt: int, steps: int, guidance: float, seed: int, size: int,
+                 max_prompts_per_call: int = 8) -> None:
+        self.pipe = pipe
+        self.k = images_per_prompt
+        self.steps = steps
+        self.guidance = guidance
+        self.size = size
+        self.max_prompts = max_prompts_per_call
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+        # one generator per image index: the noise of image i is the same for every prompt and batch
+        self.noise = torch.cat([
+            torch.randn(shape, generator=torch.Generator(device).manual_seed(seed + i), device=device, dtype=dtype)
+            for i in range(images_per_prompt)
+        ])  # (k, C, h, w)
+        self.unet_calls = 0  # forward passes
+        self.unet_rows = 0  # latents evaluated (×2 with classifier-free guidance)
+        pipe.unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.unet_calls += 1
+        self.unet_rows += int(args[0].shape[0]) if args else 0
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(texts), self.max_prompts):
+            part = list(texts[start:start + self.max_prompts])
+            out = self.pipe(
+                part, num_inference_steps=self.steps, guidance_scale=self.guidance, num_images_per_prompt=self.k,
+                latents=self.noise.repeat(len(part), 1, 1, 1), height=self.size, width=self.size, output_type="pt",
+            )
+            chunks.append(out.images.float())
+        return torch.cat(chunks)
+
+
+@dataclass
+class WorkerStats:
+    items: int = 0
+    scored: int = 0
+    failed: int = 0
+    already_stored: int = 0
+    plain_cache_hits: int = 0
+    plain_cache_misses: int = 0
+    images: int = 0
+    steps_with_errors: int = 0
+    render_s: float = 0.0
+    score_s: float = 0.0
+    started: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RewardModels:
+    """The expensive part of a worker (SD pipeline, scorers), built once and shareable."""
+
+    renderer: Renderer
+    score_fn: Any  # actors.scorers.ScoreFn
+    score_keys: list[str]  # what a plain-cache entry must hold to be a hit
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build_reward_models(cfg: Config, device: Optional[str] = None) -> RewardModels:
+    """SD pipeline (fp16 + SDPA on GPU when reward.fp16) and the configured scorers."""
+    from actors.scorers import build_scorers, score_keys
+    from common.models import build_sd_pipeline, resolve_device
+
+    missing = {"aesthetic", "clip"} - set(cfg.reward.scorers)
+    if missing:
+        raise ValueError(f"reward.scorers = {cfg.reward.scorers}: the paper's reward needs {sorted(missing)} too")
+    dev = resolve_device(device or cfg.run.device)
+    dtype = torch.float16 if (cfg.reward.fp16 and dev.type == "cuda") else torch.float32
+    r = cfg.reward
+    pipe = build_sd_pipeline(cfg.model, dev, dtype)
+    renderer = Renderer(pipe, r.images_per_prompt, r.steps, r.guidance, r.seed, cfg.model.image_size, r.batch_size)
+    return RewardModels(renderer, build_scorers(r.scorers, cfg.model, dev, dtype), score_keys(r.scorers), dev, dtype)
+
+
+class RewardWorker:
+    """One consumer of the run's `pending` stream (consumer group `scorers`, consumer `name`)."""
+
+    def __init__(self, cfg: Config, redis_url: str, run: str, name: str = "reward-0", *,
+                 device: Optional[str] = None, reclaim_idle_ms: int = 30_000, block_ms: int = 1000,
+                 models: Optional[RewardModels] = None, buffer: Any = None) -> None:
+        from actors.plain_cache import PlainCache, cache_model_id
+        from buffer.connection import connect
+
+        self.cfg, self.run_name, self.name = cfg, run, name
+        self.reclaim_idle_ms, self.block_ms = reclaim_idle_ms, block_ms
+        self.models = models or build_reward_models(cfg, device)
+        self.renderer, self.score_fn = self.models.renderer, self.models.score_fn
+        self.device, self.dtype = self.models.device, self.models.dtype
+        if buffer is None:
+            from buffer.replay import ReplayBuffer
+
+            buffer = ReplayBuffer.from_config(cfg.buffer, run, redis_url=redis_url)
+        self.buffer = buffer
+        self._redis = connect(redis_url)
+        self.cache = PlainCache(self._redis, cache_model_id(cfg, str(self.dtype).removeprefix("torch.")), cfg.reward.seed)
+        self.stats = WorkerStats()
+
+    # ------------------------------------------------------------------ one batch
+
+    def step(self, max_items: Optional[int] = None) -> int:
+        """Read up to batch_size entries (reclaiming dead consumers' first), score, store, ack.
+        Returns the number of entries handled (0 when the stream stayed empty for block_ms)."""
+        count = self.cfg.reward.batch_size if max_items is None else max(1, min(max_items, self.cfg.reward.batch_size))
+        entries = self.buffer.read_pending(self.name, count, block_ms=self.block_ms, min_idle_ms=self.reclaim_idle_ms)
+        if not entries:
+            return 0
+        entry_ids = [entry_id for entry_id, _ in entries]
+        todo = []
+        for _, traj in entries:  # reclaimed after a crash between add and ack: already done
+            if self.buffer.get(traj.id) is not None:
+                self.stats.already_stored += 1
+            else:
+                todo.append(traj)
+        scored, failed = self.score_batch(todo)
+        if scored:
+            self.buffer.add(scored)
+        for traj, reason in failed:
+            log.warning("reward worker %s: trajectory %s failed: %s", self.name, traj.id, reason)
+            self.buffer.record_failed(traj, reason)
+        self.buffer.ack_pending(entry_ids)
+        self._count("reward_scored", len(scored))
+        self.stats.items += len(entries)
+        self.stats.scored += len(scored)
+        self.stats.failed += len(failed)
+        return len(entries)
+
+    def score_batch(self, trajs: Sequence[Trajectory]) -> tuple[list[Trajectory], list[tuple[Trajectory, str]]]:
+        """Render and score a batch (no stream I/O): (scored trajectories, [(trajectory, reason)])."""
+        if not trajs:
+            return [], []
+        r, k = self.cfg.reward, self.renderer.k
+        plains = [plain_text(t.prompt) for t in trajs]
+        cached = self.cache.get_many(plains, self.models.score_keys)
+        missing = [p for p in dict.fromkeys(plains) if p not in cached]
+        hits = sum(p in cached for p in plains)
+        self.stats.plain_cache_hits += hits
+        self.stats.plain_cache_misses += len(missing)
+        self._count("plain_cache_hits", hits)
+        self._count("plain_cache_misses", len(missing))
+
+        # rewrites first, then the plain prompts nobody has rendered yet, in one render
+        texts = [t.response for t in trajs] + missing
+        judged_against = plains + missing  # relevance is always measured against the plain x
+        results = self._render_and_score(texts, judged_against)
+
+        plain_scores: dict[str, dict[str, float] | str] = dict(cached)
+        for j, prompt in enumerate(missing):
+            result = results[len(trajs) + j]
+            if isinstance(result, dict) and _bad(result) is None:
+                self.cache.put(prompt, result, {"images": k, "steps": r.steps, "guidance": r.guidance,
+                                                "image_size": self.renderer.size})
+            plain_scores[prompt] = result
+
+        scored, failed = [], []
+        for j, traj in enumerate(trajs):
+            mine, plain = results[j], plain_scores[plains[j]]
+            reason = _failure(mine, plain)
+            if reason:
+                failed.append((traj, reason))
+                continue
+            scores = dict(mine)
+            scores.update({f"{name}_plain": value for name, value in plain.items()})
+            scores.update(paper_reward(mine["aes"], plain["aes"], mine["clip"], r.clip_threshold, r.clip_weight))
+            if not math.isfinite(scores["reward"]):
+                failed.append((traj, f"non-finite reward {scores['reward']}"))
+                continue
+            scored.append(traj.replace(scores=scores, log_reward=scores["reward"] / r.beta, run=traj.run or self.run_name))
+        return scored, failed
+
+    def _render_and_score(self, texts: list[str], prompts: list[str]) -> list[dict[str, float] | str]:
+        """Per text: its mean scores, or the error that stopped it. A batch that fails is retried one
+        text at a time, so one bad item cannot fail its neighbours."""
+        try:
+            return self._render_and_score_batch(texts, prompts)
+        except Exception as exc:  # noqa: BLE001 — isolate below
+            if len(texts) == 1:
+                return [f"{type(exc).__name__}: {exc}"]
+            log.warning("reward worker %s: batch of %d failed (%s); retrying one by one", self.name, len(texts), exc)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return [self._render_and_score([t], [p])[0] for t, p in zip(texts, prompts)]
+
+    def _render_and_score_batch(self, texts: list[str], prompts: list[str]) -> list[dict[str, float]]:
+        k = self.renderer.k
+        t0 = time.perf_counter()
+        images = self.renderer(texts)  # (len(texts)·k, 3, H, W)
+        t1 = time.perf_counter()
+        per_image = self.score_fn(images, [p for p in prompts for _ in range(k)])
+        self.stats.render_s += t1 - t0
+        self.stats.score_s += time.perf_counter() - t1
+        self.stats.images += images.shape[0]
+        means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
+        return [{name: float(m[j]) for name, m in means.items()} for j in range(len(texts))]
+
+    def _count(self, name: str, n: int) -> None:
+        """Counters in the run's `meta` HASH (readable with redis-cli)."""
+        if n:
+            self.buffer.incr_counter(name, n)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop_event: Optional[threading.Event] = None, max_items: Optional[int] = None,
+            idle_timeout_s: Optional[float] = None) -> int:
+        """Process batches until stop_event is set, max_items entries are handled, or the stream has
+        been empty for idle_timeout_s. Infrastructure errors (Redis down) are logged and retried."""
+        done, idle_since, backoff = 0, time.monotonic(), 0.5
+        while not (stop_event is not None and stop_event.is_set()):
+            if max_items is not None and done >= max_items:
+                break
+            try:
+                n = self.step(None if max_items is None else max_items - done)
+                backoff = 0.5
+            except Exception:  # noqa: BLE001 — un-acked entries are reclaimed; the worker lives on
+                log.exception("reward worker %s: step failed; retrying in %.1fs", self.name, backoff)
+                self.stats.steps_with_errors += 1
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            done += n
+            if n:
+                idle_since = time.monotonic()
+            elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                break
+        return done
+
+    def close(self) -> None:
+        self.buffer.close()
+        self._redis.close()
+
+
+def _failure(mine: dict[str, float] | str, plain: dict[str, float] | str) -> Optional[str]:
+    """Why a trajectory cannot get a reward, or None."""
+    if isinstance(mine, str):
+        return f"render/score: {mine}"
+    if isinstance(plain, str):
+        return f"plain prompt render/score: {plain}"
+    if _bad(plain):
+        return f"plain prompt: {_bad(plain)}"
+    return _bad(mine)
+
+
+def _bad(scores: dict[str, float]) -> Optional[str]:
+    for name, value in scores.items():
+        if not math.isfinite(value):
+            return f"non-finite score {name!r} ({value})"
+    return None
+
+
+class RewardWorkerActor:
+    """The Ray face of a RewardWorker (wrapped with ray.remote in actors.scaling): the loop runs in a
+    thread from construction on, so a restarted actor resumes work by itself, and `stats`/`stop`
+    answer while it runs."""
+
+    def __init__(self, cfg: dict[str, Any], redis_url: str, run: str, name: str, *,
+                 reclaim_idle_ms: int = 30_000, torch_threads: Optional[int] = None, autostart: bool = True) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self._spec = {"cfg": cfg, "redis_url": redis_url, "run": run, "reclaim_idle_ms": reclaim_idle_ms,
+                      "torch_threads": torch_threads}
+        config = Config.model_validate(cfg)
+        # with a Ray GPU the actor sees exactly its device; without one, run.device decides
+        device = "cuda" if torch.cuda.is_available() and config.reward.num_gpus > 0 else None
+        self.worker = RewardWorker(config, redis_url, run, name, device=device, reclaim_idle_ms=reclaim_idle_ms)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if autostart:
+            self.start()
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self.worker.run, args=(self._stop,), daemon=True,
+                                            name=f"reward-{self.worker.name}")
+            self._thread.start()
+
+    def spec(self) -> dict[str, Any]:
+        """What it takes to start another worker like this one (used to scale from another driver)."""
+        return dict(self._spec)
+
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.worker.name, "running": bool(self._thread and self._thread.is_alive()),
+                "device": str(self.worker.device), **self.worker.stats.as_dict()}
+
+    def stop(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Finish the current batch (so its entries are acknowledged), then stop the loop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return self.stats()

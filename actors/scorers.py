@@ -1,0 +1,201 @@
+"""Image scorers: a registry of factories (ddpo-pytorch style).
+
+A factory does the expensive set-up once and returns a plain function
+
+    fn(images, prompts) -> {score_name: tensor (N,)}
+
+where `images` is (N, 3, H, W) in [0, 1] and `prompts[i]` is the text image i is judged against
+(the reward worker passes the *plain* prompt x, also for a rewrite's images). Scores are float32
+on the CPU. Registered names (the `reward.scorers` config entries) and what they return:
+
+- `aesthetic` → `aes`: LAION MLP on the L2-normalised open_clip image embedding
+- `clip`      → `clip`: raw cosine between the image and text embeddings (no ×100, no clamp)
+- `imagereward` → `imagereward` (pip package `image-reward`), `hps` → `hps` (pip package `hpsv2`)
+
+`aesthetic` and `clip` share one open_clip model and one image embedding per batch.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from common.config import ModelConfig
+from common.models import ClipBundle, ModelLoadError, build_aesthetic, build_clip
+
+ScoreFn = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
+
+
+class UnknownScorerError(ValueError):
+    """A scorer name that is not in the registry; the message lists the known ones."""
+
+
+class ScorerUnavailableError(ImportError):
+    """A registered scorer whose pip package is not installed; the message names the package."""
+
+
+@dataclass
+class ScorerContext:
+    """What factories share: the model config, the device, and lazily built common models."""
+
+    model: ModelConfig
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    _clip: Optional[ClipBundle] = None
+    _last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def clip(self) -> ClipBundle:
+        if self._clip is None:
+            self._clip = build_clip(self.model, self.device, self.dtype)
+        return self._clip
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) → (N,D) normalised; memoised on the last tensor so aesthetic and clip embed once."""
+        if self._last is None or self._last[0] is not images:
+            self._last = (images, self.clip().encode_images(images))
+        return self._last[1]
+
+
+Factory = Callable[[ScorerContext], ScoreFn]
+
+#: name → factory, and name → the score names its function returns; `register_scorer` fills both
+SCORERS: dict[str, Factory] = {}
+SCORE_KEYS: dict[str, tuple[str, ...]] = {}
+
+
+def register_scorer(name: str, keys: Sequence[str] | None = None) -> Callable[[Factory], Factory]:
+    """Decorator: `@register_scorer("pickscore")` for a factory whose fn returns {"pickscore": …}."""
+    def decorate(factory: Factory) -> Factory:
+        SCORERS[name] = factory
+        SCORE_KEYS[name] = tuple(keys or (name,))
+        return factory
+    return decorate
+
+
+def score_keys(names: Sequence[str]) -> list[str]:
+    """The score names the given scorers return, in order."""
+    _check_known(names)
+    return [key for name in dict.fromkeys(names) for key in SCORE_KEYS.get(name, (name,))]
+
+
+def _check_known(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in SCORERS]
+    if unknown:
+        raise UnknownScorerError(
+            f"unknown scorer {unknown[0]!r} in reward.scorers; known scorers: {', '.join(sorted(SCORERS))}"
+        )
+
+
+def _require(package: str, module: str, scorer: str, extra: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ScorerUnavailableError(
+            f"scorer {scorer!r} needs the pip package {package!r} (import {module}), which is not installed: "
+            f"`pip install {package}` (or `pip install 'pag[{extra}]'`), or remove {scorer!r} from reward.scorers"
+        ) from exc
+
+
+def _to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def _per_prompt(images: torch.Tensor, prompts: Sequence[str], score: Callable[[str, list], list[float]]) -> torch.Tensor:
+    """Call a (prompt, [PIL]) → [float] scorer once per distinct prompt, keep the image order."""
+    pil = _to_pil(images)
+    out = torch.empty(len(pil), dtype=torch.float32)
+    for text in dict.fromkeys(prompts):
+        index = [i for i, p in enumerate(prompts) if p == text]
+        values = score(text, [pil[i] for i in index])
+        values = values if isinstance(values, (list, tuple)) else [values]
+        out[index] = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    return out
+
+
+@register_scorer("aesthetic", keys=("aes",))
+def aesthetic_scorer(ctx: ScorerContext) -> ScoreFn:
+    mlp = build_aesthetic(ctx.model, ctx.device)
+
+    @torch.no_grad()
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"aes": mlp(ctx.image_embeddings(images).to(ctx.device)).float().cpu()}
+
+    return fn
+
+
+@register_scorer("clip")
+def clip_scorer(ctx: ScorerContext) -> ScoreFn:
+    bundle = ctx.clip()
+
+    @torch.no_grad()
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        texts = list(dict.fromkeys(prompts))  # each distinct text encoded once
+        text_emb = bundle.encode_text(texts)  # (P, D)
+        rows = torch.tensor([texts.index(p) for p in prompts], device=text_emb.device)
+        image_emb = ctx.image_embeddings(images).to(text_emb.device)  # (N, D)
+        return {"clip": (image_emb * text_emb[rows]).sum(-1).float().cpu()}
+
+    return fn
+
+
+@register_scorer("imagereward")
+def imagereward_scorer(ctx: ScorerContext) -> ScoreFn:
+    rm = _require("image-reward", "ImageReward", "imagereward", "imagereward")
+    try:
+        model = rm.load("ImageReward-v1.0", device=str(ctx.device))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load ImageReward-v1.0: {type(exc).__name__}: {exc}; run "
+                             "`python -c \"import ImageReward; ImageReward.load('ImageReward-v1.0')\"` once with network") from exc
+
+    @torch.no_grad()
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"imagereward": _per_prompt(images, prompts, model.score)}
+
+    return fn
+
+
+@register_scorer("hps")
+def hps_scorer(ctx: ScorerContext) -> ScoreFn:
+    hpsv2 = _require("hpsv2", "hpsv2", "hps", "hps")
+
+    def score(text: str, pil: list) -> list[float]:
+        try:
+            return hpsv2.score(pil, text, hps_version="v2.1")
+        except (OSError, RuntimeError) as exc:  # first call downloads the checkpoint
+            raise ModelLoadError(f"cannot load HPS v2.1: {exc}; run hpsv2.score once with network") from exc
+
+    @torch.no_grad()
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"hps": _per_prompt(images, prompts, score)}
+
+    return fn
+
+
+def build_scorers(names: Sequence[str], model: ModelConfig, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> ScoreFn:
+    """One function running every named scorer; raises UnknownScorerError / ScorerUnavailableError
+    at set-up, not at the first batch."""
+    _check_known(names)
+    ctx = ScorerContext(model=model, device=torch.device(device), dtype=dtype)
+    fns = {name: SCORERS[name](ctx) for name in dict.fromkeys(names)}
+
+    def score_all(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+            raise ValueError(f"images must be (N,3,H,W) with N = len(prompts) = {len(prompts)}, got {tuple(images.shape)}")
+        out: dict[str, torch.Tensor] = {}
+        for name, fn in fns.items():
+            for key, value in fn(images, prompts).items():
+                if key in out:
+                    raise ValueError(f"scorer {name!r} returns {key!r}, which another scorer already returned")
+                if value.shape != (len(prompts),):
+                    raise ValueError(f"scorer {name!r} returned {key!r} of shape {tuple(value.shape)}, expected ({len(prompts)},)")
+                out[key] = value
+        ctx._last = None  # drop the memoised embedding with the batch
+        return out
+
+    return score_all
