@@ -236,13 +236,15 @@ class Learner:
                                f"{NS_LOSS}/grad_norm": grad_norm}
         for key in infos[0]:
             m[f"{NS_LOSS}/{key}"] = float(np.mean([i[key] for i in infos]))
-        scored = fresh or trajs
-        names = sorted({k for t in scored for k in t.scores})
+        # rewards of what the policy samples now: fresh trajectories only (replay is biased to the best)
+        names = sorted({k for t in fresh for k in t.scores})
         for name in names:
-            values = [t.scores[name] for t in scored if name in t.scores and math.isfinite(t.scores[name])]
+            values = [t.scores[name] for t in fresh if name in t.scores and math.isfinite(t.scores[name])]
             if values:
                 m[f"{NS_REWARD}/{name}"] = float(np.mean(values))
-        m[f"{NS_REWARD}/log_reward"] = float(np.mean([t.log_reward for t in scored]))
+        if fresh:
+            m[f"{NS_REWARD}/log_reward"] = float(np.mean([t.log_reward for t in fresh]))
+        m[f"{NS_REWARD}/replay_log_reward"] = float(np.mean([t.log_reward for t in trajs]))
         lags = [self.step - 1 - t.policy_version for t in fresh] or [0]
         m[f"{NS_WEIGHTS}/version"] = float(self.step)
         m[f"{NS_WEIGHTS}/lag_mean"] = float(np.mean(lags))

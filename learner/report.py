@@ -1,0 +1,235 @@
+"""What a person sees at the end of a run: report.md, curves.png, samples.png — and `pag adapt`.
+
+The held-out table samples 4 rewrites for each of 8 prompts from the eval split of the training
+sets (never trained on) with the final policy, and scores them with the same RewardWorker code as
+training (same renderer, scorers, plain cache). Rendering runs in a Ray task with the reward
+workers' GPU request when Ray is up, in-process otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from common.config import Config
+
+log = logging.getLogger(__name__)
+
+N_PROMPTS, N_REWRITES = 8, 4
+CURVES = [("reward/reward", "reward r (fresh)"), ("reward/aes_gain", "aesthetic gain"),
+          ("diversity/text", "text diversity"), ("loss/total", "FL-DB loss")]
+
+
+# ---------------------------------------------------------------------- policy side
+
+def load_run_policy(cfg: Config, checkpoint_dir: Path):
+    from common.models import build_policy, build_tokenizer
+
+    tok = build_tokenizer(cfg.model)
+    policy = build_policy(cfg.model, tok, str(checkpoint_dir / "policy")).eval()
+    return tok, policy
+
+
+def sample_rewrites(cfg: Config, tok, policy, prompts: Sequence[str], n: int, temperature: float, seed: int):
+    from actors.sampler import encode_prompts
+    from common.trajectory import Trajectory
+    from learner.policy import sample
+
+    repeated = [p for p in prompts for _ in range(n)]
+    ids, mask = encode_prompts(tok, repeated, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        resp, rmask = sample(policy, ids, mask, cfg.sampler.max_len, cfg.sampler.min_len, temperature,
+                             tok.eos_token_id, generator=gen)
+    out = []
+    for i, plain in enumerate(repeated):
+        k = int(rmask[i].sum())
+        ids_i = resp[i, :k].tolist()
+        text_ids = ids_i[:-1] if ids_i and ids_i[-1] == tok.eos_token_id else ids_i
+        out.append(Trajectory(prompt=plain, response=tok.decode(text_ids, skip_special_tokens=True).strip(),
+                              prompt_ids=ids[i][mask[i].bool()].tolist(), response_ids=ids_i,
+                              ref_logprobs=[0.0] * len(ids_i)))
+    return out
+
+
+# ---------------------------------------------------------------------- reward side
+
+def _score_and_render(cfg_dict: dict, redis_url: str, run: str, trajs_blobs: list[bytes], render_texts: list[str]):
+    """Scores for each trajectory (or a failure reason) and image 0 of each render text, as uint8 arrays."""
+    from actors.reward_worker import RewardWorker
+    from common.trajectory import decode
+
+    cfg = Config.model_validate(cfg_dict)
+    device = "cuda" if torch.cuda.is_available() and cfg.reward.num_gpus > 0 else "cpu"
+    worker = RewardWorker(cfg, redis_url, run, "report", device=device)
+    trajs = [decode(b) for b in trajs_blobs]
+    scored, failed = worker.score_batch(trajs)
+    results = {t.id: t.scores for t in scored}
+    results.update({t.id: reason for t, reason in failed})
+    images = worker.renderer(render_texts)[:: worker.renderer.k] if render_texts else []  # image 0 of each
+    arrays = [(img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8) for img in images]
+    worker.close()
+    return results, arrays
+
+
+def score_and_render(cfg: Config, redis_url: str, run: str, trajs, render_texts: list[str]):
+    from common.trajectory import encode
+
+    blobs = [encode(t) for t in trajs]
+    try:
+        import ray
+
+        if ray.is_initialized():
+            task = ray.remote(num_gpus=cfg.reward.num_gpus, num_cpus=1)(_score_and_render)
+            return ray.get(task.remote(cfg.to_dict(), redis_url, run, blobs, render_texts))
+    except ImportError:
+        pass
+    return _score_and_render(cfg.to_dict(), redis_url, run, blobs, render_texts)
+
+
+# ---------------------------------------------------------------------- pictures
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES):
+        pts = [(m["step"], m[key]) for m in history if key in m and math.isfinite(m[key])]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, lw=0.8, alpha=0.5)
+            if len(y) >= 5:
+                w = max(2, len(y) // 10)
+                smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+                ax.plot(x[w - 1:], smooth, lw=1.8)
+        ax.set_title(title)
+        ax.set_xlabel("learner step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_grid(rows: list[tuple[str, list[np.ndarray]]], path: Path, tile: int = 128) -> None:
+    """One row per prompt: the plain prompt's image, then its rewrites' images."""
+    from PIL import Image, ImageDraw
+
+    label_h = 18
+    cols = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (cols * tile, len(rows) * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (tile + label_h)
+        draw.text((4, y + 2), label[:cols * tile // 7], fill="black")
+        for c, img in enumerate(images):
+            grid.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, y + label_h))
+    grid.save(path)
+
+
+# ---------------------------------------------------------------------- report
+
+def _window_mean(history: list[dict[str, float]], key: str, first: bool) -> float:
+    values = [m[key] for m in history if key in m and math.isfinite(m[key])]
+    if not values:
+        return float("nan")
+    k = max(1, len(values) // 10)
+    return float(np.mean(values[:k] if first else values[-k:]))
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], redis_url: str,
+                 sft: Optional[str]) -> Path:
+    from common.data import load_prompts
+    from learner.checkpoint import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if not history and (run_dir / "metrics.jsonl").exists():
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    plot_curves(history, run_dir / "curves.png")
+
+    from learner.sft import ENGINEERED_SETS
+
+    held_out: list[str] = []
+    plain_first = sorted(cfg.sampler.datasets, key=lambda name: str(name) in ENGINEERED_SETS)
+    for name in plain_first:
+        held_out += [p for p in load_prompts(name, split="eval").prompts if p not in held_out]
+    held_out = held_out[:N_PROMPTS]
+    ckpt = latest_checkpoint(run_dir)
+    tok, policy = load_run_policy(cfg, ckpt)
+    trajs = sample_rewrites(cfg, tok, policy, held_out, N_REWRITES, cfg.sampler.temp_end, cfg.run.seed)
+    render = [p for p in held_out] + [t.response for t in trajs]
+    scores, images = score_and_render(cfg, redis_url, cfg.run.name, trajs, render)
+
+    keys = ["loss/total", "reward/reward", "reward/aes", "reward/aes_gain", "reward/clip", "reward/log_reward",
+            "diversity/text", "loss/entropy", "plasticity/flow_dormant", "plasticity/policy_dormant",
+            "weights/lag_mean", "buffer/size", "throughput/fresh_per_s"]
+    lines = [f"# Run `{cfg.run.name}`", "",
+             f"Preset `{cfg.preset}`, {len(history)} learner steps recorded, checkpoint `{ckpt}`, "
+             f"starting policy `{sft}`.", "", "![curves](curves.png)", "",
+             "## Metrics (mean of the first and last 10 % of steps)", "", "| metric | first 10 % | last 10 % |",
+             "|---|---|---|"]
+    for key in keys:
+        lines.append(f"| {key} | {_window_mean(history, key, True):.4g} | {_window_mean(history, key, False):.4g} |")
+    lines += ["", f"## Held-out prompts: {N_REWRITES} sampled rewrites each (T = {cfg.sampler.temp_end})", "",
+              "| plain prompt | rewrite | reward | aes gain | clip |", "|---|---|---|---|---|"]
+    for t in trajs:
+        s = scores.get(t.id)
+        if isinstance(s, dict):
+            lines.append(f"| {_md(t.prompt)} | {_md(t.response)} | {s['reward']:.3f} | {s['aes_gain']:.3f} | {s['clip']:.3f} |")
+        else:
+            lines.append(f"| {_md(t.prompt)} | {_md(t.response)} | failed: {_md(str(s))} | | |")
+    lines += ["", "![samples](samples.png)", "", "## Resolved config", "", "```yaml",
+              yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+
+    rows = []
+    for i, prompt in enumerate(held_out):
+        rewrites = images[len(held_out) + i * N_REWRITES: len(held_out) + (i + 1) * N_REWRITES]
+        rows.append((prompt, [images[i]] + rewrites))
+    image_grid(rows, run_dir / "samples.png")
+    log.info("report: %s", run_dir / "report.md")
+    return run_dir / "report.md"
+
+
+# ---------------------------------------------------------------------- pag adapt
+
+def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: int = 0,
+          score: bool = True) -> list[str]:
+    from common.redis_server import RedisServer
+    from learner.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "policy").is_dir():
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        run_dir, ckpt = path, latest_checkpoint(path)
+        if ckpt is None:
+            raise SystemExit(f"pag adapt: {path} has no checkpoint (expected {path}/checkpoints/latest)")
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"pag adapt: {run_dir}/config.yaml not found; pass a run directory (runs/<name>)")
+    cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    tok, policy = load_run_policy(cfg, ckpt)
+    trajs = sample_rewrites(cfg, tok, policy, [prompt], n, temperature, seed)
+    if not score:
+        return [t.response for t in trajs]
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(tmp) as server:
+        results, _ = score_and_render(cfg, server.url, "adapt", trajs, [])
+    lines = []
+    for t in sorted(trajs, key=lambda t: -(results[t.id]["reward"] if isinstance(results[t.id], dict) else -1e9)):
+        s: Any = results[t.id]
+        head = f"[r={s['reward']:+.3f} aes_gain={s['aes_gain']:+.3f} clip={s['clip']:.3f}]" if isinstance(s, dict) else f"[failed: {s}]"
+        lines.append(f"{head} {t.response}")
+    return lines

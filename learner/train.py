@@ -1,0 +1,327 @@
+"""`pag train` — the thin driver: start Redis and Ray, launch the roles as actors, drive the
+learner, show progress, stop cleanly, write the report. Data never passes through here: samplers,
+reward workers and the learner talk through Redis keys and Ray object references.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from common.config import Config, ConfigError, load_config
+
+log = logging.getLogger("pag.train")
+
+#: env vars every actor needs (offline hub, shared SFT cache)
+_PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "PAG_CACHE", "TOKENIZERS_PARALLELISM")
+
+
+class RunFailed(RuntimeError):
+    """A role could not come back; the message names it."""
+
+
+# ---------------------------------------------------------------------- CLI
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train the policy (embedded default: tiny preset, local Ray, private redis-server)",
+        description="Train a PAG policy. With no flags: the tiny preset on a local Ray with a private "
+                    "redis-server (AOF in runs/<name>/redis/), one sampler, one reward worker and the learner. "
+                    "On a cluster: ray job submit --working-dir . -- pag train --preset sd14 --redis-url redis://…",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="tiny (CPU, offline, minutes) or sd14 (the paper)")
+    p.add_argument("--config", dest="config_file", help="YAML file layered over the preset")
+    p.add_argument("--steps", type=int, help="learner steps (learner.steps)")
+    p.add_argument("--samplers", type=int, help="sampler actors (sampler.num_samplers)")
+    p.add_argument("--reward-workers", type=int, help="reward workers at start (reward.num_workers); "
+                                                      "change later with `pag workers scale`")
+    p.add_argument("--run-name", help="run name (default {preset}__{seed}__{time})")
+    p.add_argument("--runs-dir", help="where run directories go (run.runs_dir)")
+    p.add_argument("--redis-url", help="use this Redis instead of a private redis-server (buffer.redis_url)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --run-name (or the newest run) from its last checkpoint with the same buffer")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and samples.png at the end")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. learner.lr=3e-5")
+    p.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("adapt", help="print diverse rewrites of a prompt from a trained run",
+                       description="Sample rewrites of a plain prompt with a trained policy and score them.")
+    a.add_argument("prompt", help="the plain prompt, e.g. 'a cat on a sofa'")
+    a.add_argument("--checkpoint", required=True, help="a run directory (runs/<name>) or a checkpoint directory")
+    a.add_argument("-n", type=int, default=8, help="number of rewrites")
+    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-score", action="store_true", help="do not render and score the rewrites")
+    a.set_defaults(func=cmd_adapt)
+
+
+def _flag_overrides(args) -> list[str]:
+    pairs = [("learner.steps", args.steps), ("sampler.num_samplers", args.samplers),
+             ("reward.num_workers", args.reward_workers), ("run.name", args.run_name),
+             ("run.runs_dir", args.runs_dir), ("buffer.redis_url", args.redis_url),
+             ("run.ray_address", args.ray_address)]
+    return [f"{k}={v}" for k, v in pairs if v is not None]
+
+
+def resolve_run(args) -> tuple[Config, Path]:
+    """Config and run directory: a new run, or (--resume) the saved config of an existing one."""
+    overrides = list(args.overrides) + _flag_overrides(args)
+    if args.resume:
+        runs_dir = Path(args.runs_dir or "runs")
+        if args.run_name:
+            run_dir = runs_dir / args.run_name
+        else:
+            candidates = sorted((p for p in runs_dir.glob("*/config.yaml")), key=lambda p: p.stat().st_mtime)
+            if not candidates:
+                raise ConfigError(f"--resume: no run in {runs_dir}/ to resume; give --run-name")
+            run_dir = candidates[-1].parent
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir}/config.yaml not found; is {run_dir.name!r} a run name?")
+        import yaml
+
+        preset = yaml.safe_load((run_dir / "config.yaml").read_text()).get("preset", args.preset)
+        cfg = load_config(preset, run_dir / "config.yaml", overrides + [f"run.name={run_dir.name}"])
+        return cfg, run_dir
+    cfg = load_config(args.preset, args.config_file, overrides)
+    name = cfg.run.name or f"{cfg.preset}__{cfg.run.seed}__{datetime.now():%Y%m%d-%H%M%S}"
+    cfg.run.name = name
+    run_dir = Path(cfg.run.runs_dir) / name
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
+                          "or another --run-name")
+    return cfg, run_dir
+
+
+def cmd_train(args) -> int:
+    cfg, run_dir = resolve_run(args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    try:
+        return Trainer(cfg, run_dir, resume=args.resume, report=not args.no_report).run()
+    except RunFailed as exc:
+        print(f"pag train: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------- driver
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, report: bool = True) -> None:
+        self.cfg, self.run_dir, self.resume, self.want_report = cfg, Path(run_dir), resume, report
+        self.run_name = cfg.run.name
+        self.redis_server = None
+        self.started_ray = False
+        self.history: list[dict[str, float]] = []
+
+    # -------------------------------------------------------------- set-up
+
+    def _start_redis(self) -> str:
+        if self.cfg.buffer.redis_url:
+            return self.cfg.buffer.redis_url
+        from common.redis_server import RedisServer
+
+        self.redis_server = RedisServer(self.run_dir / "redis").start()
+        log.info("private redis-server on %s (AOF in %s)", self.redis_server.url, self.run_dir / "redis")
+        return self.redis_server.url
+
+    def _start_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        address = self.cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+                                  "logging_level": logging.WARNING}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            cpus = max(os.cpu_count() or 2, self.cfg.sampler.num_samplers + self.cfg.reward.num_workers + 2)
+            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+        self.started_ray = True
+
+    def _launch(self, redis_url: str, sft: Optional[str]) -> None:
+        import ray
+
+        from actors.sampler import sampler_actor_class
+        from actors.scaling import start_workers
+        from learner.learner import learner_actor_class
+        from learner.weights import WeightStore
+
+        cfg_dict = self.cfg.to_dict()
+        threads = 1 if self.started_ray and (os.cpu_count() or 2) <= 4 else None
+        self.store = ray.remote(num_cpus=0)(WeightStore).remote()
+        self.learner = learner_actor_class(self.cfg).remote(cfg_dict, redis_url, self.run_name, str(self.run_dir.resolve()),
+                                                            sft, self.store, True)
+        ray.get(self.learner.ping.remote())  # the first weights are published before samplers start
+        self.samplers = [sampler_actor_class(self.cfg).remote(cfg_dict, redis_url, self.run_name, sft, self.store, i, threads)
+                         for i in range(self.cfg.sampler.num_samplers)]
+        start_workers(self.cfg, redis_url, self.run_name, torch_threads=threads)  # named, detached: `pag workers scale`
+
+    # -------------------------------------------------------------- the loop
+
+    def run(self) -> int:
+        from buffer import ReplayBuffer
+        from learner.sft import ensure_sft
+
+        sft = ensure_sft(self.cfg)
+        redis_url = self._start_redis()
+        self.buffer = ReplayBuffer.from_config(self.cfg.buffer, self.run_name, redis_url=redis_url)
+        self.buffer.set_meta(stop="0", config_hash=self.cfg.hash(), run_dir=str(self.run_dir.resolve()))
+        interrupted = False
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self._start_ray()
+            self._launch(redis_url, sft)
+            self._loop()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\npag train: interrupted — writing a checkpoint and stopping", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self._shutdown(final_report=not interrupted, sft=sft, redis_url=redis_url)
+        return 130 if interrupted else 0
+
+    def _loop(self) -> None:
+        import ray
+        from tqdm import tqdm
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.run_dir / "tb"))
+        total = self.cfg.learner.steps
+        step = ray.get(self.learner.get_step.remote())
+        bar = tqdm(total=total, initial=step, desc=f"pag train {self.run_name}", unit="step", dynamic_ncols=True)
+        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        failures = 0
+        try:
+            while step < total:
+                try:
+                    metrics = ray.get(self.learner.train_step.remote())
+                except ray.exceptions.RayActorError as exc:
+                    failures += 1
+                    if failures > self.cfg.run.max_restarts:
+                        raise RunFailed(f"the learner actor died {failures} times and cannot come back: {exc}") from exc
+                    log.warning("learner actor died (%s); Ray restarts it from the last checkpoint", exc)
+                    step = self._wait_for(self.learner, "learner")
+                    continue
+                step = int(metrics["step"])
+                self.history.append(metrics)
+                metrics_file.write(json.dumps(metrics) + "\n")
+                for key, value in metrics.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, step)
+                bar.n = step
+                bar.set_postfix_str(_postfix(metrics), refresh=False)
+                bar.refresh()
+                if step % 10 == 0:
+                    self._check_roles()
+        finally:
+            bar.close()
+            metrics_file.close()
+            writer.close()
+
+    def _wait_for(self, actor, name: str, timeout_s: float = 300.0) -> int:
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.ping.remote(), timeout=30)
+                return ray.get(self.learner.get_step.remote())
+            except ray.exceptions.ActorDiedError as exc:
+                raise RunFailed(f"the {name} actor died and will not restart: {exc}") from exc
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(2)
+        raise RunFailed(f"the {name} actor did not come back within {timeout_s:.0f}s")
+
+    def _check_roles(self) -> None:
+        """A sampler or reward worker that Ray could not restart ends the run, named."""
+        import ray
+
+        for i, actor in enumerate(self.samplers):
+            try:
+                ray.get(actor.stats.remote(), timeout=60)
+            except ray.exceptions.ActorDiedError as exc:
+                raise RunFailed(f"sampler {i} died and Ray could not restart it: {exc}") from exc
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # restarting: it resumes with the latest weights by itself
+
+    # -------------------------------------------------------------- tear-down
+
+    def _shutdown(self, final_report: bool, sft: Optional[str], redis_url: str) -> None:
+        import ray
+
+        try:
+            self.buffer.set_meta(stop="1")
+        except Exception:  # noqa: BLE001 — Redis may be what failed
+            log.exception("could not set the stop flag")
+        if ray.is_initialized() and getattr(self, "learner", None) is not None:
+            try:
+                path = ray.get(self.learner.save.remote(), timeout=300)
+                log.info("checkpoint %s", path)
+            except Exception:  # noqa: BLE001
+                log.exception("final checkpoint failed; the last periodic one stands")
+            from actors.scaling import stop_workers
+
+            try:
+                ray.get([a.stop.remote() for a in getattr(self, "samplers", [])], timeout=120)
+            except Exception:  # noqa: BLE001
+                log.warning("a sampler did not stop in time")
+            if final_report and self.want_report:
+                try:
+                    from learner.report import write_report
+
+                    write_report(self.cfg, self.run_dir, self.history, redis_url, sft)
+                except Exception:  # noqa: BLE001 — a report failure must not lose the run
+                    log.exception("report failed")
+            try:
+                stop_workers(self.run_name)  # each finishes and acknowledges its batch first
+            except Exception:  # noqa: BLE001
+                log.warning("some reward workers did not stop in time; their unacknowledged entries stay "
+                            "in the stream for the next run or worker")
+            for actor in getattr(self, "samplers", []) + [self.learner, self.store]:
+                ray.kill(actor, no_restart=True)
+        self.buffer.close()
+        if self.started_ray:
+            ray.shutdown()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM (a job being cancelled) stops as cleanly as Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def _postfix(m: dict[str, float]) -> str:
+    parts = [f"loss={m.get('loss/total', float('nan')):.3g}"]
+    if "reward/reward" in m:
+        parts.append(f"r={m['reward/reward']:.3g}")
+    if "diversity/text" in m:
+        parts.append(f"div={m['diversity/text']:.3f}")
+    parts.append(f"buf={int(m.get('buffer/size', 0))}")
+    parts.append(f"lag={m.get('weights/lag_mean', 0):.1f}")
+    parts.append(f"traj/s={m.get('throughput/fresh_per_s', 0):.1f}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------- adapt
+
+def cmd_adapt(args) -> int:
+    from learner.report import adapt
+
+    for line in adapt(args.prompt, Path(args.checkpoint), n=args.n, temperature=args.temperature, seed=args.seed,
+                      score=not args.no_score):
+        print(line)
+    return 0

@@ -1,0 +1,110 @@
+"""`pag train` end to end, as a user runs it (subprocess): the embedded default on the tiny preset
+with a small step budget, resume, and a clean stop on SIGINT. Real local Ray, real redis-server."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+SMALL = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2", "learner.batch_size=8",
+         "learner.checkpoint_every=2", "reward.batch_size=4", "run.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PAG_CACHE=str(tmp_path_factory.getbasetemp() / "pag-cache"),
+               RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return path, env
+
+
+def pag(args, workdir, timeout=600):
+    path, env = workdir
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _read_buffer(run_dir: Path, run: str):
+    """Restart the run's redis-server on its AOF directory and read it as a person would."""
+    import redis
+
+    from common.redis_server import RedisServer
+
+    with RedisServer(run_dir / "redis") as server:
+        client = redis.Redis.from_url(server.url, decode_responses=False)
+        best = client.zrevrange(f"pag:{run}:prio", 0, 0, withscores=True)
+        fields = client.hgetall(f"pag:{run}:traj:{best[0][0].decode()}") if best else {}
+        size = client.zcard(f"pag:{run}:prio")
+        meta = client.hgetall(f"pag:{run}:meta")
+    return size, fields, best, meta
+
+
+def test_train_end_to_end_then_resume(workdir):
+    path, _ = workdir
+    result = pag(["train", "--steps", "4", "--run-name", "e2e", *SMALL], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = path / "runs" / "e2e"
+    report = (run_dir / "report.md").read_text()
+    assert "## Held-out prompts" in report and "## Resolved config" in report and "curves.png" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and " | " in line]
+    assert sum("failed" not in r for r in rows) >= 8 * 4, "8 prompts × 4 scored rewrites"
+    from PIL import Image
+
+    with Image.open(run_dir / "samples.png") as img:
+        assert img.size[0] >= 5 * 64 and img.size[1] >= 8 * 64
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000004"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+    size, fields, best, meta = _read_buffer(run_dir, "e2e")
+    assert size > 0 and meta[b"stop"] == b"1"
+    for key in (b"prompt", b"response", b"log_reward", b"aes", b"clip", b"policy_version", b"created_at", b"blob"):
+        assert key in fields, key
+    assert float(fields[b"log_reward"]) == pytest.approx(best[0][1], rel=1e-5)
+
+    resumed = pag(["train", "--resume", "--run-name", "e2e", "--steps", "6", "--no-report"], workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6], "continues from the checkpoint's step"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000006"
+    size_after, *_ = _read_buffer(run_dir, "e2e")
+    assert size_after >= size, "the same buffer, not a new one"
+
+
+def test_sigint_stops_cleanly_with_checkpoint(workdir):
+    path, env = workdir
+    run_dir = path / "runs" / "sig"
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "train", "--steps", "500", "--run-name", "sig",
+                             *SMALL], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert int(latest.removeprefix("step_")) >= 3, "a checkpoint at the step reached"
+    assert not (run_dir / "report.md").exists()
+    size, _, _, meta = _read_buffer(run_dir, "sig")
+    assert size > 0 and meta[b"stop"] == b"1"
+
+
+def test_bad_override_fails_before_anything_starts(workdir):
+    path, _ = workdir
+    result = pag(["train", "learner.lr=fast"], workdir, timeout=60)
+    assert result.returncode == 2 and "learner.lr" in result.stderr
+    assert not (path / "runs").exists() or not any((path / "runs").glob("tiny__*"))
