@@ -49,7 +49,8 @@ class Sampler:
         self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
         self.reference = build_reference(cfg.model, self.tokenizer, checkpoint).to(self.device)
         self.weights = WeightsClient(weights) if weights is not None else None
-        self.version = -1  # nothing pulled yet: the starting (SFT) weights
+        self.version = -1  # store version held; -1: nothing pulled yet, the starting (SFT) weights
+        self.policy_step = 0  # learner step of the weights held: stamped on trajectories, drives the schedule
         self.prompts = load_train_prompts(cfg.sampler.datasets).prompts
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + index)
         self._epoch, self._order, self._cursor = 0, [], 0
@@ -78,14 +79,14 @@ class Sampler:
         answer = self.weights.fetch(self.version)
         if answer is None:
             return False
-        version, state = answer
+        version, step, state = answer
         self.policy.load_state_dict(state, strict=False)  # lm_head is tied to wte
-        self.version = version
+        self.version, self.policy_step = version, step
         return True
 
     def temperature(self) -> float:
         s = self.cfg.sampler
-        return sampling_temperature(max(self.version, 0), s.temp_start, s.temp_end, s.temp_anneal_steps)
+        return sampling_temperature(self.policy_step, s.temp_start, s.temp_end, s.temp_anneal_steps)
 
     # ----------------------------------------------------------- sampling
 
@@ -110,7 +111,7 @@ class Sampler:
                 prompt_ids=prompt_ids[i][prompt_mask[i].bool()].tolist(),
                 response_ids=ids,
                 ref_logprobs=ref[i, :n].tolist(),
-                policy_version=max(self.version, 0),
+                policy_version=self.policy_step,
                 run=self.buffer.run if self.buffer is not None else "",
             ))
         self.sampled += len(trajs)
@@ -148,7 +149,7 @@ class Sampler:
         return pushed
 
     def stats(self) -> dict:
-        return {"sampled": self.sampled, "version": self.version, "epoch": self._epoch}
+        return {"sampled": self.sampled, "version": self.version, "policy_step": self.policy_step, "epoch": self._epoch}
 
 
 def stop_requested(buffer) -> bool:

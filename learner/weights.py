@@ -26,32 +26,38 @@ def unpack_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
 
 
 class WeightStore:
-    """Holds the newest (version, ref). Plain class; `ray.remote(WeightStore)` is the actor.
+    """Holds the newest (version, step, ref). Plain class; `ray.remote(WeightStore)` is the actor.
 
-    In-process use (tests) stores the packed bytes themselves; through Ray it stores
-    `[ObjectRef]` (a list, so Ray passes the reference without resolving it).
+    `version` counts publications and only grows, so a sampler always sees a change; `step` is the
+    learner step the weights come from (trajectories are stamped with it). A learner restarted from
+    an older checkpoint publishes a smaller step under a newer version, and samplers follow it.
+    In-process use (tests) stores the packed bytes themselves; through Ray it stores `[ObjectRef]`
+    (a list, so Ray passes the reference without resolving it).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._version = -1
+        self._step = -1
         self._payload: object = None
 
-    def publish(self, version: int, payload: object) -> int:
+    def publish(self, step: int, payload: object) -> int:
         with self._lock:
-            if version <= self._version:
-                raise ValueError(f"weight version {version} is not newer than the published {self._version}")
-            self._version, self._payload = version, payload
-            return version
+            self._version += 1
+            self._step, self._payload = step, payload
+            return self._version
 
     def version(self) -> int:
         return self._version
 
-    def latest(self, have_version: int = -1) -> Optional[tuple[int, object]]:
-        """(version, payload) when newer than `have_version`, else None."""
+    def step(self) -> int:
+        return self._step
+
+    def latest(self, have_version: int = -1) -> Optional[tuple[int, int, object]]:
+        """(version, step, payload) when newer than `have_version`, else None."""
         with self._lock:
             if self._version > have_version:
-                return self._version, self._payload
+                return self._version, self._step, self._payload
             return None
 
 
@@ -62,26 +68,26 @@ class WeightsClient:
         self.store = store
         self.is_ray = hasattr(getattr(store, "publish", None), "remote")
 
-    def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
+    def publish(self, step: int, state: dict[str, torch.Tensor]) -> int:
         blob = pack_state_dict(state)
         if self.is_ray:
             import ray
 
-            ray.get(self.store.publish.remote(version, [ray.put(blob)]))
-        else:
-            self.store.publish(version, blob)
+            return ray.get(self.store.publish.remote(step, [ray.put(blob)]))
+        return self.store.publish(step, blob)
 
-    def fetch(self, have_version: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
+    def fetch(self, have_version: int) -> Optional[tuple[int, int, dict[str, torch.Tensor]]]:
+        """(version, step, state dict) when the store holds a newer version than `have_version`."""
         if self.is_ray:
             import ray
 
             answer = ray.get(self.store.latest.remote(have_version))
             if answer is None:
                 return None
-            version, (ref,) = answer
-            return version, unpack_state_dict(ray.get(ref))
+            version, step, (ref,) = answer
+            return version, step, unpack_state_dict(ray.get(ref))
         answer = self.store.latest(have_version)
         if answer is None:
             return None
-        version, blob = answer
-        return version, unpack_state_dict(blob)
+        version, step, blob = answer
+        return version, step, unpack_state_dict(blob)

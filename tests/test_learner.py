@@ -51,13 +51,13 @@ def test_collate_layout(cfg, trajectories):
 def test_train_step_uses_fresh_and_replay_and_acknowledges(cfg, buffer, tmp_path, trajectories):
     store = WeightStore()
     learner = Learner(cfg, buffer, tmp_path, weights=store, resume=False)
-    assert store.version() == 0, "initial weights are published at start"
+    assert store.version() == 0 and store.step() == 0, "initial weights are published at start"
     buffer.add(trajectories[:12])
     m = learner.train_step(wait_s=5)
     assert m["step"] == 1 and math.isfinite(m["loss/total"])
     assert m["buffer/fresh"] == 4 and m["buffer/filled_from_replay"] == 0
     assert m["reward/reward"] > 0 and "weights/lag_mean" in m and "plasticity/flow_dormant" in m
-    assert store.version() == 1
+    assert store.version() == 1 and store.step() == 1
     # fresh stream drained by repeated steps → the learner fills from replay and counts it
     for _ in range(3):
         m = learner.train_step(wait_s=5)

@@ -66,11 +66,14 @@ def test_pulls_newer_weights_and_anneals(cfg, buffer):
     state = {k: v.clone() for k, v in sampler.policy.state_dict().items()}
     state["transformer.h.0.mlp.c_fc.weight"] += 1.0
     store.publish(cfg.sampler.temp_anneal_steps, pack_state_dict(state))
-    assert sampler.pull_weights() is True and sampler.version == cfg.sampler.temp_anneal_steps
+    assert sampler.pull_weights() is True and sampler.policy_step == cfg.sampler.temp_anneal_steps
     assert torch.equal(sampler.policy.transformer.h[0].mlp.c_fc.weight, state["transformer.h.0.mlp.c_fc.weight"])
     assert t0 == cfg.sampler.temp_start and sampler.temperature() == pytest.approx(cfg.sampler.temp_end)
-    assert all(t.policy_version == sampler.version for t in sampler.sample_batch())
+    assert all(t.policy_version == cfg.sampler.temp_anneal_steps for t in sampler.sample_batch())
     assert sampler.pull_weights() is False, "nothing newer"
+    # a learner restarted from an older checkpoint publishes a smaller step: samplers follow it
+    store.publish(3, pack_state_dict(sampler.policy.state_dict()))
+    assert sampler.pull_weights() is True and sampler.policy_step == 3 and sampler.version == 1
 
 
 def test_stop_flag_ends_the_loop(cfg, buffer):
