@@ -38,6 +38,28 @@ def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
+def to_trajectories(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor, ref: Optional[torch.Tensor] = None,
+                    policy_version: int = 0, run: str = "") -> list[Trajectory]:
+    """Padded sampling output → one unscored Trajectory per row (EOS kept in the ids, not in the text)."""
+    eos = tokenizer.eos_token_id
+    trajs = []
+    for i, plain in enumerate(prompts):
+        n = int(response_mask[i].sum())
+        ids = response_ids[i, :n].tolist()
+        text_ids = ids[:-1] if ids and ids[-1] == eos else ids
+        trajs.append(Trajectory(
+            prompt=plain,
+            response=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            prompt_ids=prompt_ids[i][prompt_mask[i].bool()].tolist(),
+            response_ids=ids,
+            ref_logprobs=ref[i, :n].tolist() if ref is not None else [0.0] * n,
+            policy_version=policy_version,
+            run=run,
+        ))
+    return trajs
+
+
 class Sampler:
     def __init__(self, cfg: Config, buffer, checkpoint: Optional[str] = None, weights=None,
                  index: int = 0, device: Optional[str] = None) -> None:
@@ -96,24 +118,11 @@ class Sampler:
         prompts = prompts or self.next_prompts(s.prompts_per_batch)
         repeated = [p for p in prompts for _ in range(s.samples_per_prompt)]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, repeated, self.device)
-        eos = self.tokenizer.eos_token_id
         response_ids, response_mask = sample(self.policy, prompt_ids, prompt_mask, s.max_len, s.min_len,
-                                             self.temperature(), eos, generator=self.generator)
+                                             self.temperature(), self.tokenizer.eos_token_id, generator=self.generator)
         ref = ref_logprobs(self.reference, prompt_ids, prompt_mask, response_ids, response_mask)
-        trajs = []
-        for i, plain in enumerate(repeated):
-            n = int(response_mask[i].sum())
-            ids = response_ids[i, :n].tolist()
-            text_ids = ids[:-1] if ids and ids[-1] == eos else ids
-            trajs.append(Trajectory(
-                prompt=plain,
-                response=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-                prompt_ids=prompt_ids[i][prompt_mask[i].bool()].tolist(),
-                response_ids=ids,
-                ref_logprobs=ref[i, :n].tolist(),
-                policy_version=self.policy_step,
-                run=self.buffer.run if self.buffer is not None else "",
-            ))
+        trajs = to_trajectories(self.tokenizer, repeated, prompt_ids, prompt_mask, response_ids, response_mask, ref,
+                                policy_version=self.policy_step, run=self.buffer.run if self.buffer is not None else "")
         self.sampled += len(trajs)
         return trajs
 

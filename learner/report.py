@@ -38,8 +38,8 @@ def load_run_policy(cfg: Config, checkpoint_dir: Path):
 
 
 def sample_rewrites(cfg: Config, tok, policy, prompts: Sequence[str], n: int, temperature: float, seed: int):
-    from actors.sampler import encode_prompts
-    from common.trajectory import Trajectory
+    """n rewrites of each prompt (unscored trajectories, no reference log-probs)."""
+    from actors.sampler import encode_prompts, to_trajectories
     from learner.policy import sample
 
     repeated = [p for p in prompts for _ in range(n)]
@@ -48,15 +48,7 @@ def sample_rewrites(cfg: Config, tok, policy, prompts: Sequence[str], n: int, te
     with torch.no_grad():
         resp, rmask = sample(policy, ids, mask, cfg.sampler.max_len, cfg.sampler.min_len, temperature,
                              tok.eos_token_id, generator=gen)
-    out = []
-    for i, plain in enumerate(repeated):
-        k = int(rmask[i].sum())
-        ids_i = resp[i, :k].tolist()
-        text_ids = ids_i[:-1] if ids_i and ids_i[-1] == tok.eos_token_id else ids_i
-        out.append(Trajectory(prompt=plain, response=tok.decode(text_ids, skip_special_tokens=True).strip(),
-                              prompt_ids=ids[i][mask[i].bool()].tolist(), response_ids=ids_i,
-                              ref_logprobs=[0.0] * len(ids_i)))
-    return out
+    return to_trajectories(tok, repeated, ids, mask, resp, rmask)
 
 
 # ---------------------------------------------------------------------- reward side
