@@ -25,8 +25,8 @@ from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 
-from common.constants import (LAYOUT_SCHEMA, LEARNER_GROUP, SCORERS_GROUP, TRAJECTORY_SCHEMA,
-                              failed_key, fresh_key, meta_key, pending_key, prio_key, run_key,
+from common.constants import (LAYOUT_SCHEMA, LEARNER_GROUP, SCORERS_GROUP, TRAJECTORY_SCHEMA, dedup_key,
+                              failed_key, fresh_key, meta_key, order_key, pending_key, prio_key,
                               traj_key)
 from common.trajectory import (Trajectory, TrajectoryDecodeError, decode, encode, from_redis_hash,
                                to_redis_hash)
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 
 #: counters kept in `pag:{run}:meta`
 COUNTERS = ("added", "duplicates", "evicted", "repeats", "decode_errors", "failed", "fresh_gone")
-
-
-def dedup_key(run: str) -> str:
-    return run_key(run, "dedup")
-
-
-def order_key(run: str) -> str:
-    return run_key(run, "order")
 
 
 def dedup_sha(prompt: str, response: str) -> str:

@@ -44,6 +44,16 @@ def failed_key(run: str) -> str:
     return run_key(run, "failed")
 
 
+def dedup_key(run: str) -> str:
+    """HASH sha1(prompt NUL response) → id: one stored copy of an identical rewrite."""
+    return run_key(run, "dedup")
+
+
+def order_key(run: str) -> str:
+    """ZSET id → insertion sequence, kept only for FIFO eviction."""
+    return run_key(run, "order")
+
+
 def plain_key(model: str, seed: int, sha: str) -> str:
     """Cached score of a plain prompt, shared across runs that render with the same model and seed."""
     return ":".join((KEY_PREFIX, "plain", model, str(seed), sha))

@@ -121,10 +121,9 @@ class Learner:
             fresh_entries = self.buffer.read_fresh(self.consumer, n_fresh or n, block_ms=500)
         fresh = [t for _, t in fresh_entries if self._valid(t)]
         filled = n_fresh - len(fresh) if len(fresh) < n_fresh else 0
-        replay = self.buffer.sample(n_replay + filled) if n_replay + filled > 0 else []
-        valid_replay = [t for t in replay if self._valid(t)]
-        self.counters["dropped_invalid"] += len(fresh_entries) - len(fresh) + len(replay) - len(valid_replay)
-        replay = valid_replay or replay[:0]
+        drawn = self.buffer.sample(n_replay + filled) if n_replay + filled > 0 else []
+        replay = [t for t in drawn if self._valid(t)]
+        self.counters["dropped_invalid"] += len(fresh_entries) - len(fresh) + len(drawn) - len(replay)
         if not fresh and not replay:
             raise RuntimeError("every collected trajectory breaks the sampler's EOS rule (sampler.min_len changed?)")
         return fresh + replay, [e for e, _ in fresh_entries], {"fresh": len(fresh), "replay": len(replay), "filled": filled}

@@ -162,7 +162,7 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
     ckpt = latest_checkpoint(run_dir)
     tok, policy = load_run_policy(cfg, ckpt)
     trajs = sample_rewrites(cfg, tok, policy, held_out, N_REWRITES, cfg.sampler.temp_end, cfg.run.seed)
-    render = [p for p in held_out] + [t.response for t in trajs]
+    render = list(held_out) + [t.response for t in trajs]
     scores, images = score_and_render(cfg, redis_url, cfg.run.name, trajs, render)
 
     keys = ["loss/total", "reward/reward", "reward/aes", "reward/aes_gain", "reward/clip", "reward/log_reward",
