@@ -3,11 +3,11 @@
     worker = RewardWorker(cfg, redis_url, run, name="reward-0")
     worker.run(stop_event)          # or worker.step() for one batch
 
-The reward is the paper's (Promptist / PAG), for a rewrite y of a plain prompt x, with the means
-taken over the `images_per_prompt` images of each prompt:
+The reward is the paper's (Promptist / PAG), for a rewrite y of a plain prompt x, over the
+`images_per_prompt` images of each prompt (`common.reward`, shared with `pag eval`):
 
-    r(x, y) = [aes(img(y)) − aes(img(x))] + w · min(0, clip(x, img(y)) − c)       (w = 20, c = 0.28)
-    log R   = r / β
+    r(x, y) = mean_i aes(img_i(y)) − mean_i aes(img_i(x)) + mean_i w · min(0, max(0, clip(x, img_i(y))) − c)
+    log R   = r / β                                                    (w = 20, c = 0.28: the hinge per image)
 
 Image i of *every* prompt starts from the same noise, randn(seed + i), so a rewrite and its plain
 prompt are compared on identical noise and a trajectory's images do not depend on what else is in
@@ -29,6 +29,7 @@ import torch
 
 from common.config import Config
 from common.constants import REPHRASE_TEMPLATE
+from common.reward import paper_reward, relevance
 from common.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,6 @@ def plain_text(prompt: str) -> str:
         if prompt.endswith(suffix):
             return prompt[: -len(suffix)]
     return prompt
-
-
-def paper_reward(aes: float, aes_plain: float, clip: float, threshold: float = 0.28, weight: float = 20.0) -> dict[str, float]:
-    """r = (aes − aes_plain) + weight · min(0, clip − threshold); returns every component by name."""
-    aes_gain = aes - aes_plain
-    rel = weight * min(0.0, clip - threshold)
-    return {"aes_gain": aes_gain, "rel": rel, "reward": aes_gain + rel}
 
 
 class Renderer:
@@ -210,6 +204,8 @@ class RewardWorker:
         plain_scores: dict[str, dict[str, float] | str] = dict(cached)
         for j, prompt in enumerate(missing):
             result = results[len(trajs) + j]
+            if isinstance(result, dict):
+                result.pop("rel", None)  # the plain prompt's own relevance is not part of any reward
             if isinstance(result, dict) and _bad(result) is None:
                 self.cache.put(prompt, result, {"images": k, "steps": r.steps, "guidance": r.guidance,
                                                 "image_size": self.renderer.size})
@@ -224,7 +220,7 @@ class RewardWorker:
                 continue
             scores = dict(mine)
             scores.update({f"{name}_plain": value for name, value in plain.items()})
-            scores.update(paper_reward(mine["aes"], plain["aes"], mine["clip"], r.clip_threshold, r.clip_weight))
+            scores.update(paper_reward(mine["aes"], plain["aes"], mine["rel"]))
             if not math.isfinite(scores["reward"]):
                 failed.append((traj, f"non-finite reward {scores['reward']}"))
                 continue
@@ -254,6 +250,8 @@ class RewardWorker:
         self.stats.score_s += time.perf_counter() - t1
         self.stats.images += images.shape[0]
         means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
+        r = self.cfg.reward
+        means["rel"] = relevance(per_image["clip"].view(len(texts), k).double(), r.clip_threshold, r.clip_weight)
         return [{name: float(m[j]) for name, m in means.items()} for j in range(len(texts))]
 
     def _count(self, name: str, n: int) -> None:

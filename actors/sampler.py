@@ -20,44 +20,14 @@ from typing import Optional
 import torch
 
 from common.config import Config
-from common.constants import REPHRASE_TEMPLATE
 from common.data import load_train_prompts
+from common.decoding import encode_prompts, ref_logprobs, sample, to_trajectories
 from common.models import build_policy, build_reference, build_tokenizer, resolve_device
+from common.schedules import sampling_temperature
 from common.trajectory import Trajectory
-from learner.policy import ref_logprobs, sample
-from learner.schedules import sampling_temperature
-from learner.weights import WeightsClient
+from common.weights import WeightsClient
 
 log = logging.getLogger(__name__)
-
-
-def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy inputs `"{prompt} Rephrase:\\n"`, LEFT-padded: (B, P) ids and mask."""
-    texts = [REPHRASE_TEMPLATE.format(prompt=p) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
-
-
-def to_trajectories(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                    response_ids: torch.Tensor, response_mask: torch.Tensor, ref: Optional[torch.Tensor] = None,
-                    policy_version: int = 0, run: str = "") -> list[Trajectory]:
-    """Padded sampling output → one unscored Trajectory per row (EOS kept in the ids, not in the text)."""
-    eos = tokenizer.eos_token_id
-    trajs = []
-    for i, plain in enumerate(prompts):
-        n = int(response_mask[i].sum())
-        ids = response_ids[i, :n].tolist()
-        text_ids = ids[:-1] if ids and ids[-1] == eos else ids
-        trajs.append(Trajectory(
-            prompt=plain,
-            response=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-            prompt_ids=prompt_ids[i][prompt_mask[i].bool()].tolist(),
-            response_ids=ids,
-            ref_logprobs=ref[i, :n].tolist() if ref is not None else [0.0] * n,
-            policy_version=policy_version,
-            run=run,
-        ))
-    return trajs
 
 
 class Sampler:

@@ -27,9 +27,9 @@ from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from learner.flow import FlowHead
 from learner.losses import check_finite, gflownet_loss, temper
 from learner.plasticity import dormant_metrics, should_reactivate
-from learner.policy import teacher_forced
-from learner.schedules import Schedules
-from learner.weights import WeightsClient
+from common.decoding import teacher_forced
+from common.schedules import Schedules
+from common.weights import WeightsClient
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def collate(trajs: list[Trajectory], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Left-pad prompts, right-pad responses: the layout `learner.policy` expects."""
+    """Left-pad prompts, right-pad responses: the layout `common.decoding` expects."""
     B = len(trajs)
     P = max(len(t.prompt_ids) for t in trajs)
     T = max(len(t.response_ids) for t in trajs)

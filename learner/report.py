@@ -39,8 +39,7 @@ def load_run_policy(cfg: Config, checkpoint_dir: Path):
 
 def sample_rewrites(cfg: Config, tok, policy, prompts: Sequence[str], n: int, temperature: float, seed: int):
     """n rewrites of each prompt (unscored trajectories, no reference log-probs)."""
-    from actors.sampler import encode_prompts, to_trajectories
-    from learner.policy import sample
+    from common.decoding import encode_prompts, sample, to_trajectories
 
     repeated = [p for p in prompts for _ in range(n)]
     ids, mask = encode_prompts(tok, repeated, torch.device("cpu"))

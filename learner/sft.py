@@ -276,7 +276,7 @@ def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                  softmax: Optional[SampledSoftmax] = None) -> torch.Tensor:
     """Mean negative log-likelihood of the response tokens given the prompt, from one forward pass;
     exact unless a `SampledSoftmax` is given."""
-    from learner.policy import position_ids_from_mask
+    from common.decoding import position_ids_from_mask
 
     P, T = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
     input_ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)  # (B, P+T)
@@ -525,9 +525,9 @@ def _run(args) -> int:
 
 def sample_rewrites(cfg: Config, checkpoint: Optional[str], plains: Sequence[str], temperature: float = 0.7,
                     seed: int = 0) -> list[Pair]:
-    """(plain, sampled rewrite) with `learner.policy.sample` (a quick look at what a checkpoint writes)."""
+    """(plain, sampled rewrite) with `common.decoding.sample` (a quick look at what a checkpoint writes)."""
     from common.models import build_policy, build_tokenizer
-    from learner.policy import sample
+    from common.decoding import sample
 
     base = cfg.model.model_copy(update={"sft_checkpoint": None})  # checkpoint None: the untrained policy
     tokenizer = build_tokenizer(base)

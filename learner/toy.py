@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from learner import losses
-from learner.schedules import linear_anneal
+from common.schedules import linear_anneal
 
 NUM_TOKENS = 4  # non-EOS tokens 0..3
 EOS = NUM_TOKENS  # action index of EOS

@@ -155,7 +155,7 @@ class Trainer:
         from actors.sampler import sampler_actor_class
         from actors.scaling import start_workers
         from learner.learner import learner_actor_class
-        from learner.weights import WeightStore
+        from common.weights import WeightStore
 
         cfg_dict = self.cfg.to_dict()
         threads = 1 if self.started_ray and (os.cpu_count() or 2) <= 4 else None

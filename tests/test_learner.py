@@ -9,7 +9,7 @@ from actors.sampler import Sampler
 from buffer import ReplayBuffer
 from common.config import load_config
 from learner.learner import Learner, NonFiniteLossError, collate
-from learner.weights import WeightStore
+from common.weights import WeightStore
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from learner.losses import (
     check_finite, db_residuals, fl_db_residuals, gflownet_loss, min_length_penalty, reinforce_loss,
     tb_residuals, temper,
 )
-from learner.schedules import (
+from common.schedules import (
     Anneal, Schedules, exponential_anneal, linear_anneal, reward_temperature, sampling_temperature,
 )
 from learner.toy import build_problem

@@ -4,7 +4,7 @@ import torch
 
 from buffer import ReplayBuffer
 from common.config import load_config
-from learner.weights import WeightStore, pack_state_dict
+from common.weights import WeightStore, pack_state_dict
 
 from actors.sampler import Sampler
 

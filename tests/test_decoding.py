@@ -14,7 +14,7 @@ from learner.losses import check_finite, fl_db_loss, temper
 from learner.plasticity import (
     DormantProbe, dormant_metrics, dormant_ratio, policy_mlp_activations, should_reactivate,
 )
-from learner.policy import ref_logprobs, sample, teacher_forced
+from common.decoding import ref_logprobs, sample, teacher_forced
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 V, EOS, PAD = 100, 99, 0

@@ -1,4 +1,5 @@
-"""Policy passes over [x; y]: teacher-forced log P_F and state hidden states, sampling, reference log-probs.
+"""The policy's decoding, shared by sampler, learner, report and eval: prompts in, teacher-forced
+log P_F and state hidden states, sampling, reference log-probs, trajectories out.
 
 Layout. Prompts are LEFT-padded (B, P) so every prompt ends at column P−1; responses are
 RIGHT-padded (B, T). Their concatenation [x; y] has holes on the left only, so position ids come
@@ -20,6 +21,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from common.constants import REPHRASE_TEMPLATE
+from common.trajectory import Trajectory
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -195,3 +199,34 @@ def sample(
         next_logits, past = _next_logits(model, token[:, None], attention_mask, next_position, past)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(valid, dim=1).long()
+
+
+# ------------------------------------------------------------------ text in, trajectories out
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy inputs `"{prompt} Rephrase:\\n"`, LEFT-padded: (B, P) ids and mask."""
+    texts = [REPHRASE_TEMPLATE.format(prompt=p) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def to_trajectories(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor, ref: Optional[torch.Tensor] = None,
+                    policy_version: int = 0, run: str = "") -> list[Trajectory]:
+    """Padded sampling output → one unscored Trajectory per row (EOS kept in the ids, not in the text)."""
+    eos = tokenizer.eos_token_id
+    trajs = []
+    for i, plain in enumerate(prompts):
+        n = int(response_mask[i].sum())
+        ids = response_ids[i, :n].tolist()
+        text_ids = ids[:-1] if ids and ids[-1] == eos else ids
+        trajs.append(Trajectory(
+            prompt=plain,
+            response=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            prompt_ids=prompt_ids[i][prompt_mask[i].bool()].tolist(),
+            response_ids=ids,
+            ref_logprobs=ref[i, :n].tolist() if ref is not None else [0.0] * n,
+            policy_version=policy_version,
+            run=run,
+        ))
+    return trajs

@@ -1,0 +1,38 @@
+"""The paper's reward maths, shared by the reward workers (training) and `pag eval` (evaluation).
+
+For a rewrite y of a plain prompt x, each rendered `k` times from the same per-index noise:
+
+    aes_gain  = mean_i aes(img_i(y)) − mean_i aes(img_i(x))
+    rel       = mean_i  w · min(0, max(0, clip(x, img_i(y))) − c)        (w = 20, c = 0.28)
+    r         = aes_gain + rel,        log R = r / β
+
+The relevance hinge is applied to each image *before* the mean, as the official code does
+(gfn_trainer.py `get_logreward`, eval.py `get_results`): with per-image CLIP scores 0.25, 0.30 and
+0.31 against c = 0.28 that is −0.2, where a hinge after the mean would give 0. Negative cosines
+count as 0 (the `max(0, ·)`), so a rewrite cannot be penalised below −w·c per image.
+"""
+from __future__ import annotations
+
+import torch
+
+#: the official defaults (gfn_trainer.py, eval.py: `threshold=0.28`, weight 20)
+CLIP_THRESHOLD = 0.28
+CLIP_WEIGHT = 20.0
+
+
+def relevance(clip_per_image: torch.Tensor, threshold: float = CLIP_THRESHOLD,
+              weight: float = CLIP_WEIGHT) -> torch.Tensor:
+    """Relevance penalty, hinged per image then averaged over the last dimension.
+
+    `clip_per_image` (..., k): raw cosines between each image of a rewrite and the plain prompt's
+    text embedding. Returns (...,): mean_i weight · min(0, max(0, clip_i) − threshold) ≤ 0.
+    Differentiable (IPGO ascends it); the gradient is zero where an image is above the threshold.
+    """
+    hinged = weight * torch.clamp(clip_per_image.clamp(min=0) - threshold, max=0)
+    return hinged.mean(-1)
+
+
+def paper_reward(aes: float, aes_plain: float, rel: float) -> dict[str, float]:
+    """r = (aes − aes_plain) + rel, every component by name; `rel` from `relevance`."""
+    aes_gain = aes - aes_plain
+    return {"aes_gain": aes_gain, "rel": rel, "reward": aes_gain + rel}
