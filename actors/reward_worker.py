@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -74,15 +74,19 @@ class Renderer:
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        chunks = []
+        return torch.cat([images for _, images in self.chunks(texts)])
+
+    @torch.no_grad()
+    def chunks(self, texts: Sequence[str]) -> Iterator[tuple[slice, torch.Tensor]]:
+        """One pipeline call per `max_prompts` texts: (slice of texts, (n·k, 3, H, W) images), lazily,
+        so a caller can score one chunk while the next one denoises."""
         for start in range(0, len(texts), self.max_prompts):
             part = list(texts[start:start + self.max_prompts])
             out = self.pipe(
                 part, num_inference_steps=self.steps, guidance_scale=self.guidance, num_images_per_prompt=self.k,
                 latents=self.noise.repeat(len(part), 1, 1, 1), height=self.size, width=self.size, output_type="pt",
             )
-            chunks.append(out.images.float())
-        return torch.cat(chunks)
+            yield slice(start, start + len(part)), out.images.float()
 
 
 @dataclass
@@ -112,12 +116,14 @@ class RewardModels:
     score_keys: list[str]  # what a plain-cache entry must hold to be a hit
     device: torch.device
     dtype: torch.dtype
+    speed: dict[str, Any] = field(default_factory=dict)  # the `reward.` speed switches applied (common.sd_speed)
 
 
 def build_reward_models(cfg: Config, device: Optional[str] = None) -> RewardModels:
-    """SD pipeline (fp16 + SDPA on GPU when reward.fp16) and the configured scorers."""
+    """SD pipeline (fp16 on GPU when reward.fp16, then the reward.* speed switches) and the configured scorers."""
     from actors.scorers import build_scorers, score_keys
     from common.models import build_sd_pipeline, resolve_device
+    from common.sd_speed import apply_speed
 
     missing = {"aesthetic", "clip"} - set(cfg.reward.scorers)
     if missing:
@@ -126,8 +132,11 @@ def build_reward_models(cfg: Config, device: Optional[str] = None) -> RewardMode
     dtype = torch.float16 if (cfg.reward.fp16 and dev.type == "cuda") else torch.float32
     r = cfg.reward
     pipe = build_sd_pipeline(cfg.model, dev, dtype)
-    renderer = Renderer(pipe, r.images_per_prompt, r.steps, r.guidance, r.seed, cfg.model.image_size, r.batch_size)
-    return RewardModels(renderer, build_scorers(r.scorers, cfg.model, dev, dtype), score_keys(r.scorers), dev, dtype)
+    speed = apply_speed(pipe, r)
+    renderer = Renderer(pipe, r.images_per_prompt, r.steps, r.guidance, r.seed, cfg.model.image_size,
+                        r.render_batch or r.batch_size)
+    return RewardModels(renderer, build_scorers(r.scorers, cfg.model, dev, dtype), score_keys(r.scorers), dev, dtype,
+                        speed)
 
 
 class RewardWorker:
@@ -152,6 +161,8 @@ class RewardWorker:
         self._redis = connect(redis_url)
         self.cache = PlainCache(self._redis, cache_model_id(cfg, str(self.dtype).removeprefix("torch.")), cfg.reward.seed)
         self.stats = WorkerStats()
+        self._scoring_pool: Any = None  # reward.overlap_scoring: one scorer thread, made on first use
+        self._scoring_stream: Any = None
 
     # ------------------------------------------------------------------ one batch
 
@@ -242,17 +253,52 @@ class RewardWorker:
 
     def _render_and_score_batch(self, texts: list[str], prompts: list[str]) -> list[dict[str, float]]:
         k = self.renderer.k
-        t0 = time.perf_counter()
-        images = self.renderer(texts)  # (len(texts)·k, 3, H, W)
-        t1 = time.perf_counter()
-        per_image = self.score_fn(images, [p for p in prompts for _ in range(k)])
-        self.stats.render_s += t1 - t0
-        self.stats.score_s += time.perf_counter() - t1
-        self.stats.images += images.shape[0]
+        judged = [p for p in prompts for _ in range(k)]
+        if self.cfg.reward.overlap_scoring:
+            per_image = self._render_and_score_overlapped(texts, judged)
+        else:
+            t0 = time.perf_counter()
+            images = self.renderer(texts)  # (len(texts)·k, 3, H, W)
+            t1 = time.perf_counter()
+            per_image = self.score_fn(images, judged)
+            self.stats.render_s += t1 - t0
+            self.stats.score_s += time.perf_counter() - t1
+            self.stats.images += images.shape[0]
         means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
         r = self.cfg.reward
         means["rel"] = relevance(per_image["clip"].view(len(texts), k).double(), r.clip_threshold, r.clip_weight)
         return [{name: float(m[j]) for name, m in means.items()} for j in range(len(texts))]
+
+    def _render_and_score_overlapped(self, texts: list[str], judged: list[str]) -> dict[str, torch.Tensor]:
+        """`reward.overlap_scoring`: chunk i is scored in a side thread (its own CUDA stream) while chunk
+        i+1 denoises; the same scores as rendering everything first (tests/test_sd_speed.py)."""
+        if self._scoring_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._scoring_pool = ThreadPoolExecutor(1, thread_name_prefix=f"score-{self.name}")
+            self._scoring_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        k, futures = self.renderer.k, []
+        t0 = time.perf_counter()
+        for part, images in self.renderer.chunks(texts):
+            rows = judged[part.start * k:part.stop * k]
+            done = torch.cuda.Event() if self._scoring_stream is not None else None
+            if done is not None:
+                done.record()  # the scorer's stream waits for this chunk's last kernel, not for the next chunk
+            futures.append(self._scoring_pool.submit(self._score_chunk, images, rows, done))
+            self.stats.images += images.shape[0]
+        t1 = time.perf_counter()
+        chunks = [future.result() for future in futures]
+        self.stats.render_s += t1 - t0  # includes the scoring that overlapped it
+        self.stats.score_s += time.perf_counter() - t1  # only the scoring left after the last chunk
+        return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _score_chunk(self, images: torch.Tensor, judged: list[str], ready) -> dict[str, torch.Tensor]:
+        if self._scoring_stream is None:
+            return self.score_fn(images, judged)
+        with torch.cuda.stream(self._scoring_stream):
+            self._scoring_stream.wait_event(ready)
+            images.record_stream(self._scoring_stream)  # the allocator must not reuse it under the scorer
+            return self.score_fn(images, judged)
 
     def _count(self, name: str, n: int) -> None:
         """Counters in the run's `meta` HASH (readable with redis-cli)."""
@@ -286,6 +332,8 @@ class RewardWorker:
         return done
 
     def close(self) -> None:
+        if self._scoring_pool is not None:
+            self._scoring_pool.shutdown(wait=True)
         self.buffer.close()
         self._redis.close()
 

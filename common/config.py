@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    kind: Literal["tiny", "pretrained"] = Field("pretrained", description="tiny: seeded random weights, tiny configs; pretrained: from_pretrained")
+    kind: Literal["tiny", "pretrained", "arch"] = Field("pretrained", description="tiny: seeded random weights, tiny configs; pretrained: from_pretrained; arch: the real sd14 architectures at full size with seeded random weights (speed and memory measurements, no downloads)")
     policy: str = Field("gpt2", description="GPT-2 hub id or local directory of the policy's starting point")
     sft_checkpoint: Optional[str] = Field(None, description="SFT checkpoint (hub id or dir) for policy and reference; None: `policy` (tiny: auto-SFT, cached)")
     tokenizer: Optional[str] = Field(None, description="tokenizer id/dir; None: the policy's, or the packaged GPT-2 files for tiny")
@@ -73,6 +73,21 @@ class RewardConfig(_Section):
     clip_threshold: float = Field(0.28, description="relevance penalty applies below this CLIP score")
     clip_weight: float = Field(20.0, ge=0, description="relevance penalty weight")
     fp16: bool = Field(True, description="half precision on GPU (ignored on CPU)")
+    # --- speed switches (issue 12; common/sd_speed.py). Defaults are today's behaviour until a GPU run shows a gain.
+    attention: Literal["sdpa", "classic"] = Field("sdpa", description="UNet/VAE attention: sdpa (torch scaled_dot_product_attention: flash / memory-efficient kernels) or classic (matmul + softmax)")
+    channels_last: bool = Field(False, description="UNet and VAE in channels_last memory format (NHWC convolutions)")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (first batch pays the compile time)")
+    compile_vae: bool = Field(False, description="torch.compile the VAE decoder")
+    cuda_graphs: bool = Field(False, description="compile with mode='reduce-overhead' (CUDA graphs); needs compile_unet or compile_vae, CUDA only")
+    vae_fp16: bool = Field(True, description="with fp16: decode in half precision too (False: the VAE stays float32, the upcast safe path)")
+    render_batch: Optional[int] = Field(None, ge=1, description="prompts per pipeline call (× images_per_prompt images); None: batch_size")
+    overlap_scoring: bool = Field(False, description="score a rendered chunk in a side thread (own CUDA stream) while the next chunk denoises")
+
+    @model_validator(mode="after")
+    def _speed(self) -> "RewardConfig":
+        if self.cuda_graphs and not (self.compile_unet or self.compile_vae):
+            raise ValueError("cuda_graphs needs compile_unet=true or compile_vae=true (CUDA graphs come from torch.compile mode='reduce-overhead')")
+        return self
 
 
 class BufferConfig(_Section):
@@ -182,7 +197,14 @@ def _preset_tiny() -> dict[str, Any]:
     }
 
 
-PRESETS = {"sd14": _preset_sd14, "tiny": _preset_tiny}
+def _preset_sd14_arch() -> dict[str, Any]:
+    """The paper's settings and full-size architectures (SD v1.4 UNet/VAE/CLIP text encoder, open_clip
+    ViT-L-14, GPT-2 124M) with seeded random weights: compute and memory are the paper's, images are
+    noise. For measuring speed anywhere without downloads (bench/gpu.py), not for training results."""
+    return {"model": {"kind": "arch", "sentence_encoder": "auto"}}
+
+
+PRESETS = {"sd14": _preset_sd14, "tiny": _preset_tiny, "sd14-arch": _preset_sd14_arch}
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

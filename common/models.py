@@ -6,6 +6,12 @@ seconds. `pretrained` loads with from_pretrained from a hub id or a local direct
 the weights are not available offline, fails with a ModelLoadError naming the model and how to
 pre-download it. The LAION aesthetic MLP is the real one in both presets (the tiny CLIP has a
 768-d embedding so the real weights load).
+
+`arch` (preset `sd14-arch`) builds the `sd14` architectures at full size from config files shipped in
+common/assets/ (SD v1.4 UNet / VAE / CLIP text encoder, GPT-2 124M; open_clip ViT-L-14 from open_clip's
+own config) with seeded random weights and no download. Compute and memory are those of the paper's
+models; the images are meaningless. `device="meta"` builds them without allocating (parameter counts,
+FLOP counts).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_TOKENIZER_DIR = ASSETS / "tokenizers" / "gpt2"
+SD14_CONFIG_DIR = ASSETS / "sd14"  # CompVis/stable-diffusion-v1-4's unet/vae/text_encoder/scheduler configs
 AESTHETIC_WEIGHTS = ASSETS / "aesthetic" / "sac+logos+ava1-l14-linearMSE.safetensors"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -54,6 +61,11 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
+def _building_on(device: torch.device | str):
+    """Construct parameters directly on `device`: no memory on "meta", no host copy on CUDA."""
+    return torch.device(device) if torch.device(device).type in ("meta", "cuda") else contextlib.nullcontext()
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
@@ -75,7 +87,7 @@ def build_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
     name = cfg.tokenizer or (cfg.sft_checkpoint if cfg.kind == "pretrained" and cfg.sft_checkpoint else None)
-    if cfg.kind == "tiny" and name is None:
+    if cfg.kind in ("tiny", "arch") and name is None:
         tok = GPT2TokenizerFast.from_pretrained(str(GPT2_TOKENIZER_DIR))
     else:
         name = name or cfg.policy
@@ -97,13 +109,27 @@ def tiny_gpt2_config(vocab_size: int, n_positions: int = 256):
     )
 
 
-def build_policy(cfg: ModelConfig, tokenizer, checkpoint: Optional[str] = None) -> nn.Module:
+def arch_gpt2_config():
+    """GPT-2 small (124M) from the packaged config, dropout off (the learner runs the policy in eval mode)."""
+    from transformers import GPT2Config
+
+    config = GPT2Config.from_json_file(str(GPT2_TOKENIZER_DIR / "config.json"))
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    return config
+
+
+def build_policy(cfg: ModelConfig, tokenizer, checkpoint: Optional[str] = None,
+                 device: torch.device | str = "cpu") -> nn.Module:
     """The GPT-2 policy: from `checkpoint` (an SFT or training checkpoint directory) when given,
-    else from cfg.sft_checkpoint / cfg.policy; tiny: seeded random weights."""
+    else from cfg.sft_checkpoint / cfg.policy; tiny and arch: seeded random weights (arch: unless
+    the checkpoint is a local directory, e.g. a training checkpoint of an arch run)."""
     from transformers import GPT2LMHeadModel
 
     source = checkpoint or cfg.sft_checkpoint
-    if source is None and cfg.kind == "tiny":
+    if cfg.kind == "arch" and not (source and Path(source).is_dir()):
+        with _seeded(cfg.seed), _building_on(device):
+            model = GPT2LMHeadModel(arch_gpt2_config())
+    elif source is None and cfg.kind == "tiny":
         with _seeded(cfg.seed):
             model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer)))
     else:
@@ -177,6 +203,21 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
             vae=vae, text_encoder=text_encoder, tokenizer=_clip_tokenizer_from_open_clip(), unet=unet,
             scheduler=_dpm_solver(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
+    elif cfg.kind == "arch":
+        # the published SD v1.4 configs, random weights: the same compute as the real pipeline
+        with _seeded(cfg.seed + 1), _building_on(device):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD14_CONFIG_DIR / "unet")))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD14_CONFIG_DIR / "vae")))
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD14_CONFIG_DIR / "text_encoder" / "config.json")))
+        from diffusers import DPMSolverMultistepScheduler
+
+        scheduler = _dpm_solver(DPMSolverMultistepScheduler.load_config(str(SD14_CONFIG_DIR / "scheduler")))
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=_clip_tokenizer_from_open_clip(), unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        if torch.device(device).type == "meta":
+            return pipe
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
@@ -250,6 +291,15 @@ def build_clip(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torc
             )
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CONTEXT)
         bundle = ClipBundle(model=model, tokenizer=tokenizer, image_size=size)
+    elif cfg.kind == "arch":
+        # open_clip's own ViT-L-14 config, random weights; QuickGELU like the `openai` weights the paper scores with
+        with _seeded(cfg.seed + 2):
+            model = open_clip.create_model(cfg.clip_arch, pretrained=None, force_quick_gelu=True, device=device)
+        size = model.visual.image_size
+        bundle = ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(cfg.clip_arch),
+                            image_size=int(size[0] if isinstance(size, (tuple, list)) else size))
+        if torch.device(device).type == "meta":
+            return bundle
     else:
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(cfg.clip_arch, pretrained=cfg.clip_pretrained)
