@@ -85,3 +85,18 @@ def apply_speed(pipe, reward_cfg) -> dict[str, Any]:
         "compile_vae": r.compile_vae, "compile_mode": (mode or "default") if (r.compile_unet or r.compile_vae) else None,
         "vae_dtype": str(pipe.vae.dtype).removeprefix("torch."), "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
     }
+
+
+def reset_speed(pipe, dtype: torch.dtype) -> None:
+    """Undo `apply_speed` (benchmarks switch variants on one pipeline): SDPA, contiguous NCHW, eager
+    forwards, the VAE in the pipeline's dtype."""
+    compiled = False
+    for module in (pipe.unet, pipe.vae.decoder):
+        compiled |= module.__dict__.pop("forward", None) is not None
+    pipe.vae.__dict__.pop("decode", None)
+    pipe.vae.to(dtype)
+    set_attention(pipe, "sdpa")
+    pipe.unet.to(memory_format=torch.contiguous_format)
+    pipe.vae.to(memory_format=torch.contiguous_format)
+    if compiled:
+        torch._dynamo.reset()
