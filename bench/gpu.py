@@ -42,7 +42,7 @@ import gpu_common as G  # noqa: E402
 
 PARTS = ("reward", "learner", "sampler", "broadcast", "e2e", "ipgo")
 #: share of the time budget each part may use (the reward part has the most to measure)
-SHARES = {"reward": 0.45, "learner": 0.1, "sampler": 0.07, "broadcast": 0.08, "e2e": 0.2, "ipgo": 0.1}
+SHARES = {"reward": 0.5, "learner": 0.1, "sampler": 0.07, "broadcast": 0.05, "e2e": 0.18, "ipgo": 0.1}
 
 
 def _runner(name: str) -> Callable[..., dict[str, Any]]:
