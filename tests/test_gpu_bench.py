@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_suite_quick_on_tiny(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--preset", "tiny", "--device", "cpu",
-                           "--quick", "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--quick", "--threads", "1", "--budget-s", "120", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     parts = result["parts"]
@@ -35,7 +36,9 @@ def test_gpu_suite_quick_on_tiny(tmp_path):
     assert reward["flops"]["per_image"] > 0 and reward["matmul_ceiling"]["tflops"] > 0
     assert 0 < reward["sweep"][0]["mfu"] < 1
     assert reward["worker"]["worker_over_bare"] > 0
-    for name in ("attention=classic", "channels_last"):
+    measured = [name for name, v in reward["switches"].items() if "max_abs_image_diff" in v]
+    assert measured and not [v for v in reward["switches"].values() if "error" in v], reward["switches"]
+    for name in measured:
         assert reward["switches"][name]["max_abs_image_diff"] < 1e-4, name
     assert reward["overlap_scoring"]["scores_equal"] is True
 
