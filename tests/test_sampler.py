@@ -82,3 +82,20 @@ def test_stop_flag_ends_the_loop(cfg, buffer):
     assert sampler.run(max_batches=5) == 0
     buffer.set_meta(stop="0")
     assert sampler.run(max_batches=1) == 6
+
+
+def test_packed_weights_leave_tied_tensors_out_and_restore_them(cfg):
+    """GPT-2 ties lm_head to wte: the broadcast ships that storage once, and a receiver's tie restores it."""
+    from safetensors.torch import load as st_load
+
+    from common.models import build_policy, build_tokenizer
+
+    tok = build_tokenizer(cfg.model)
+    sender, receiver = build_policy(cfg.model, tok), build_policy(cfg.model, tok)
+    with torch.no_grad():
+        sender.transformer.wte.weight.add_(1.0)
+    blob = pack_state_dict(sender.state_dict())
+    names = set(st_load(blob))
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+    receiver.load_state_dict(st_load(blob), strict=False)
+    assert torch.equal(receiver.lm_head.weight, sender.lm_head.weight), "the tie carries the new embedding"
