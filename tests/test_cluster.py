@@ -1,11 +1,23 @@
 """The driver on a Ray cluster (issue 14 items 1-3): job-aware runtime env, the runs dir under a
 job, the resource preflight, and reward.resources."""
 import json
+from pathlib import Path
 
 import pytest
 
 from common.config import ConfigError, load_config
 from learner.cluster import JOB_CONFIG_ENV, driver_env_vars, fit_problems, resolve_runs_dir, role_requests
+
+
+@pytest.fixture(autouse=True)
+def _fresh_root_logging():
+    """main() calls logging.basicConfig on the stderr of the moment (capsys's); undo it after each test."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before
 
 
 def _job_env(env_vars=None, **extra):
@@ -80,18 +92,21 @@ def test_fit_problems_custom_resource_and_per_node_packing():
 
 
 @pytest.mark.ray
-def test_train_without_the_gpus_it_requests_stops_with_a_clear_error(tmp_path, capsys, monkeypatch):
+def test_train_without_the_gpus_it_requests_stops_with_a_clear_error(tmp_path):
     """On a CPU-only Ray, a GPU request is an error naming what is missing, at once, not a wait forever."""
-    from common.cli import main
+    import os
+    import subprocess
+    import sys
+
     from common.errors import EXIT_CLUSTER
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    code = main(["train", "--run-name", "nogpu", "learner.num_gpus=1", "reward.num_workers=1"])
-    err = capsys.readouterr().err
-    assert code == EXIT_CLUSTER, err
-    line = [ln for ln in err.splitlines() if ln.startswith("pag train:")]
-    assert len(line) == 1 and "Traceback" not in err
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", JOB_CONFIG_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "train", "--run-name", "nogpu", "learner.num_gpus=1",
+                           "reward.num_workers=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == EXIT_CLUSTER, proc.stderr[-3000:]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("pag train:")]
+    assert len(line) == 1 and "Traceback" not in proc.stderr
     assert "a learner requests {CPU: 1, GPU: 1} but no node has GPU >= 1" in line[0]
     assert "--preset tiny" in line[0] and "learner.num_gpus=0" in line[0]
     assert not (tmp_path / "runs" / "nogpu").exists()

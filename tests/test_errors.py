@@ -9,6 +9,23 @@ from common.errors import (EXIT_CLUSTER, EXIT_REDIS, EXIT_USAGE, ClusterError, c
                            run_handled)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_root_logging():
+    """main() calls logging.basicConfig on the stderr of the moment (capsys's); undo it after each test."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before
+
+
+def _tracebacks(err: str) -> int:
+    """Tracebacks on stderr, not counting logging's own '--- Logging error ---' reports, which appear
+    when an earlier in-process test left a handler on its closed capsys stream."""
+    return err.count("Traceback (most recent call last)") - err.count("--- Logging error ---")
+
+
 def _bad_prompt_file(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a cat on a sofa"}\n{"prompt": 3}\n')
@@ -61,22 +78,22 @@ def test_pag_train_bad_prompt_line_is_one_line(tmp_path, capsys, monkeypatch):
     bad = _bad_prompt_file(tmp_path)
     assert main(["train", f"sampler.datasets=[{bad}]"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "Traceback" not in err
+    assert _tracebacks(err) == 0
     line = [ln for ln in err.splitlines() if ln.startswith("pag train:")]
     assert len(line) == 1 and f"{bad}:2" in line[0] and "'initial_prompt' or 'prompt'" in line[0]
     assert not (tmp_path / "runs").exists(), "a run that cannot start leaves no run directory"
     assert main(["train", f"sampler.datasets=[{bad}]", "-v"]) == EXIT_USAGE  # -v after the sub-command too
-    assert "Traceback" in capsys.readouterr().err
+    assert _tracebacks(capsys.readouterr().err) == 1
 
 
 def test_unreachable_redis_is_exit_3_naming_the_url(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["buffer", "stats", "--run", "r", "--redis-url", "redis://127.0.0.1:1/0"]) == EXIT_REDIS
     err = capsys.readouterr().err
-    assert err.startswith("pag buffer stats: cannot reach Redis at redis://127.0.0.1:1/0") and "Traceback" not in err
+    assert err.startswith("pag buffer stats: cannot reach Redis at redis://127.0.0.1:1/0") and _tracebacks(err) == 0
     assert main(["train", "--redis-url", "redis://127.0.0.1:1/0"]) == EXIT_REDIS
     err = capsys.readouterr().err
-    assert "pag train: cannot reach Redis at redis://127.0.0.1:1/0" in err and "Traceback" not in err
+    assert "pag train: cannot reach Redis at redis://127.0.0.1:1/0" in err and _tracebacks(err) == 0
 
 
 def test_command_path_follows_nested_subcommands():
