@@ -97,11 +97,8 @@ class PolicyMethod(Method):
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _beam(self, prompts: list[str], n: int) -> list[list[str]]:
-        try:
-            from common.decoding import diverse_beam_search
-        except ImportError as exc:
-            raise RuntimeError("eval.decode=beam needs common.decoding.diverse_beam_search, which this checkout "
-                               "does not have yet; use --decode sample") from exc
+        from common.beam_search import diverse_beam_search
+
         ids, mask = self._encode(prompts)
         ev = self.ev
         out_ids, out_mask, scores = diverse_beam_search(
