@@ -38,6 +38,7 @@ class ModelConfig(_Section):
     sentence_encoder: str = Field("sentence-transformers/paraphrase-MiniLM-L6-v2", description="sentence encoder for text diversity (hub id or dir)")
     image_size: int = Field(512, ge=32, description="SD render size in pixels")
     seed: int = Field(0, description="seed for tiny random weights")
+    input_format: Literal["pag", "promptist"] = Field("pag", description="policy input template (common/formats.py): pag '{x} Rephrase:\\n'; promptist '{x} Rephrase:' (no newline, as Promptist's checkpoint expects)")
 
 
 class SamplerConfig(_Section):
@@ -51,6 +52,7 @@ class SamplerConfig(_Section):
     temp_end: float = Field(0.5, gt=0, description="sampling temperature after annealing")
     temp_anneal_steps: int = Field(5000, ge=0, description="learner steps to anneal the sampling temperature over")
     max_pending: int = Field(512, ge=1, description="backpressure: wait while the pending stream is longer")
+    response: Literal["full", "suffix"] = Field("full", description="full: the policy writes the whole rewrite; suffix: it continues '{x},' and the rewrite is x + ', ' + continuation (log-probs over the continuation only; common/formats.py)")
     datasets: list[str] = Field(default_factory=lambda: ["diffusiondb_ipgo", "pickapic", "coco_all"], description="training prompt sets (names or files); their train split, minus the paper's four evaluation sets")
 
     @model_validator(mode="after")
@@ -124,6 +126,44 @@ class LearnerConfig(_Section):
     num_gpus: float = Field(1.0, ge=0, description="GPUs for the learner actor")
 
 
+class IpgoConfig(_Section):
+    """IPGO (arXiv 2503.21812): continuous tokens around the text encoder's states, optimised by the
+    gradient of an image reward through the last K sampler steps. Defaults are the reference notebook's."""
+
+    prefix_tokens: int = Field(10, ge=0, description="injected tokens before the encoder states")
+    suffix_tokens: int = Field(10, ge=0, description="injected tokens after the encoder states")
+    rank: int = Field(300, ge=1, description="columns of the orthonormal basis E (text dim × rank); coefficients z_i ∈ [−1, 1]^rank")
+    rotation_angles: int = Field(2, ge=0, description="learned Givens angles per token; angle k rotates every coordinate pair (2j+k+i, 2j+1+k+i) of token i")
+    bound: Literal["tanh", "clamp"] = Field("tanh", description="how z stays in [−1, 1]: tanh (gradient everywhere) or clamp (the notebook: zero gradient once a coefficient leaves the box)")
+    layout: Literal["pad77", "nopad"] = Field("pad77", description="pad77: prompt padded to 77 − tokens, conditioning 77 long (diffusers); nopad: prompt unpadded, L + tokens (the notebook)")
+    reward: list[str] = Field(default_factory=lambda: ["aesthetic"], description="differentiable scorers whose scores are summed into the training reward (aesthetic, clip, hps)")
+    conformity_weight: float = Field(0.001, ge=0, description="loss = −reward + weight · (1/d)‖mean(C) − mean(H)‖₁")
+    steps: int = Field(50, ge=1, description="LMS sampler steps")
+    grad_steps: int = Field(2, ge=1, description="K: the last K steps (and the VAE decode) are differentiated, the first steps − K run under no_grad")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    seed: int = Field(0, description="seed of the fixed initial noise (every iteration and prompt) and of the token initialisation")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr_step: int = Field(10, ge=1, description="StepLR step size (optimiser steps)")
+    lr_gamma: float = Field(0.9, gt=0, le=1, description="StepLR decay factor")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    iterations: int = Field(50, ge=1, description="prompt-wise: optimiser steps per prompt (the best iterate by training reward is kept)")
+    epochs: int = Field(20, ge=1, description="prompt-batch: passes over the training prompts")
+    grad_accum: int = Field(4, ge=1, description="prompt-batch: prompts per optimiser step")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="prompt-batch: fraction of the prompt set (by a hash of the text) held out to apply the learned tokens to")
+    fp16: bool = Field(True, description="fp16 weights, autocast and a GradScaler on GPU (ignored on CPU)")
+    checkpointing: bool = Field(False, description="gradient checkpointing of the K differentiated UNet calls and the VAE decode (less memory, one more forward)")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per prompt-wise Ray task and for the prompt-batch actor")
+
+    @model_validator(mode="after")
+    def _ipgo(self) -> "IpgoConfig":
+        if self.grad_steps > self.steps:
+            raise ValueError(f"grad_steps ({self.grad_steps}) must be at most steps ({self.steps})")
+        if self.prefix_tokens + self.suffix_tokens > 77 - 3:
+            raise ValueError(f"prefix_tokens + suffix_tokens ({self.prefix_tokens + self.suffix_tokens}) must leave at least "
+                             "3 of CLIP's 77 positions for the prompt (start, one token, end)")
+        return self
+
+
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; None: {preset}__{seed}__{time}")
     runs_dir: str = Field("runs", description="where run directories go")
@@ -134,6 +174,45 @@ class RunConfig(_Section):
     log_every: int = Field(10, ge=1, description="metrics every N learner steps")
 
 
+#: the rule-based baseline's fixed modifier suffix (documented in README "Evaluation"): common quality
+#: modifiers of engineered Lexica prompts, as the rule-based baselines of Promptist / PAG append
+RULE_SUFFIX = ", highly detailed, digital painting, artstation, concept art, sharp focus, illustration, 8k"
+
+
+class EvalConfig(_Section):
+    """`pag eval`: the paper's evaluation protocol (official PAG eval.py), every setting a key."""
+
+    datasets: list[str] = Field(default_factory=lambda: ["lexica", "diffusiondb", "coco", "chatgpt"], description="prompt sets to evaluate (packaged names or .jsonl/.txt files)")
+    limit: Optional[int] = Field(None, ge=1, description="first N prompts of each set (None: all)")
+    rewrites: int = Field(16, ge=1, description="rewrites per prompt (diverse beam search groups, or i.i.d. samples)")
+    decode: Literal["beam", "sample"] = Field("beam", description="beam: diverse beam search (deterministic); sample: i.i.d. samples at eval.temperature")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature for decode=sample")
+    beams_per_group: int = Field(1, ge=1, description="diverse beam search: beams per group (groups = eval.rewrites)")
+    diversity_penalty: float = Field(1.0, ge=0, description="diverse beam search: Hamming diversity penalty")
+    length_penalty: float = Field(-1.0, description="diverse beam search: length penalty (score / length**penalty)")
+    min_new_tokens: int = Field(15, ge=1, description="rewrites have at least this many tokens (EOS masked before)")
+    max_new_tokens: int = Field(75, ge=2, description="rewrites have at most this many tokens")
+    images_per_prompt: int = Field(3, ge=1, description="images rendered per text (image i from the noise of seed+i)")
+    steps: int = Field(20, ge=1, description="DPM-Solver++ steps")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    seed: int = Field(42, description="image i of every text starts from the noise randn(seed + i)")
+    scorers: list[str] = Field(default_factory=list, description="extra scorers from the registry (imagereward, hps), reported beside the reward")
+    score_against: Literal["plain", "rewrite"] = Field("plain", description="text the extra scorers judge a rewrite's images against (rewrite: the official variant)")
+    rule_suffix: str = Field(RULE_SUFFIX, description="the rule-based method's fixed modifier suffix")
+    promptist_input: str = Field("{prompt} Rephrase:", description="Promptist's input template (no newline, as its model card)")
+    workers: Optional[int] = Field(None, ge=1, description="render/score actors (one GPU each on GPU presets); None: the cluster's GPUs, else 1 in-process")
+    batch_size: int = Field(8, ge=1, description="texts per render/score call of a worker")
+    grid_prompts: int = Field(4, ge=1, description="prompts per set in the image grid (plain row + one row per method)")
+    thumb_size: int = Field(128, ge=16, description="pixel size of each grid tile")
+    cache: Optional[str] = Field(None, description="SQLite results cache; None: {run.runs_dir}/eval-cache.sqlite (shared by every eval there)")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "EvalConfig":
+        if self.min_new_tokens >= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be below max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
 class Config(_Section):
     preset: str = "sd14"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -141,7 +220,9 @@ class Config(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    ipgo: IpgoConfig = Field(default_factory=IpgoConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def derived(self) -> dict[str, Any]:
         """Values computed from the config, in one place."""
@@ -193,7 +274,10 @@ def _preset_tiny() -> dict[str, Any]:
             "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 40,
             "num_gpus": 0.0, "flow_hidden": 64,
         },
+        # the tiny text encoder is 32 wide, so E is 32 × 16; 6 LMS steps keep an iteration well under a second
+        "ipgo": {"rank": 16, "steps": 6, "iterations": 20, "epochs": 2, "num_gpus": 0.0, "fp16": False},
         "run": {"log_every": 5},
+        "eval": {"steps": 4, "min_new_tokens": 4, "max_new_tokens": 16},
     }
 
 
