@@ -13,12 +13,19 @@ on the CPU. Registered names (the `reward.scorers` config entries) and what they
 - `imagereward` → `imagereward` (pip package `image-reward`), `hps` → `hps` (pip package `hpsv2`)
 
 `aesthetic` and `clip` share one open_clip model and one image embedding per batch.
+
+`build_scorers(..., differentiable=True)` returns the same function with autograd on: the scores keep a
+graph back to `images` (IPGO ascends them through the sampler). `aesthetic`, `clip` and `hps` have that
+path — one code path: the factories are the same and only `torch.no_grad` is lifted, except that `hps`
+then loads HPS v2's ViT-H-14 weights into an open_clip model, since the `hpsv2` package scores PIL
+images. `imagereward` has no differentiable path. `pixels="signed"` takes images in [−1, 1] (a VAE
+decode) instead of [0, 1].
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
@@ -43,6 +50,7 @@ class ScorerContext:
     model: ModelConfig
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    differentiable: bool = False
     _clip: Optional[ClipBundle] = None
     _last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -54,7 +62,7 @@ class ScorerContext:
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(N,3,H,W) → (N,D) normalised; memoised on the last tensor so aesthetic and clip embed once."""
         if self._last is None or self._last[0] is not images:
-            self._last = (images, self.clip().encode_images(images))
+            self._last = (images, self.clip().embed_images(images))  # grad or not: build_scorers decides
         return self._last[1]
 
 
@@ -63,13 +71,19 @@ Factory = Callable[[ScorerContext], ScoreFn]
 #: name → factory, and name → the score names its function returns; `register_scorer` fills both
 SCORERS: dict[str, Factory] = {}
 SCORE_KEYS: dict[str, tuple[str, ...]] = {}
+#: the scorers whose function keeps autograd when built with differentiable=True
+DIFFERENTIABLE: set[str] = set()
 
 
-def register_scorer(name: str, keys: Sequence[str] | None = None) -> Callable[[Factory], Factory]:
-    """Decorator: `@register_scorer("pickscore")` for a factory whose fn returns {"pickscore": …}."""
+def register_scorer(name: str, keys: Sequence[str] | None = None,
+                    differentiable: bool = False) -> Callable[[Factory], Factory]:
+    """Decorator: `@register_scorer("pickscore")` for a factory whose fn returns {"pickscore": …};
+    `differentiable=True` when fn is built from torch ops on `images` (no PIL, no numpy)."""
     def decorate(factory: Factory) -> Factory:
         SCORERS[name] = factory
         SCORE_KEYS[name] = tuple(keys or (name,))
+        if differentiable:
+            DIFFERENTIABLE.add(name)
         return factory
     return decorate
 
@@ -117,30 +131,31 @@ def _per_prompt(images: torch.Tensor, prompts: Sequence[str], score: Callable[[s
     return out
 
 
-@register_scorer("aesthetic", keys=("aes",))
+@register_scorer("aesthetic", keys=("aes",), differentiable=True)
 def aesthetic_scorer(ctx: ScorerContext) -> ScoreFn:
     mlp = build_aesthetic(ctx.model, ctx.device)
 
-    @torch.no_grad()
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         return {"aes": mlp(ctx.image_embeddings(images).to(ctx.device)).float().cpu()}
 
     return fn
 
 
-@register_scorer("clip")
-def clip_scorer(ctx: ScorerContext) -> ScoreFn:
-    bundle = ctx.clip()
-
-    @torch.no_grad()
+def _cosine_fn(bundle: ClipBundle, embed: Callable[[torch.Tensor], torch.Tensor], key: str) -> ScoreFn:
+    """fn(images, prompts) → {key: cosine(image i, prompts[i])}; the text side is never differentiated."""
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         texts = list(dict.fromkeys(prompts))  # each distinct text encoded once
         text_emb = bundle.encode_text(texts)  # (P, D)
         rows = torch.tensor([texts.index(p) for p in prompts], device=text_emb.device)
-        image_emb = ctx.image_embeddings(images).to(text_emb.device)  # (N, D)
-        return {"clip": (image_emb * text_emb[rows]).sum(-1).float().cpu()}
+        image_emb = embed(images).to(text_emb.device)  # (N, D)
+        return {key: (image_emb * text_emb[rows]).sum(-1).float().cpu()}
 
     return fn
+
+
+@register_scorer("clip", differentiable=True)
+def clip_scorer(ctx: ScorerContext) -> ScoreFn:
+    return _cosine_fn(ctx.clip(), ctx.image_embeddings, "clip")
 
 
 @register_scorer("imagereward")
@@ -159,9 +174,34 @@ def imagereward_scorer(ctx: ScorerContext) -> ScoreFn:
     return fn
 
 
-@register_scorer("hps")
+#: HPS v2.1: open_clip ViT-H-14 fine-tuned on human preferences; the score is the image–text cosine
+HPS_CHECKPOINT = ("xswu/HPSv2", "HPS_v2.1_compressed.pt")
+
+
+def _hps_bundle(ctx: ScorerContext) -> ClipBundle:
+    """HPS v2.1 as an open_clip ViT-H-14 with the HPS weights (for the differentiable path)."""
+    import open_clip
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(*HPS_CHECKPOINT)
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        model = open_clip.create_model("ViT-H-14", pretrained=None)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load HPS v2.1 ({'/'.join(HPS_CHECKPOINT)}): {type(exc).__name__}: {exc}; "
+                             f"run `hf download {HPS_CHECKPOINT[0]} {HPS_CHECKPOINT[1]}` once with network") from exc
+    model.eval().requires_grad_(False).to(device=ctx.device, dtype=ctx.dtype)
+    return ClipBundle(model=model, tokenizer=open_clip.get_tokenizer("ViT-H-14"), image_size=224)
+
+
+@register_scorer("hps", differentiable=True)
 def hps_scorer(ctx: ScorerContext) -> ScoreFn:
     hpsv2 = _require("hpsv2", "hpsv2", "hps", "hps")
+    if ctx.differentiable:
+        bundle = _hps_bundle(ctx)
+        return _cosine_fn(bundle, bundle.embed_images, "hps")
 
     def score(text: str, pil: list) -> list[float]:
         try:
@@ -177,16 +217,29 @@ def hps_scorer(ctx: ScorerContext) -> ScoreFn:
 
 
 def build_scorers(names: Sequence[str], model: ModelConfig, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> ScoreFn:
+                  dtype: torch.dtype = torch.float32, differentiable: bool = False,
+                  pixels: Literal["unit", "signed"] = "unit") -> ScoreFn:
     """One function running every named scorer; raises UnknownScorerError / ScorerUnavailableError
-    at set-up, not at the first batch."""
+    at set-up, not at the first batch. `differentiable=True`: the scores carry autograd back to the
+    images (only scorers in DIFFERENTIABLE). `pixels`: "unit" images in [0, 1], "signed" in [−1, 1]."""
     _check_known(names)
-    ctx = ScorerContext(model=model, device=torch.device(device), dtype=dtype)
+    if pixels not in ("unit", "signed"):
+        raise ValueError(f"pixels must be 'unit' ([0, 1]) or 'signed' ([-1, 1]), not {pixels!r}")
+    if differentiable:
+        missing = [n for n in names if n not in DIFFERENTIABLE]
+        if missing:
+            raise UnknownScorerError(f"scorer {missing[0]!r} has no differentiable path; differentiable scorers: "
+                                     f"{', '.join(sorted(DIFFERENTIABLE))}")
+    ctx = ScorerContext(model=model, device=torch.device(device), dtype=dtype, differentiable=differentiable)
     fns = {name: SCORERS[name](ctx) for name in dict.fromkeys(names)}
 
     def score_all(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
             raise ValueError(f"images must be (N,3,H,W) with N = len(prompts) = {len(prompts)}, got {tuple(images.shape)}")
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            return _score(images if pixels == "unit" else (images / 2 + 0.5).clamp(0, 1), prompts)
+
+    def _score(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, fn in fns.items():
             for key, value in fn(images, prompts).items():

@@ -129,6 +129,44 @@ class LearnerConfig(_Section):
     num_gpus: float = Field(1.0, ge=0, description="GPUs for the learner actor")
 
 
+class IpgoConfig(_Section):
+    """IPGO (arXiv 2503.21812): continuous tokens around the text encoder's states, optimised by the
+    gradient of an image reward through the last K sampler steps. Defaults are the reference notebook's."""
+
+    prefix_tokens: int = Field(10, ge=0, description="injected tokens before the encoder states")
+    suffix_tokens: int = Field(10, ge=0, description="injected tokens after the encoder states")
+    rank: int = Field(300, ge=1, description="columns of the orthonormal basis E (text dim × rank); coefficients z_i ∈ [−1, 1]^rank")
+    rotation_angles: int = Field(2, ge=0, description="learned Givens angles per token; angle k rotates every coordinate pair (2j+k+i, 2j+1+k+i) of token i")
+    bound: Literal["tanh", "clamp"] = Field("tanh", description="how z stays in [−1, 1]: tanh (gradient everywhere) or clamp (the notebook: zero gradient once a coefficient leaves the box)")
+    layout: Literal["pad77", "nopad"] = Field("pad77", description="pad77: prompt padded to 77 − tokens, conditioning 77 long (diffusers); nopad: prompt unpadded, L + tokens (the notebook)")
+    reward: list[str] = Field(default_factory=lambda: ["aesthetic"], description="differentiable scorers whose scores are summed into the training reward (aesthetic, clip, hps)")
+    conformity_weight: float = Field(0.001, ge=0, description="loss = −reward + weight · (1/d)‖mean(C) − mean(H)‖₁")
+    steps: int = Field(50, ge=1, description="LMS sampler steps")
+    grad_steps: int = Field(2, ge=1, description="K: the last K steps (and the VAE decode) are differentiated, the first steps − K run under no_grad")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    seed: int = Field(0, description="seed of the fixed initial noise (every iteration and prompt) and of the token initialisation")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr_step: int = Field(10, ge=1, description="StepLR step size (optimiser steps)")
+    lr_gamma: float = Field(0.9, gt=0, le=1, description="StepLR decay factor")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    iterations: int = Field(50, ge=1, description="prompt-wise: optimiser steps per prompt (the best iterate by training reward is kept)")
+    epochs: int = Field(20, ge=1, description="prompt-batch: passes over the training prompts")
+    grad_accum: int = Field(4, ge=1, description="prompt-batch: prompts per optimiser step")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="prompt-batch: fraction of the prompt set (by a hash of the text) held out to apply the learned tokens to")
+    fp16: bool = Field(True, description="fp16 weights, autocast and a GradScaler on GPU (ignored on CPU)")
+    checkpointing: bool = Field(False, description="gradient checkpointing of the K differentiated UNet calls and the VAE decode (less memory, one more forward)")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per prompt-wise Ray task and for the prompt-batch actor")
+
+    @model_validator(mode="after")
+    def _ipgo(self) -> "IpgoConfig":
+        if self.grad_steps > self.steps:
+            raise ValueError(f"grad_steps ({self.grad_steps}) must be at most steps ({self.steps})")
+        if self.prefix_tokens + self.suffix_tokens > 77 - 3:
+            raise ValueError(f"prefix_tokens + suffix_tokens ({self.prefix_tokens + self.suffix_tokens}) must leave at least "
+                             "3 of CLIP's 77 positions for the prompt (start, one token, end)")
+        return self
+
+
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; None: {preset}__{seed}__{time}")
     runs_dir: str = Field("runs", description="where run directories go")
@@ -146,6 +184,7 @@ class Config(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    ipgo: IpgoConfig = Field(default_factory=IpgoConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     def derived(self) -> dict[str, Any]:
@@ -198,6 +237,8 @@ def _preset_tiny() -> dict[str, Any]:
             "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 40,
             "num_gpus": 0.0, "flow_hidden": 64,
         },
+        # the tiny text encoder is 32 wide, so E is 32 × 16; 6 LMS steps keep an iteration well under a second
+        "ipgo": {"rank": 16, "steps": 6, "iterations": 20, "epochs": 2, "num_gpus": 0.0, "fp16": False},
         "run": {"log_every": 5},
     }
 

@@ -230,3 +230,11 @@ def to_trajectories(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, pro
             run=run,
         ))
     return trajs
+
+
+def __getattr__(name: str):
+    """`common.decoding.diverse_beam_search` lives in common/beam_search.py (which imports this module)."""
+    if name == "diverse_beam_search":
+        from common.beam_search import diverse_beam_search
+        return diverse_beam_search
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -264,12 +264,17 @@ class ClipBundle:
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         return (images - mean) / std
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N,3,H,W) in [0,1] → (N,D) L2-normalised embeddings, float32."""
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) in [0,1] → (N,D) L2-normalised embeddings, float32, differentiable in `images`
+        (IPGO ascends scores through it); `encode_images` is the same under no_grad."""
         pixels = self.preprocess(images.to(self.device))
         dtype = next(self.model.parameters()).dtype
         return F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) in [0,1] → (N,D) L2-normalised embeddings, float32."""
+        return self.embed_images(images)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
