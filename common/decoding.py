@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from common.constants import REPHRASE_TEMPLATE
@@ -57,8 +58,8 @@ def eos_forbidden_steps(forbid_eos_first: bool = True, min_len: int = 0) -> int:
 
 
 def _forward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
-             response_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One pass over [x; y] → (state hidden (B, T, H), logits at those states (B, T, V), all hidden (B, P+T, H))."""
+             response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """One pass of the trunk over [x; y] → (state hidden (B, T, H), all hidden (B, P+T, H)); no logits yet."""
     _check_layout(prompt_ids, prompt_mask, response_ids, response_mask)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+T)
@@ -68,26 +69,61 @@ def _forward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response
         position_ids=position_ids_from_mask(attention_mask), use_cache=False,
     ).last_hidden_state  # (B, P+T, H)
     states = hidden[:, P - 1 : P - 1 + T]  # (B, T, H): s_t ends at column P-1+t
-    logits = model.get_output_embeddings()(states)  # (B, T, V), only where log P_F is needed
-    return states, logits, hidden
+    return states, hidden
 
 
-def _token_logprobs(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """log softmax(logits)[ids] (B, T), 0 at padding, as logit − logsumexp.
+def _head_chunk(head: nn.Module, states: Tensor, ids: Tensor, forbid_eos: Tensor, eos_id: int,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
+    """log softmax(head(states))[ids] and the entropy for N flattened states (N, H) → (N,), (N,).
 
-    Same value as gathering from a full log-softmax, but autograd keeps no extra (B, T, V)
-    tensor (log_softmax would save its output); at B·T·V = 64·75·50257 that is about 1 GB.
+    `forbid_eos` (N,) marks the states where EOS is not allowed (its logit becomes −inf). Written as
+    logit − logsumexp, so autograd keeps no (N, V) log-softmax; the entropy is a detached metric.
     """
-    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T)
-    return torch.where(mask.bool(), picked, torch.zeros_like(picked))
+    logits = head(states).float()  # (N, V)
+    if bool(forbid_eos.any()):
+        logits[:, eos_id] = logits[:, eos_id].masked_fill(forbid_eos, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # (N,)
+    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return picked, torch.zeros_like(lse).detach()
+    with torch.no_grad():
+        p = torch.exp(logits - lse.unsqueeze(-1))
+        entropy = lse - torch.where(p > 0, p * logits, torch.zeros_like(p)).sum(-1)  # H = lse − E_p[logit]
+    return picked, entropy
 
 
-@torch.no_grad()
-def _entropy(logits: Tensor, mask: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per step (B, T), 0 at padding; a metric, so no graph is kept."""
-    log_probs = torch.log_softmax(logits, dim=-1)
-    plogp = torch.where(torch.isfinite(log_probs), log_probs.exp() * log_probs, torch.zeros_like(log_probs))
-    return torch.where(mask.bool(), -plogp.sum(-1), torch.zeros_like(plogp[..., 0]))
+def _chunked_head(head: nn.Module, states: Tensor, ids: Tensor, mask: Tensor, n_forbid: int, eos_id: int,
+                  chunk_tokens: int, with_entropy: bool, recompute: bool = False) -> tuple[Tensor, Tensor]:
+    """(log P_F (B, T), entropy (B, T)), both 0 at padding, `chunk_tokens` real tokens at a time.
+
+    Only real (unpadded) steps reach the vocabulary head, and never as one (B, T, V) tensor: at
+    64 × 75 × 50,257 float32 one copy is 0.97 GB and the one-shot version made several per step; small
+    chunks stay below the allocator's mmap threshold, so their memory is reused instead of being
+    page-faulted in afresh (2.4× faster on CPU, bench/gpu.py part `learner`). With `recompute`, each
+    chunk's logits are recomputed in the backward pass (activation checkpointing) instead of kept:
+    one extra head matmul for ~1 GB less at that size.
+    """
+    B, T = ids.shape
+    keep = mask.bool()
+    forbid = (torch.arange(T, device=states.device) < n_forbid).expand(B, T)[keep]  # (N,)
+    flat_states, flat_ids = states[keep], ids[keep]  # (N, H), (N,)
+    need_grad = recompute and torch.is_grad_enabled() and states.requires_grad
+    step = max(1, chunk_tokens)
+    pieces, ents = [], []
+    for n0 in range(0, flat_ids.shape[0], step):
+        args = (head, flat_states[n0:n0 + step], flat_ids[n0:n0 + step], forbid[n0:n0 + step], eos_id, with_entropy)
+        if need_grad:
+            picked, ent = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False)
+        else:
+            picked, ent = _head_chunk(*args)
+        pieces.append(picked)
+        ents.append(ent)
+    log_pf = states.new_zeros(B, T, dtype=torch.float32)
+    entropy = torch.zeros(B, T, dtype=torch.float32, device=states.device)
+    if pieces:
+        log_pf = log_pf.masked_scatter(keep, torch.cat(pieces))
+        entropy = entropy.masked_scatter(keep, torch.cat(ents).detach())
+    return log_pf, entropy
 
 
 def teacher_forced(
@@ -100,8 +136,15 @@ def teacher_forced(
     forbid_eos_first: bool = True,
     *,
     min_len: int = 0,
+    with_entropy: bool = True,
+    chunk_tokens: int = 64,
+    recompute: bool = False,
 ) -> dict[str, Tensor]:
     """Everything the objectives need from the policy, from ONE forward pass over [x; y].
+
+    The vocabulary head runs over `chunk_tokens` real tokens at a time (see `_chunked_head`); `with_entropy=False`
+    skips the entropy metric (zeros), which costs a full softmax;
+    `recompute=True` trades one extra head matmul for not keeping the logits for backward.
 
     Returns
       log_pf         (B, T)    log P_F(y_{t+1} | s_t), normalised over the whole vocabulary (float32,
@@ -111,24 +154,16 @@ def teacher_forced(
       entropy        (B, T)    entropy of P_F(· | s_t), 0 at padding, detached (a collapse metric)
     Hidden states keep their graph; `FlowHead` detaches them itself.
     """
-    states, logits, hidden = _forward(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = logits.float()
-    T, V = logits.shape[1:]
+    states, hidden = _forward(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    T = states.shape[1]
     n_forbid = min(eos_forbidden_steps(forbid_eos_first, min_len), T)
-    if n_forbid:
-        forbid = torch.zeros(T, V, dtype=torch.bool, device=logits.device)  # (T, V), broadcast over B
-        forbid[:n_forbid, eos_id] = True
-        logits = logits.masked_fill(forbid, float("-inf"))
+    log_pf, entropy = _chunked_head(model.get_output_embeddings(), states, response_ids, response_mask, n_forbid,
+                                    eos_id, chunk_tokens, with_entropy, recompute)
 
     P = prompt_ids.shape[1]
     pm = prompt_mask.to(hidden.dtype).unsqueeze(-1)  # (B, P, 1)
     prompt_hidden = (hidden[:, :P] * pm).sum(1) / pm.sum(1)  # (B, H)
-    return {
-        "log_pf": _token_logprobs(logits, response_ids, response_mask),
-        "state_hidden": states,
-        "prompt_hidden": prompt_hidden,
-        "entropy": _entropy(logits, response_mask),
-    }
+    return {"log_pf": log_pf, "state_hidden": states, "prompt_hidden": prompt_hidden, "entropy": entropy}
 
 
 @torch.no_grad()
@@ -140,8 +175,10 @@ def ref_logprobs(
     The reference is the plain frozen model (no EOS rule): p_ref(y | x) is its own probability of y.
     Divide by γ (and τ) with `learner.losses.temper`, not here — trajectories store the raw values.
     """
-    _, logits, _ = _forward(ref_model, prompt_ids, prompt_mask, response_ids, response_mask)
-    return _token_logprobs(logits.float(), response_ids, response_mask)
+    states, _ = _forward(ref_model, prompt_ids, prompt_mask, response_ids, response_mask)
+    log_p, _ = _chunked_head(ref_model.get_output_embeddings(), states, response_ids, response_mask, 0, 0,
+                             chunk_tokens=64, with_entropy=False)
+    return log_p
 
 
 def _next_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,

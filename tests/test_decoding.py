@@ -79,6 +79,44 @@ def test_teacher_forcing_equals_kv_cache_token_by_token(model, batch, forbid_eos
         assert (out["log_pf"][b, n:] == 0).all() and (out["entropy"][b, n:] == 0).all()
 
 
+def test_chunked_head_equals_one_pass_in_values_entropy_and_gradients(model, batch):
+    """The vocabulary head runs over chunks of steps with recomputation; nothing may change but memory."""
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    response_ids = response_ids.clone()
+    response_ids[2, 0] = 5  # finite everywhere, so gradients are comparable
+    results = []
+    for chunk, recompute in ((1, True), (4, False), (1000, False)):  # real tokens per head call
+        model.zero_grad()
+        out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS, chunk_tokens=chunk,
+                             recompute=recompute)
+        (out["log_pf"].sum() + out["state_hidden"].sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out["log_pf"].detach(), out["entropy"], grads))
+    for log_pf, entropy, grads in results[:2]:
+        torch.testing.assert_close(log_pf, results[-1][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(entropy, results[-1][1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grads, results[-1][2], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # entropy against an explicit softmax, EOS forbidden at step 0
+        states = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)["state_hidden"]
+        logits = model.lm_head(states).float()
+        logits[:, 0, EOS] = float("-inf")
+        p = torch.softmax(logits, -1)
+        explicit = -(p * torch.log_softmax(logits, -1)).nan_to_num().sum(-1) * response_mask
+    torch.testing.assert_close(results[-1][1], explicit, atol=1e-5, rtol=0)
+    model.zero_grad()  # gradients against an explicit full log-softmax over the same states
+    states = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)["state_hidden"]
+    logits = model.lm_head(states).float()
+    logits = logits.masked_fill((torch.arange(V) == EOS) & (torch.arange(logits.shape[1]) == 0)[:, None], float("-inf"))
+    explicit_pf = torch.log_softmax(logits, -1).gather(-1, response_ids[..., None]).squeeze(-1) * response_mask
+    torch.testing.assert_close(explicit_pf.detach(), results[-1][0], atol=1e-5, rtol=0)
+    (explicit_pf.sum() + states.sum()).backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads, results[0][2], atol=1e-4, rtol=1e-4)
+    off = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS, with_entropy=False)
+    assert (off["entropy"] == 0).all()
+    model.zero_grad()
+
+
 def test_eos_rule_in_teacher_forcing(model, batch):
     prompt_ids, prompt_mask, response_ids, response_mask = batch
     with torch.no_grad():
