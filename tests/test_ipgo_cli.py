@@ -1,0 +1,67 @@
+"""`pag ipgo` end to end on tiny (in-process, no Ray): outputs, results.jsonl, resume, prompt-batch."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.cli import main
+from common.config import ConfigError
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_prompt_wise_outputs_and_resume(tmp_path, capsys):
+    argv = ["ipgo", "a red car", "a cat on a sofa", "--no-ray", "--iterations", "3", "--runs-dir", str(tmp_path),
+            "--run-name", "pw"]
+    assert main(argv) == 0
+    run = tmp_path / "pw"
+    lines = _lines(run / "results.jsonl")
+    assert [line["prompt"] for line in lines] == ["a red car", "a cat on a sofa"]
+    for line in lines:
+        assert line["iterations"] == 3 and line["best_reward"] >= line["initial_reward"] - 10
+        out = run / "prompts" / line["dir"]
+        for name in ("tokens.safetensors", "best.png", "initial.png", "curve.json", "result.json"):
+            assert (out / name).is_file(), name
+        assert len(json.loads((out / "curve.json").read_text())["reward"]) == 3
+    from ipgo.jobs import load_tokens
+
+    tokens = load_tokens(run / "prompts" / lines[0]["dir"] / "tokens.safetensors")
+    assert tokens["prefix"].shape == (10, 32)
+    # an interrupted run: one prompt's result is gone; the rerun does only that one
+    (run / "prompts" / lines[1]["dir"] / "result.json").unlink()
+    (run / "results.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    mtime = (run / "prompts" / lines[0]["dir"] / "result.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (run / "prompts" / lines[0]["dir"] / "result.json").stat().st_mtime_ns == mtime
+    assert [line["prompt"] for line in _lines(run / "results.jsonl")] == ["a red car", "a cat on a sofa"]
+    assert "mean reward gain" in capsys.readouterr().out
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    argv = ["ipgo", "a red car", "--no-ray", "--iterations", "1", "--runs-dir", str(tmp_path), "--run-name", "x"]
+    assert main(argv) == 0
+    assert main([argv[0], argv[1], "ipgo.lr=0.5", *argv[2:]]) == 2  # ConfigError → exit 2, nothing overwritten
+
+
+def test_prompts_or_dataset_not_both(tmp_path):
+    assert main(["ipgo", "--no-ray", "--runs-dir", str(tmp_path)]) == 2
+
+
+def test_prompt_batch_trains_once_and_applies_to_held_out(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a photo of object number {i}" for i in range(8)))
+    argv = ["ipgo", "ipgo.heldout_fraction=0.4", "--dataset", str(prompts), "--mode", "prompt-batch", "--epochs", "1",
+            "--no-ray", "--runs-dir", str(tmp_path), "--run-name", "pb"]
+    assert main(argv) == 0
+    run = tmp_path / "pb"
+    summary = json.loads((run / "batch" / "result.json").read_text())
+    from ipgo.batch_run import split
+
+    train, held = split(prompts.read_text().splitlines(), 0.4)
+    assert summary["train_prompts"] == len(train) and train and held
+    lines = _lines(run / "results.jsonl")
+    assert sorted(line["prompt"] for line in lines) == sorted(held) and all(line["heldout"] for line in lines)
+    assert (run / "batch" / "tokens.safetensors").is_file()
