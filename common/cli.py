@@ -16,6 +16,7 @@ _REGISTRARS = [
     ("learner.sft", "register"),       # pag sft
     ("buffer.cli", "register"),        # pag buffer …
     ("actors.scaling", "register"),    # pag workers …
+    ("eval.cli", "register"),          # pag eval
     ("ipgo.cli", "register"),          # pag ipgo
 ]
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] in {"learner", "buffer", "actors", "ipgo"}:
+            if exc.name and exc.name.split(".")[0] in {"learner", "buffer", "actors", "eval", "ipgo"}:
                 continue  # a role not present in this checkout
             raise
         register: Callable = getattr(module, func_name)

@@ -177,6 +177,45 @@ class RunConfig(_Section):
     log_every: int = Field(10, ge=1, description="metrics every N learner steps")
 
 
+#: the rule-based baseline's fixed modifier suffix (documented in README "Evaluation"): common quality
+#: modifiers of engineered Lexica prompts, as the rule-based baselines of Promptist / PAG append
+RULE_SUFFIX = ", highly detailed, digital painting, artstation, concept art, sharp focus, illustration, 8k"
+
+
+class EvalConfig(_Section):
+    """`pag eval`: the paper's evaluation protocol (official PAG eval.py), every setting a key."""
+
+    datasets: list[str] = Field(default_factory=lambda: ["lexica", "diffusiondb", "coco", "chatgpt"], description="prompt sets to evaluate (packaged names or .jsonl/.txt files)")
+    limit: Optional[int] = Field(None, ge=1, description="first N prompts of each set (None: all)")
+    rewrites: int = Field(16, ge=1, description="rewrites per prompt (diverse beam search groups, or i.i.d. samples)")
+    decode: Literal["beam", "sample"] = Field("beam", description="beam: diverse beam search (deterministic); sample: i.i.d. samples at eval.temperature")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature for decode=sample")
+    beams_per_group: int = Field(1, ge=1, description="diverse beam search: beams per group (groups = eval.rewrites)")
+    diversity_penalty: float = Field(1.0, ge=0, description="diverse beam search: Hamming diversity penalty")
+    length_penalty: float = Field(-1.0, description="diverse beam search: length penalty (score / length**penalty)")
+    min_new_tokens: int = Field(15, ge=1, description="rewrites have at least this many tokens (EOS masked before)")
+    max_new_tokens: int = Field(75, ge=2, description="rewrites have at most this many tokens")
+    images_per_prompt: int = Field(3, ge=1, description="images rendered per text (image i from the noise of seed+i)")
+    steps: int = Field(20, ge=1, description="DPM-Solver++ steps")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    seed: int = Field(42, description="image i of every text starts from the noise randn(seed + i)")
+    scorers: list[str] = Field(default_factory=list, description="extra scorers from the registry (imagereward, hps), reported beside the reward")
+    score_against: Literal["plain", "rewrite"] = Field("plain", description="text the extra scorers judge a rewrite's images against (rewrite: the official variant)")
+    rule_suffix: str = Field(RULE_SUFFIX, description="the rule-based method's fixed modifier suffix")
+    promptist_input: str = Field("{prompt} Rephrase:", description="Promptist's input template (no newline, as its model card)")
+    workers: Optional[int] = Field(None, ge=1, description="render/score actors (one GPU each on GPU presets); None: the cluster's GPUs, else 1 in-process")
+    batch_size: int = Field(8, ge=1, description="texts per render/score call of a worker")
+    grid_prompts: int = Field(4, ge=1, description="prompts per set in the image grid (plain row + one row per method)")
+    thumb_size: int = Field(128, ge=16, description="pixel size of each grid tile")
+    cache: Optional[str] = Field(None, description="SQLite results cache; None: {run.runs_dir}/eval-cache.sqlite (shared by every eval there)")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "EvalConfig":
+        if self.min_new_tokens >= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be below max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
 class Config(_Section):
     preset: str = "sd14"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -186,6 +225,7 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     ipgo: IpgoConfig = Field(default_factory=IpgoConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def derived(self) -> dict[str, Any]:
         """Values computed from the config, in one place."""
@@ -240,6 +280,7 @@ def _preset_tiny() -> dict[str, Any]:
         # the tiny text encoder is 32 wide, so E is 32 × 16; 6 LMS steps keep an iteration well under a second
         "ipgo": {"rank": 16, "steps": 6, "iterations": 20, "epochs": 2, "num_gpus": 0.0, "fp16": False},
         "run": {"log_every": 5},
+        "eval": {"steps": 4, "min_new_tokens": 4, "max_new_tokens": 16},
     }
 
 

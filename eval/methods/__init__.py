@@ -1,0 +1,61 @@
+"""Method registry: a MethodSpec (eval/spec.py) → a Method (eval/methods/base.py).
+
+Kinds: plain, rule, sft (the reference policy), policy (any run or checkpoint), promptist, and ipgo
+(eval/methods/ipgo.py, when that module is present: it yields conditioning, not text).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+from common.config import Config, ModelConfig
+from eval.methods.base import Conditioning, Method, MethodOutput, Rewrite
+from eval.spec import MethodSpec, MethodSpecError
+
+__all__ = ["Conditioning", "Method", "MethodOutput", "Rewrite", "build_method"]
+
+
+def _run_model_config(run_dir: str | None, default: ModelConfig) -> ModelConfig:
+    """The model section of the run's own config.yaml (its tokenizer, its kind); the eval's otherwise."""
+    if not run_dir:
+        return default
+    raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    return ModelConfig.model_validate(raw.get("model") or {}) if raw.get("model") else default
+
+
+def build_method(spec: MethodSpec, cfg: Config, device: str = "cpu") -> Method:
+    """Load what the method needs (policy weights, …) once."""
+    if spec.kind == "plain":
+        from eval.methods.plain import PlainMethod
+
+        return PlainMethod()
+    if spec.kind == "rule":
+        from eval.methods.rule import RuleMethod
+
+        return RuleMethod(cfg.eval.rule_suffix)
+    if spec.kind == "sft":
+        from eval.methods.policy import PolicyMethod
+
+        path = spec.path
+        if path is None:
+            from learner.sft import ensure_sft
+
+            path = ensure_sft(cfg)
+        return PolicyMethod("sft", path, cfg.model, cfg.eval, device=device)
+    if spec.kind == "policy":
+        from eval.methods.policy import PolicyMethod
+
+        return PolicyMethod(spec.label, spec.path, _run_model_config(spec.run_dir, cfg.model), cfg.eval,
+                            device=device, source=spec.raw)
+    if spec.kind in ("promptist", "ipgo"):
+        try:
+            module = importlib.import_module(f"eval.methods.{spec.kind}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"eval.methods.{spec.kind}":
+                raise MethodSpecError(f"--methods entry {spec.raw!r}: the {spec.kind} method is not in this "
+                                      "checkout") from exc
+            raise
+        return module.build(spec, cfg, device)
+    raise MethodSpecError(f"--methods entry {spec.raw!r}: no method of kind {spec.kind!r}")

@@ -1,0 +1,117 @@
+"""A GPT-2 rewriting policy as an eval method: the SFT reference (`sft`), any training run or checkpoint
+(`pag:runs/a`, `tb:runs/b`, `ppo:runs/c`), and Promptist (eval/methods/promptist.py).
+
+Decoding is the paper's protocol (`eval.decode`): `beam` — diverse beam search, `eval.rewrites` groups
+× `eval.beams_per_group` beams, Hamming penalty, length penalty, `min_new_tokens`..`max_new_tokens`,
+deterministic, best first; `sample` — `eval.rewrites` i.i.d. samples at `eval.temperature` from a
+seeded generator (reproducible). Both forbid EOS before `min_new_tokens`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from common.config import EvalConfig, ModelConfig
+from eval.methods.base import Method, MethodOutput, Rewrite
+
+log = logging.getLogger(__name__)
+
+#: prompts decoded together (× rewrites rows each)
+PROMPTS_PER_BATCH = 8
+
+
+def load_tokenizer(policy_dir: Optional[str], model_cfg: ModelConfig):
+    """The tokenizer saved beside the weights (checkpoints and SFT dirs save one), else the config's."""
+    from common.models import build_tokenizer
+
+    if policy_dir and any((Path(policy_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(policy_dir)
+        tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        return tok
+    return build_tokenizer(model_cfg)
+
+
+class PolicyMethod(Method):
+    """Rewrites from a causal LM at `policy_dir` (a Hugging Face directory), prompted with `template`."""
+
+    def __init__(self, name: str, policy_dir: str, model_cfg: ModelConfig, ev: EvalConfig, *,
+                 template: str = "{prompt} Rephrase:\n", device: str = "cpu", source: str = "") -> None:
+        from common.models import build_policy
+
+        self.name, self.policy_dir, self.ev, self.template = name, str(policy_dir), ev, template
+        self.source = source or str(policy_dir)
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(self.policy_dir, model_cfg)
+        base = model_cfg.model_copy(update={"sft_checkpoint": None})
+        self.model = build_policy(base, self.tokenizer, checkpoint=self.policy_dir).to(self.device).eval()
+
+    def identity(self) -> dict:
+        """What the rewrites depend on: the weights (path and file times) and the decoding settings."""
+        files = sorted(Path(self.policy_dir).glob("*.safetensors")) + sorted(Path(self.policy_dir).glob("*.bin"))
+        ev = self.ev
+        decoding = {"decode": ev.decode, "min": ev.min_new_tokens, "max": ev.max_new_tokens}
+        if ev.decode == "beam":
+            decoding.update(beams=ev.beams_per_group, diversity=ev.diversity_penalty, length=ev.length_penalty)
+        else:
+            decoding.update(temperature=ev.temperature, seed=ev.seed)
+        return {"name": self.name, "policy": str(Path(self.policy_dir).resolve()), "template": self.template,
+                "weights": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files], **decoding}
+
+    def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [self.template.format(prompt=p) for p in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for row, m in zip(ids, mask):
+            tokens = [t for t in row[m.bool()].tolist() if t != eos]
+            out.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        return out
+
+    @torch.no_grad()
+    def rewrite(self, prompts: Sequence[str], n: int) -> list[MethodOutput]:
+        outputs = []
+        for start in range(0, len(prompts), PROMPTS_PER_BATCH):
+            part = list(prompts[start:start + PROMPTS_PER_BATCH])
+            texts = self._beam(part, n) if self.ev.decode == "beam" else self._sample(part, n, start)
+            outputs += [MethodOutput(p, [Rewrite(t) for t in ts]) for p, ts in zip(part, texts)]
+        return outputs
+
+    def _sample(self, prompts: list[str], n: int, offset: int) -> list[list[str]]:
+        from common.decoding import sample
+
+        ids, mask = self._encode([p for p in prompts for _ in range(n)])
+        # one generator per batch, seeded by the batch's position: the same prompts give the same rewrites
+        gen = torch.Generator(self.device).manual_seed(self.ev.seed + offset)
+        resp, rmask = sample(self.model, ids, mask, self.ev.max_new_tokens, self.ev.min_new_tokens,
+                             self.ev.temperature, self.tokenizer.eos_token_id, generator=gen)
+        texts = self._texts(resp, rmask)
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _beam(self, prompts: list[str], n: int) -> list[list[str]]:
+        from common.beam_search import diverse_beam_search
+
+        ids, mask = self._encode(prompts)
+        ev = self.ev
+        out_ids, out_mask, scores = diverse_beam_search(
+            self.model, ids, mask, num_groups=n, beams_per_group=ev.beams_per_group,
+            diversity_penalty=ev.diversity_penalty, length_penalty=ev.length_penalty,
+            min_new_tokens=ev.min_new_tokens, max_new_tokens=ev.max_new_tokens, eos_id=self.tokenizer.eos_token_id)
+        B, R = out_ids.shape[:2]
+        order = scores.argsort(dim=1, descending=True)  # (B, R): best first, whatever order it returned
+        texts = []
+        for b in range(B):
+            rows = order[b, :n]
+            texts.append(self._texts(out_ids[b, rows], out_mask[b, rows]))
+        return texts
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,216 @@
+"""Turn gathered records into the paper's table: `tabulate` (metrics per prompt, then mean ± 95 % CI)
+and `write_report` → report.md, results.json, rewrites.jsonl, scatter.png, grid_<set>.png."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from eval.metrics import prompt_metrics, rewrite_scores, summarize
+from eval.runner import EvalData
+
+log = logging.getLogger(__name__)
+
+#: schema of results.json; bump when its layout changes
+RESULTS_SCHEMA = 1
+#: the table's columns: (metric key, header)
+COLUMNS = [("reward", "reward"), ("aes_gain", "aesthetic gain"), ("rel", "relevance"),
+           ("text_diversity", "text diversity"), ("image_diversity", "image diversity")]
+
+
+def tabulate(data: EvalData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(results dict for results.json, one row per rewrite for rewrites.jsonl)."""
+    cfg = data.cfg
+    thr, weight = cfg.reward.clip_threshold, cfg.reward.clip_weight
+    encoder = data.stats["text_encoder_obj"]
+    all_texts = sorted({r.text for per_set in data.outputs.values() for outs in per_set.values()
+                        for o in outs for r in o.rewrites})
+    text_emb = dict(zip(all_texts, encoder.encode(all_texts))) if all_texts else {}
+
+    table: dict[str, dict[str, Any]] = {}
+    per_prompt: dict[str, dict[str, list]] = {}
+    rows_out: list[dict[str, Any]] = []
+    failures: dict[str, int] = {}
+    for label, per_set in data.outputs.items():
+        table[label], per_prompt[label] = {}, {}
+        for set_name, outs in per_set.items():
+            rows = []
+            for out in outs:
+                plain = data.records.get((out.prompt, out.prompt))
+                scored, texts, images = [], [], []
+                for rank, rw in enumerate(out.rewrites):
+                    key = (out.prompt, rw.render_key())
+                    rec = data.records.get(key)
+                    line: dict[str, Any] = {"set": set_name, "method": label, "prompt": out.prompt, "rank": rank,
+                                            "text": rw.text}
+                    if rec is None or plain is None:
+                        line["error"] = data.errors.get(key) or data.errors.get((out.prompt, out.prompt)) or "not scored"
+                        failures[label] = failures.get(label, 0) + 1
+                    else:
+                        s = rewrite_scores(plain, rec, thr, weight)
+                        line.update(s)
+                        scored.append(s)
+                        texts.append(rw.text)
+                        images.append(rec["emb"])
+                    rows_out.append(line)
+                if not scored:
+                    continue
+                m = prompt_metrics(scored, np.stack([text_emb[t] for t in texts]), np.concatenate(images))
+                rows.append({"prompt": out.prompt, "rewrites": len(scored), **m})
+            per_prompt[label][set_name] = rows
+            table[label][set_name] = summarize([{k: v for k, v in r.items() if isinstance(v, float)} for r in rows])
+    ev = cfg.eval
+    results = {
+        "schema": RESULTS_SCHEMA, "name": cfg.run.name, "preset": cfg.preset,
+        "methods": [{"label": s.label, "kind": s.kind, "source": s.raw, "weights": s.path} for s in data.specs],
+        "sets": {name: len(p) for name, p in data.sets.items()},
+        "text_encoder": data.text_encoder, "image_encoder": f"open_clip {cfg.model.clip_arch}/{cfg.model.clip_pretrained}",
+        "render_id": data.render_id, "eval": ev.model_dump(mode="json"),
+        "reward": {"clip_threshold": thr, "clip_weight": weight},
+        "stats": {k: v for k, v in data.stats.items() if k != "text_encoder_obj"},
+        "failures": failures, "table": table, "per_prompt": per_prompt,
+    }
+    from eval.paper import published
+
+    ref = published(cfg)
+    if ref:
+        results["paper"] = ref
+    return results, rows_out
+
+
+def _fmt(cell: Optional[dict[str, float]]) -> str:
+    if not cell or not math.isfinite(cell.get("mean", float("nan"))):
+        return "—"
+    return f"{cell['mean']:.3f} ± {cell['ci95']:.3f}"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _decode_png(blob: Optional[bytes], size: int) -> np.ndarray:
+    if not blob:
+        return np.full((size, size, 3), 200, dtype=np.uint8)  # a grey tile: not rendered
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def write_grids(data: EvalData, out_dir: Path) -> list[str]:
+    """grid_<set>.png: columns = the first eval.grid_prompts prompts; row 1 the plain prompt's image 0,
+    then per method the image 0 of its first (best-ranked) rewrite."""
+    from learner.report import image_grid
+
+    size, names = data.cfg.eval.thumb_size, []
+    for set_name, prompts in data.sets.items():
+        shown = prompts[: data.cfg.eval.grid_prompts]
+        rows = [("plain prompt", [_decode_png((data.records.get((p, p)) or {}).get("thumb"), size) for p in shown])]
+        plain_labels = {s.label for s in data.specs if s.kind == "plain"}  # the first row already shows it
+        for label, per_set in data.outputs.items():
+            if label in plain_labels:
+                continue
+            tiles = []
+            for out in per_set[set_name][: len(shown)]:
+                rec = data.records.get((out.prompt, out.rewrites[0].render_key())) if out.rewrites else None
+                tiles.append(_decode_png((rec or {}).get("thumb"), size))
+            rows.append((label, tiles))
+        name = f"grid_{set_name}.png"
+        image_grid(rows, out_dir / name, tile=size)
+        names.append(name)
+    return names
+
+
+def write_scatter(results: dict[str, Any], path: Path) -> None:
+    """Reward against text diversity, one point per (method, set) with 95 % CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    markers = "osD^vP*X"
+    sets = list(results["sets"])
+    for i, (label, per_set) in enumerate(results["table"].items()):
+        color = f"C{i % 10}"
+        for j, set_name in enumerate(sets):
+            cell = per_set.get(set_name) or {}
+            if "reward" not in cell:
+                continue
+            x, y = cell["text_diversity"], cell["reward"]
+            ax.errorbar(x["mean"], y["mean"], xerr=x["ci95"], yerr=y["ci95"], fmt=markers[j % len(markers)],
+                        color=color, capsize=2, label=label if j == 0 else None)
+    for j, set_name in enumerate(sets):
+        ax.plot([], [], markers[j % len(markers)], color="grey", label=set_name)
+    ax.set_xlabel(f"text diversity ({results['text_encoder'].split(' (')[0]})")
+    ax.set_ylabel("reward (aesthetic gain + relevance)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(data: EvalData, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, rows = tabulate(data)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
+    with open(out_dir / "rewrites.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    write_scatter(results, out_dir / "scatter.png")
+    grids = write_grids(data, out_dir)
+
+    cfg, ev, st = data.cfg, data.cfg.eval, data.stats
+    decode = (f"diverse beam search ({ev.rewrites} groups × {ev.beams_per_group} beam, diversity penalty "
+              f"{ev.diversity_penalty}, length penalty {ev.length_penalty})" if ev.decode == "beam" else
+              f"{ev.rewrites} i.i.d. samples at temperature {ev.temperature}")
+    extra = [name for name in ev.scorers]
+    extra_keys = sorted({k for per_set in results["table"].values() for cell in per_set.values() for k in cell}
+                        - {c for c, _ in COLUMNS} - {"aes", "clip"})
+    lines = [f"# Evaluation `{cfg.run.name}`", "",
+             f"Preset `{cfg.preset}`; sets: " + ", ".join(f"`{s}` ({n})" for s, n in results["sets"].items())
+             + f"; rewrites: {decode}, {ev.min_new_tokens}–{ev.max_new_tokens} new tokens.",
+             f"Images: {ev.images_per_prompt} per text, {ev.steps} DPM-Solver++ steps, guidance {ev.guidance}, "
+             f"{cfg.model.image_size}², image i from the noise of seed {ev.seed} + i for every text "
+             "(the plain prompt is rendered as written, without the policy's template).",
+             f"Relevance: mean over images of {cfg.reward.clip_weight:g}·min(0, max(0, cos) − {cfg.reward.clip_threshold:g}). "
+             f"Text diversity encoder: **{data.text_encoder}**; image diversity: CLIP image embeddings "
+             f"({results['image_encoder']}).",
+             f"Cache: {st.get('cache_hits', 0)} of {st.get('items', 0)} texts from the cache, {st.get('rendered', 0)} "
+             f"rendered on {st.get('workers', 1)} worker(s)"
+             + (f" at {st['images_per_s']:.2f} images/s" if st.get("images_per_s") else "") + ".", "",
+             "Methods: " + ", ".join(f"`{m['label']}` ({m['source']})" for m in results["methods"]), "",
+             "## Results (mean ± 95 % CI over prompts)", "",
+             "| method | set | " + " | ".join(h for _, h in COLUMNS) + "".join(f" | {k}" for k in extra_keys) + " |",
+             "|---|---|" + "---|" * (len(COLUMNS) + len(extra_keys))]
+    for set_name in results["sets"]:
+        for label, per_set in results["table"].items():
+            cell = per_set.get(set_name) or {}
+            lines.append(f"| {label} | {set_name} | " + " | ".join(_fmt(cell.get(c)) for c, _ in COLUMNS)
+                         + "".join(f" | {_fmt(cell.get(k))}" for k in extra_keys) + " |")
+    if extra:
+        lines += ["", f"Extra scorers ({', '.join(extra)}) judge a rewrite's images against the "
+                      f"{'plain prompt' if ev.score_against == 'plain' else 'rewrite itself (the official variant)'}."]
+    if results["failures"]:
+        lines += ["", "**Failed rewrites** (not in the means; see rewrites.jsonl `error`): "
+                  + ", ".join(f"{k}: {v}" for k, v in results["failures"].items())]
+    if "paper" in results:
+        from eval.paper import paper_table
+
+        lines += ["", *paper_table(results["paper"])]
+    lines += ["", "## Reward against text diversity", "", "![scatter](scatter.png)", "",
+              "## Images", "", f"Columns: the first {ev.grid_prompts} prompts of each set; rows: the plain prompt, "
+              "then each method's first rewrite (image 0, the same noise in every row).", ""]
+    for name in grids:
+        lines += [f"### {name[5:-4]}", "", f"![{name}]({name})", ""]
+    lines += ["## Eval config", "", "```yaml", yaml.safe_dump({"eval": ev.model_dump(mode="json")}, sort_keys=False).rstrip(),
+              "```", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return out_dir / "report.md"

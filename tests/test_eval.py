@@ -1,0 +1,137 @@
+"""`pag eval` on tiny through the real CLI: every text method, report/results/rewrites/grid contents,
+the cache on re-run, resume after an interrupt, exit 2 on a bad method. CPU, --limit 2, 4 rewrites."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+N_REWRITES, LIMIT = 4, 2
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A directory holding an SFT-like policy dir and a training run with a checkpoint (tiny, random weights:
+    training takes minutes; what is tested here is that a run's checkpoint is loaded and evaluated)."""
+    from common.config import load_config
+    from common.models import build_policy, build_tokenizer
+    from learner.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("eval")
+    cfg = load_config("tiny")
+    tok = build_tokenizer(cfg.model)
+    policy = build_policy(cfg.model, tok)
+    policy.save_pretrained(path / "sft")
+    tok.save_pretrained(path / "sft")
+    cfg.run.name = "trained"
+    cfg.save(path / "runs" / "trained" / "config.yaml")
+    flow = torch.nn.Linear(2, 2)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy different from the SFT one, so its rewrites differ
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint(path / "runs" / "trained", 3, policy, tok, flow, torch.optim.AdamW(flow.parameters()), {})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PAG_CACHE=str(path / "pag-cache"))
+    env.pop("RAY_ADDRESS", None)
+    return path, env
+
+
+def pag(args, workdir, timeout=300):
+    path, env = workdir
+    return subprocess.run([sys.executable, "-m", "common.cli", "eval", *args], cwd=path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+ARGS = ["--limit", str(LIMIT), "--rewrites", str(N_REWRITES), "--decode", "sample", "--datasets", "lexica,chatgpt",
+        "--no-progress"]
+
+
+def test_eval_every_method_then_cache_hit(workdir):
+    path, _ = workdir
+    methods = f"plain,rule,sft:{path / 'sft'},pag:runs/trained"
+    first = pag(["--methods", methods, "--name", "a", *ARGS], workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = path / "runs" / "eval-a"
+    results = json.loads((out / "results.json").read_text())
+    assert results["sets"] == {"lexica": LIMIT, "chatgpt": LIMIT}
+    assert set(results["table"]) == {"plain", "rule", "sft", "pag"}
+    for label, per_set in results["table"].items():
+        for set_name, cell in per_set.items():
+            assert cell["reward"]["n"] == LIMIT
+            for key in ("reward", "aes_gain", "rel", "text_diversity", "image_diversity"):
+                assert math_finite(cell[key]["mean"]), (label, set_name, key)
+    plain = results["table"]["plain"]["lexica"]
+    assert plain["aes_gain"]["mean"] == 0.0 and plain["text_diversity"]["mean"] == 0.0  # by construction
+    assert results["table"]["sft"]["lexica"]["text_diversity"]["mean"] > 0
+    assert "all-MiniLM-L6-v2" in results["text_encoder"]
+    rows = [json.loads(line) for line in (out / "rewrites.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * LIMIT * (1 + 1 + N_REWRITES + N_REWRITES)
+    assert all("error" not in r and "reward" in r for r in rows)
+    rule = [r for r in rows if r["method"] == "rule"]
+    assert all(r["text"].startswith(r["prompt"]) and r["text"].endswith("8k") for r in rule)
+    report = (out / "report.md").read_text()
+    assert "## Results (mean ± 95 % CI over prompts)" in report and "all-MiniLM-L6-v2" in report
+    for label in ("plain", "rule", "sft", "pag"):
+        assert f"| {label} | lexica |" in report and f"| {label} | chatgpt |" in report
+    from PIL import Image
+
+    with Image.open(out / "grid_lexica.png") as grid:  # plain-prompt row + rule, sft, pag; LIMIT columns
+        assert grid.size == (LIMIT * 128, 4 * (128 + 18))
+    assert (out / "scatter.png").stat().st_size > 0
+    assert "0 from the cache" in first.stdout
+
+    again = pag(["--methods", methods, "--name", "b", *ARGS], workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 texts rendered" in again.stdout
+    second = json.loads((path / "runs" / "eval-b" / "results.json").read_text())
+    assert second["table"] == results["table"]
+    assert second["stats"]["rendered"] == 0 and second["stats"]["cache_hits"] == results["stats"]["items"]
+
+
+def math_finite(x) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def test_bad_method_exits_2_naming_it(workdir):
+    result = pag(["--methods", "plain,pag:runs/missing", *ARGS], workdir)
+    assert result.returncode == 2
+    assert "pag:runs/missing" in result.stderr and "does not exist" in result.stderr
+
+
+def test_resume_after_interrupt_renders_only_the_rest(tmp_path):
+    """A pool interrupted after its first batch leaves that batch in the cache; the next run renders the rest."""
+    from common.config import load_config
+    from eval.cache import ResultsCache
+    from eval.methods import MethodOutput, Rewrite
+    from eval.pool import LocalPool
+    from eval.runner import render_missing, work_items
+
+    cfg = load_config("tiny", overrides=["eval.batch_size=2", "eval.steps=2"])
+    sets = {"s": ["a red car", "a blue boat", "a green tree"]}
+    outputs = {"rule": {"s": [MethodOutput(p, [Rewrite(p + ", 8k")]) for p in sets["s"]]}}
+    items = work_items(cfg, sets, outputs)
+    assert len(items) == 6
+    pool = LocalPool(cfg)
+
+    class Interrupted:
+        size = 1
+
+        def map(self, works):
+            yield from pool.map(works[:1])
+            raise KeyboardInterrupt
+
+    cache = ResultsCache(tmp_path / "c.sqlite")
+    with pytest.raises(KeyboardInterrupt):
+        render_missing(cfg, items, cache, Interrupted(), pool.render_id(), progress=False)
+    assert cache.count() == 2
+    records, errors, stats = render_missing(cfg, items, cache, pool, pool.render_id(), progress=False)
+    assert (stats["cache_hits"], stats["rendered"], len(records), errors) == (2, 4, 6, {})
+    records2, _, stats2 = render_missing(cfg, items, cache, pool, pool.render_id(), progress=False)
+    assert stats2["rendered"] == 0
+    key = ("a red car", "a red car, 8k")
+    assert records2[key]["aes"] == pytest.approx(records[key]["aes"], abs=1e-6)

@@ -1,0 +1,81 @@
+"""eval/metrics.py and eval/spec.py: the maths of the table and the --methods parser (no models)."""
+import math
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError
+from eval.metrics import diversity, mean_ci, prompt_metrics, rewrite_scores, summarize
+from eval.spec import MethodSpecError, parse_methods
+
+
+def test_identical_rows_have_zero_diversity():
+    row = np.random.default_rng(0).normal(size=8)
+    assert diversity(np.stack([row] * 4)) == pytest.approx(0.0, abs=1e-12)
+    assert diversity(np.stack([row * 3.0, row])) == pytest.approx(0.0, abs=1e-12)  # scale does not matter
+
+
+def test_orthogonal_rows_have_diversity_one_and_single_row_zero():
+    assert diversity(np.eye(5)) == pytest.approx(1.0)
+    assert diversity(np.eye(5)[:1]) == 0.0
+
+
+def test_diversity_is_one_minus_mean_pairwise_cosine_brute_force():
+    e = np.random.default_rng(1).normal(size=(6, 4))
+    cos = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for i, a in enumerate(e) for j, b in enumerate(e) if i != j]
+    assert diversity(e) == pytest.approx(1 - np.mean(cos))
+    with pytest.raises(ValueError, match=r"\(n, D\)"):
+        diversity(np.zeros(3))
+
+
+def test_mean_ci_normal_approximation():
+    values = [1.0, 2.0, 3.0, 4.0]
+    mean, half = mean_ci(values)
+    assert mean == 2.5 and half == pytest.approx(1.959964 * np.std(values, ddof=1) / 2, rel=1e-5)
+    assert mean_ci([5.0]) == (5.0, 0.0)
+    assert all(math.isnan(x) for x in mean_ci([float("nan")]))
+
+
+def test_plain_against_itself_has_gain_zero_and_hinge_per_image():
+    plain = {"aes": [5.0, 6.0, 7.0], "clip": [0.25, 0.30, 0.31]}
+    s = rewrite_scores(plain, plain, threshold=0.28, weight=20.0)
+    assert s["aes_gain"] == 0.0
+    assert s["rel"] == pytest.approx(20 * (0.25 - 0.28) / 3)  # hinge per image, then the mean
+    assert s["reward"] == pytest.approx(s["rel"])
+    better = {"aes": [6.0, 7.0, 8.0], "clip": [0.3, 0.3, 0.3], "extra": {"imagereward": [0.1, 0.2, 0.3]}}
+    s = rewrite_scores(plain, better, 0.28, 20.0)
+    assert (s["aes_gain"], s["rel"], s["reward"]) == (pytest.approx(1.0), 0.0, pytest.approx(1.0))
+    assert s["imagereward"] == pytest.approx(0.2)
+
+
+def test_prompt_metrics_and_summary():
+    rows = [{"reward": 1.0, "aes_gain": 1.0}, {"reward": 3.0, "aes_gain": 2.0}]
+    m = prompt_metrics(rows, np.stack([np.ones(3)] * 2), np.eye(4))
+    assert m["reward"] == 2.0 and m["aes_gain"] == 1.5 and m["text_diversity"] == pytest.approx(0.0)
+    assert m["image_diversity"] == pytest.approx(1.0)
+    summary = summarize([m, dict(m, reward=4.0)])
+    assert summary["reward"]["mean"] == 3.0 and summary["reward"]["n"] == 2
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("plain,bogus", "unknown method 'bogus'"),
+    ("plain,,rule", "empty entry"),
+    ("plain:foo", "plain takes no path"),
+    ("pag:/nonexistent/run", "/nonexistent/run does not exist"),
+    ("promptist", "promptist needs the directory"),
+    ("plain,plain", "used twice"),
+    ("9x:runs", "not a method name"),
+])
+def test_bad_method_specs_name_the_entry(text, needle):
+    with pytest.raises(MethodSpecError, match=needle) as info:
+        parse_methods(text)
+    assert isinstance(info.value, ConfigError)  # `pag` turns it into exit code 2
+
+
+def test_run_without_checkpoint_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("preset: tiny\n")
+    with pytest.raises(MethodSpecError, match="has no complete checkpoint"):
+        parse_methods(f"pag:{tmp_path / 'run'}")
+    specs = parse_methods("plain,rule,sft")
+    assert [(s.label, s.kind) for s in specs] == [("plain", "plain"), ("rule", "rule"), ("sft", "sft")]
