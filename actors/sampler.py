@@ -22,6 +22,7 @@ import torch
 from common.config import Config
 from common.data import load_train_prompts
 from common.decoding import encode_prompts, ref_logprobs, sample, to_trajectories
+from common.formats import PolicyFormat
 from common.models import build_policy, build_reference, build_tokenizer, resolve_device
 from common.schedules import sampling_temperature
 from common.trajectory import Trajectory
@@ -38,6 +39,7 @@ class Sampler:
         self.index = index
         self.device = resolve_device(device or cfg.run.device)
         self.tokenizer = build_tokenizer(cfg.model)
+        self.format = PolicyFormat.from_config(cfg)
         self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
         self.reference = build_reference(cfg.model, self.tokenizer, checkpoint).to(self.device)
         self.weights = WeightsClient(weights) if weights is not None else None
@@ -87,12 +89,13 @@ class Sampler:
         s = self.cfg.sampler
         prompts = prompts or self.next_prompts(s.prompts_per_batch)
         repeated = [p for p in prompts for _ in range(s.samples_per_prompt)]
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, repeated, self.device)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, repeated, self.device, self.format)
         response_ids, response_mask = sample(self.policy, prompt_ids, prompt_mask, s.max_len, s.min_len,
                                              self.temperature(), self.tokenizer.eos_token_id, generator=self.generator)
         ref = ref_logprobs(self.reference, prompt_ids, prompt_mask, response_ids, response_mask)
         trajs = to_trajectories(self.tokenizer, repeated, prompt_ids, prompt_mask, response_ids, response_mask, ref,
-                                policy_version=self.policy_step, run=self.buffer.run if self.buffer is not None else "")
+                                policy_version=self.policy_step, run=self.buffer.run if self.buffer is not None else "",
+                                fmt=self.format)
         self.sampled += len(trajs)
         return trajs
 

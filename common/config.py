@@ -38,6 +38,7 @@ class ModelConfig(_Section):
     sentence_encoder: str = Field("sentence-transformers/paraphrase-MiniLM-L6-v2", description="sentence encoder for text diversity (hub id or dir)")
     image_size: int = Field(512, ge=32, description="SD render size in pixels")
     seed: int = Field(0, description="seed for tiny random weights")
+    input_format: Literal["pag", "promptist"] = Field("pag", description="policy input template (common/formats.py): pag '{x} Rephrase:\\n'; promptist '{x} Rephrase:' (no newline, as Promptist's checkpoint expects)")
 
 
 class SamplerConfig(_Section):
@@ -51,6 +52,7 @@ class SamplerConfig(_Section):
     temp_end: float = Field(0.5, gt=0, description="sampling temperature after annealing")
     temp_anneal_steps: int = Field(5000, ge=0, description="learner steps to anneal the sampling temperature over")
     max_pending: int = Field(512, ge=1, description="backpressure: wait while the pending stream is longer")
+    response: Literal["full", "suffix"] = Field("full", description="full: the policy writes the whole rewrite; suffix: it continues '{x},' and the rewrite is x + ', ' + continuation (log-probs over the continuation only; common/formats.py)")
     datasets: list[str] = Field(default_factory=lambda: ["diffusiondb_ipgo", "pickapic", "coco_all"], description="training prompt sets (names or files); their train split, minus the paper's four evaluation sets")
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from common.constants import REPHRASE_TEMPLATE
+from common.formats import PolicyFormat
 from common.trajectory import Trajectory
 
 
@@ -240,17 +240,21 @@ def sample(
 
 # ------------------------------------------------------------------ text in, trajectories out
 
-def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy inputs `"{prompt} Rephrase:\\n"`, LEFT-padded: (B, P) ids and mask."""
-    texts = [REPHRASE_TEMPLATE.format(prompt=p) for p in prompts]
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device,
+                   fmt: PolicyFormat = PolicyFormat()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy inputs (`fmt.policy_input`, by default `"{prompt} Rephrase:\\n"`), LEFT-padded: (B, P) ids and mask."""
+    texts = [fmt.policy_input(p) for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def to_trajectories(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                     response_ids: torch.Tensor, response_mask: torch.Tensor, ref: Optional[torch.Tensor] = None,
-                    policy_version: int = 0, run: str = "") -> list[Trajectory]:
-    """Padded sampling output → one unscored Trajectory per row (EOS kept in the ids, not in the text)."""
+                    policy_version: int = 0, run: str = "", fmt: PolicyFormat = PolicyFormat()) -> list[Trajectory]:
+    """Padded sampling output → one unscored Trajectory per row (EOS kept in the ids, not in the text).
+
+    `response` is the rewrite text (`fmt.rewrite`: in suffix mode the prompt's stem, ", " and the
+    continuation); `prompt_ids`/`response_ids` are exactly what the policy read and wrote."""
     eos = tokenizer.eos_token_id
     trajs = []
     for i, plain in enumerate(prompts):
@@ -259,7 +263,7 @@ def to_trajectories(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, pro
         text_ids = ids[:-1] if ids and ids[-1] == eos else ids
         trajs.append(Trajectory(
             prompt=plain,
-            response=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            response=fmt.rewrite(plain, tokenizer.decode(text_ids, skip_special_tokens=True)),
             prompt_ids=prompt_ids[i][prompt_mask[i].bool()].tolist(),
             response_ids=ids,
             ref_logprobs=ref[i, :n].tolist() if ref is not None else [0.0] * n,

@@ -40,14 +40,16 @@ def load_run_policy(cfg: Config, checkpoint_dir: Path):
 def sample_rewrites(cfg: Config, tok, policy, prompts: Sequence[str], n: int, temperature: float, seed: int):
     """n rewrites of each prompt (unscored trajectories, no reference log-probs)."""
     from common.decoding import encode_prompts, sample, to_trajectories
+    from common.formats import PolicyFormat
 
+    fmt = PolicyFormat.from_config(cfg)
     repeated = [p for p in prompts for _ in range(n)]
-    ids, mask = encode_prompts(tok, repeated, torch.device("cpu"))
+    ids, mask = encode_prompts(tok, repeated, torch.device("cpu"), fmt)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         resp, rmask = sample(policy, ids, mask, cfg.sampler.max_len, cfg.sampler.min_len, temperature,
                              tok.eos_token_id, generator=gen)
-    return to_trajectories(tok, repeated, ids, mask, resp, rmask)
+    return to_trajectories(tok, repeated, ids, mask, resp, rmask, fmt=fmt)
 
 
 # ---------------------------------------------------------------------- reward side

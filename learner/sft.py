@@ -4,8 +4,13 @@ The GFlowNet target is p(y | x) ∝ p_ref(y | x)^(1/γ) · exp(r / β): the refe
 prompt-like text, or the sampler explores gibberish. This module builds training pairs from the
 packaged prompt sets and trains the policy with a causal-LM loss on the response tokens only:
 
-    input  = REPHRASE_TEMPLATE.format(prompt=plain)      "{plain} Rephrase:\\n"
-    target = engineered + EOS                            loss = −mean_t log p(target_t | input, target_<t)
+    input  = fmt.policy_input(plain)          default "{plain} Rephrase:\\n"
+    target = fmt.sft_target(plain, engineered) + EOS     loss = −mean_t log p(target_t | input, target_<t)
+
+`fmt` is `common.formats.PolicyFormat` from `model.input_format` and `sampler.response`; with
+`sampler.response=suffix` the input ends with "{plain}," and the target is only the part of the
+engineered prompt after the plain one (rule in common/formats.py; pairs with nothing after it are
+skipped). A non-default format is part of the cache key.
 
 How pairs are made (`build_pairs`; deterministic for a seed). Only the *train* split of each set is
 read, through `common.data.load_train_prompts`, so the paper's four evaluation sets (chatgpt, lexica,
@@ -60,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import Config, ConfigError
-from common.constants import REPHRASE_TEMPLATE
+from common.formats import PolicyFormat
 from common.data import PAPER_EVAL_SETS, load_prompts, load_train_prompts, normalize
 
 logger = logging.getLogger(__name__)
@@ -219,6 +224,9 @@ def sft_hash(cfg: Config, pairs: Sequence[Pair], settings: SFTSettings) -> str:
         "pairs": hashlib.sha256(json.dumps(list(pairs)).encode("utf-8")).hexdigest(),
         "settings": asdict(settings),
     }
+    fmt = PolicyFormat.from_config(cfg)
+    if not fmt.is_default:  # only then: default-format checkpoints keep their cached keys
+        part["format"] = {"input_format": fmt.input_format, "response": fmt.response}
     if model.kind == "tiny":  # the architecture models.py builds, so a change there re-trains
         from common.models import build_tokenizer, tiny_gpt2_config
 
@@ -228,11 +236,17 @@ def sft_hash(cfg: Config, pairs: Sequence[Pair], settings: SFTSettings) -> str:
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def encode_pairs(tokenizer, pairs: Sequence[Pair], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Pairs → left-padded prompts (B, P) and right-padded responses ending in EOS (B, T)."""
+def format_pairs(pairs: Sequence[Pair], fmt: PolicyFormat) -> list[Pair]:
+    """The pairs `fmt` can train on (suffix mode skips those with nothing after the plain prompt)."""
+    return [(x, y) for x, y in pairs if fmt.sft_target(x, y) is not None]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair], device: torch.device | str = "cpu",
+                 fmt: PolicyFormat = PolicyFormat()) -> dict[str, torch.Tensor]:
+    """Pairs → left-padded prompts (B, P) and right-padded responses ending in EOS (B, T), as `fmt` says."""
     eos = tokenizer.eos_token_id
-    prompts = [tokenizer(REPHRASE_TEMPLATE.format(prompt=x))["input_ids"] for x, _ in pairs]
-    targets = [tokenizer(y)["input_ids"] + [eos] for _, y in pairs]
+    prompts = [tokenizer(fmt.policy_input(x))["input_ids"] for x, _ in pairs]
+    targets = [tokenizer(fmt.sft_target(x, y))["input_ids"] + [eos] for x, y in pairs]
     P, T = max(map(len, prompts)), max(map(len, targets))
     prompt_ids = torch.full((len(pairs), P), eos, dtype=torch.long)
     prompt_mask = torch.zeros_like(prompt_ids)
@@ -293,14 +307,15 @@ def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def evaluate_nll(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], batch_size: int = 32) -> float:
+def evaluate_nll(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], batch_size: int = 32,
+                 fmt: PolicyFormat = PolicyFormat()) -> float:
     """Exact token-weighted mean response NLL over `pairs`, in eval mode."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
-        batch = encode_pairs(tokenizer, pairs[i : i + batch_size], device)
+        batch = encode_pairs(tokenizer, pairs[i : i + batch_size], device, fmt)
         n = int(batch["response_mask"].sum())
         total, count = total + float(response_nll(model, batch)) * n, count + n
     model.train(was_training)
@@ -325,7 +340,7 @@ def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]
 
 
 def _fit(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], settings: SFTSettings, total: int,
-         softmax: Optional[SampledSoftmax], seed: int) -> list[float]:
+         softmax: Optional[SampledSoftmax], seed: int, fmt: PolicyFormat = PolicyFormat()) -> list[float]:
     """The optimisation loop: AdamW, warm-up + cosine, grad-norm clip; returns the loss of every step."""
     from tqdm.auto import tqdm
 
@@ -336,7 +351,7 @@ def _fit(model: torch.nn.Module, tokenizer, pairs: Sequence[Pair], settings: SFT
     losses: list[float] = []
     bar = tqdm(range(total), desc="sft", unit="step", dynamic_ncols=True, mininterval=2.0)
     for _ in bar:
-        batch = encode_pairs(tokenizer, [pairs[i] for i in next(batches)], device)
+        batch = encode_pairs(tokenizer, [pairs[i] for i in next(batches)], device, fmt)
         loss = response_nll(model, batch, softmax)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SFT loss is {loss.item()} at step {len(losses)}; lower the lr (now {settings.lr:g})")
@@ -364,7 +379,10 @@ def train_sft(cfg: Config, out_dir: str | Path, steps: Optional[int] = None, bat
         raise FileExistsError(f"{out_dir} exists and is not an SFT checkpoint (no {SFT_META}); choose another --out")
     settings = settings_for(cfg, steps, batch_size, lr)
     seed = cfg.model.seed
-    pairs = list(pairs) if pairs is not None else build_pairs(cfg.sampler.datasets, seed)
+    fmt = PolicyFormat.from_config(cfg)
+    pairs = format_pairs(list(pairs) if pairs is not None else build_pairs(cfg.sampler.datasets, seed), fmt)
+    if not pairs:
+        raise ConfigError(f"sampler.response = {fmt.response}: no SFT pair has text after its plain prompt")
     total = settings.steps or max(1, math.ceil(settings.epochs * len(pairs) / settings.batch_size))
 
     device = resolve_device(cfg.run.device)
@@ -373,7 +391,8 @@ def train_sft(cfg: Config, out_dir: str | Path, steps: Optional[int] = None, bat
     model = build_policy(base, tokenizer).to(device).train()
     softmax = None
     if settings.negatives:
-        all_targets = torch.tensor([t for _, y in pairs for t in tokenizer(y)["input_ids"]] + [tokenizer.eos_token_id])
+        all_targets = torch.tensor([t for x, y in pairs for t in tokenizer(fmt.sft_target(x, y))["input_ids"]]
+                                   + [tokenizer.eos_token_id])
         softmax = SampledSoftmax(all_targets, len(tokenizer), settings.negatives, seed)
     log(f"SFT {cfg.preset}: {len(pairs)} pairs, {total} steps × {settings.batch_size}, lr {settings.lr:g}, "
         f"{'exact softmax' if softmax is None else f'sampled softmax ({len(softmax.keep)} + {softmax.k} tokens)'}, "
@@ -381,12 +400,12 @@ def train_sft(cfg: Config, out_dir: str | Path, steps: Optional[int] = None, bat
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG alone
         torch.manual_seed(seed)  # dropout (gpt2)
-        losses = _fit(model, tokenizer, pairs, settings, total, softmax, seed)
+        losses = _fit(model, tokenizer, pairs, settings, total, softmax, seed, fmt)
     probe = list(pairs[:: max(1, len(pairs) // 64)])[:64]  # exact NLL on an even sample of the pairs
     tail = losses[-min(10, len(losses)):]
     meta = {
         "version": SFT_VERSION, "preset": cfg.preset, "config_hash": sft_hash(cfg, pairs, settings),
-        "steps": total, "pairs": len(pairs), "final_loss": round(evaluate_nll(model, tokenizer, probe), 4),
+        "steps": total, "pairs": len(pairs), "final_loss": round(evaluate_nll(model, tokenizer, probe, fmt=fmt), 4),
         "train_loss": round(sum(tail) / len(tail), 4), "first_loss": round(losses[0], 4),
         "settings": asdict(settings), "datasets": [str(d) for d in cfg.sampler.datasets], "seed": seed,
         "policy": cfg.model.policy, "seconds": round(time.perf_counter() - start, 1),
@@ -527,14 +546,16 @@ def sample_rewrites(cfg: Config, checkpoint: Optional[str], plains: Sequence[str
                     seed: int = 0) -> list[Pair]:
     """(plain, sampled rewrite) with `common.decoding.sample` (a quick look at what a checkpoint writes)."""
     from common.models import build_policy, build_tokenizer
-    from common.decoding import sample
+    from common.decoding import encode_prompts, sample
 
     base = cfg.model.model_copy(update={"sft_checkpoint": None})  # checkpoint None: the untrained policy
     tokenizer = build_tokenizer(base)
     model = build_policy(base, tokenizer, checkpoint=checkpoint).eval()
-    enc = tokenizer([REPHRASE_TEMPLATE.format(prompt=x) for x in plains], return_tensors="pt", padding=True)
-    ids, mask = sample(model, enc["input_ids"], enc["attention_mask"], max_len=cfg.sampler.max_len,
+    fmt = PolicyFormat.from_config(cfg)
+    ids, mask = encode_prompts(tokenizer, list(plains), torch.device("cpu"), fmt)
+    ids, mask = sample(model, ids, mask, max_len=cfg.sampler.max_len,
                        min_len=cfg.sampler.min_len, temperature=temperature, eos_id=tokenizer.eos_token_id,
                        generator=torch.Generator().manual_seed(seed))
-    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    texts = [fmt.rewrite(x, tokenizer.decode(row[m.bool()], skip_special_tokens=True))
+             for x, row, m in zip(plains, ids, mask)]
     return list(zip(plains, texts))
