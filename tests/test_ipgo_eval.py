@@ -73,3 +73,27 @@ def test_pag_eval_with_ipgo(tmp_path):
     cell = results["table"]["ipgo"]["lexica"]
     assert cell["reward"]["n"] == 1 and np.isfinite(cell["reward"]["mean"]) and np.isfinite(cell["aes_gain"]["mean"])
     assert cell["aes_gain"]["mean"] != 0.0  # rendered from the injected tokens, not the plain text
+
+
+def test_pag_plus_ipgo_refines_the_policy_rewrite(tmp_path):
+    import torch
+
+    from common.models import build_policy, build_tokenizer
+    from learner.checkpoint import save_checkpoint
+
+    cfg = load_config("tiny", overrides=["ipgo.iterations=1", f"run.runs_dir={tmp_path}", "eval.decode=sample",
+                                          "eval.max_new_tokens=8", "eval.min_new_tokens=2"])
+    tok = build_tokenizer(cfg.model)
+    policy = build_policy(cfg.model, tok)
+    run = tmp_path / "pag"
+    cfg.save(run / "config.yaml")
+    flow = torch.nn.Linear(2, 2)
+    save_checkpoint(run, 1, policy, tok, flow, torch.optim.AdamW(flow.parameters()), {})
+    method = build(MethodSpec("ipgo-pag", "ipgo", str(run), raw=f"ipgo-pag:{run}"), cfg)
+    out = method.rewrite(["a red car"], n=4)
+    rewrite = out[0].rewrites[0]
+    assert out[0].prompt == "a red car" and rewrite.text != "a red car"
+    assert rewrite.conditioning.prompt_embeds.shape == (77, 32)
+    lines = [json.loads(l) for l in (method.run_dir / "results.jsonl").read_text().splitlines()]
+    assert [l["prompt"] for l in lines] == [rewrite.text]  # IPGO optimised the rewrite, not the plain prompt
+    method.close()

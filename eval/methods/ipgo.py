@@ -4,6 +4,8 @@
     --methods ipgo:runs/<ipgo run>      a `pag ipgo` run: its prompt-wise tokens (prompts it lacks are
                                         optimised into it), or, for a prompt-batch run, its one token set
     --methods ipgo-batch:runs/<run>     the same with another label (any label `ipgo-…` is this method)
+    --methods ipgo-pag:runs/<PAG run>   pag+ipgo: the PAG policy's best rewrite (eval decoding, one rewrite),
+                                        then IPGO on that rewrite ('+' is not allowed in a label)
 
 Each prompt gets one rewrite: text = the prompt (IPGO does not change words), conditioning =
 [prefix; H; suffix] and the empty prompt's states at the same length. The harness renders it from its own
@@ -30,13 +32,14 @@ log = logging.getLogger(__name__)
 
 
 class IpgoMethod(Method):
-    def __init__(self, label: str, cfg, run_dir: Path, device: str = "cpu") -> None:
-        self.name, self.cfg, self.run_dir, self.device = label, cfg, run_dir, device
+    def __init__(self, label: str, cfg, run_dir: Path, device: str = "cpu", policy: Method | None = None) -> None:
+        self.name, self.cfg, self.run_dir, self.device, self.policy = label, cfg, run_dir, device, policy
         self.batch_tokens = run_dir / "batch" / "tokens.safetensors"
         self._models = None
 
     def identity(self) -> dict:
-        return {"name": self.name, "run": str(self.run_dir), "ipgo": self.cfg.ipgo.model_dump(mode="json")}
+        return {"name": self.name, "run": str(self.run_dir), "ipgo": self.cfg.ipgo.model_dump(mode="json"),
+                "policy": self.policy.identity() if self.policy is not None else None}
 
     def models(self):
         from ipgo.jobs import models_for
@@ -75,21 +78,26 @@ class IpgoMethod(Method):
         from ipgo.conditioning import inject
 
         models = self.models()
-        tokens = self._tokens(prompts)
+        texts = list(prompts)
+        if self.policy is not None:  # pag+ipgo: refine the policy's best rewrite of each prompt
+            texts = [(o.rewrites[0].text if o.rewrites else o.prompt) for o in self.policy.rewrite(prompts, 1)]
+        tokens = self._tokens(texts)
         outputs = []
-        for prompt in prompts:
-            enc = models.encoder.encode(prompt)
-            t = tokens[prompt]
+        for prompt, text in zip(prompts, texts):
+            enc = models.encoder.encode(text)
+            t = tokens[text]
             with torch.no_grad():
                 cond = inject(enc.states, t["prefix"].to(enc.states.device), t["suffix"].to(enc.states.device))
             conditioning = Conditioning(prompt_embeds=cond[0].float().cpu().numpy().astype(np.float32),
                                         negative_prompt_embeds=enc.uncond[0].float().cpu().numpy().astype(np.float32),
-                                        label=f"{prompt} [{self.name}]")
-            outputs.append(MethodOutput(prompt, [Rewrite(prompt, conditioning)]))
+                                        label=f"{text} [{self.name}]")
+            outputs.append(MethodOutput(prompt, [Rewrite(text, conditioning)]))
         return outputs
 
     def close(self) -> None:
         self._models = None
+        if self.policy is not None:
+            self.policy.close()
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -98,7 +106,30 @@ def _read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _pag_policy(spec: MethodSpec, cfg, device: str) -> Method:
+    from eval.methods import _run_model_config
+    from eval.methods.policy import PolicyMethod
+    from eval.spec import resolve_policy_dir
+
+    weights, run_dir = resolve_policy_dir(spec.path, spec.raw)
+    return PolicyMethod(f"{spec.label}-policy", weights, _run_model_config(run_dir, cfg.model), cfg.eval,
+                        device=device, source=spec.raw)
+
+
+def _private_run(cfg, extra: str = "") -> Path:
+    """runs/ipgo-eval__<hash of model, ipgo and `extra`>: where prompts optimised at eval time go."""
+    digest = hashlib.sha256(json.dumps({"model": cfg.model.model_dump(mode="json"), "extra": extra,
+                                        "ipgo": cfg.ipgo.model_dump(mode="json")}, sort_keys=True).encode()).hexdigest()[:10]
+    run_dir = Path(cfg.run.runs_dir) / f"ipgo-eval__{digest}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    return run_dir
+
+
 def build(spec: MethodSpec, cfg, device: str = "cpu") -> IpgoMethod:
+    if spec.path and (Path(spec.path) / "checkpoints").is_dir():  # a PAG training run: pag+ipgo
+        policy = _pag_policy(spec, cfg, device)
+        return IpgoMethod(spec.label, cfg, _private_run(cfg, json.dumps(policy.identity(), sort_keys=True)), device, policy)
     if spec.path:
         run_dir = Path(spec.path)
         saved = run_dir / "config.yaml"
@@ -114,9 +145,5 @@ def build(spec: MethodSpec, cfg, device: str = "cpu") -> IpgoMethod:
                                   "with the same --preset / model settings")
         cfg = cfg.model_copy(update={"ipgo": run_cfg.ipgo})
     else:
-        digest = hashlib.sha256(json.dumps({"model": cfg.model.model_dump(mode="json"),
-                                            "ipgo": cfg.ipgo.model_dump(mode="json")}, sort_keys=True).encode()).hexdigest()[:10]
-        run_dir = Path(cfg.run.runs_dir) / f"ipgo-eval__{digest}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
+        run_dir = _private_run(cfg)
     return IpgoMethod(spec.label, cfg, run_dir, device)
