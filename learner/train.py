@@ -101,7 +101,10 @@ def resolve_run(args) -> tuple[Config, Path]:
 
 
 def cmd_train(args) -> int:
+    from learner.sft import require_sft
+
     cfg, run_dir = resolve_run(args)
+    require_sft(cfg)  # before the run directory, Redis or Ray: sd14 needs an SFT reference
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     try:
