@@ -85,11 +85,22 @@ class RewardConfig(_Section):
     vae_fp16: bool = Field(True, description="with fp16: decode in half precision too (False: the VAE stays float32, the upcast safe path)")
     render_batch: Optional[int] = Field(None, ge=1, description="prompts per pipeline call (× images_per_prompt images); None: batch_size")
     overlap_scoring: bool = Field(False, description="score a rendered chunk in a side thread (own CUDA stream) while the next chunk denoises")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per reward worker, e.g. {reward_node: 1}: places workers on nodes started with `ray start --resources`")
 
     @model_validator(mode="after")
     def _speed(self) -> "RewardConfig":
         if self.cuda_graphs and not (self.compile_unet or self.compile_vae):
             raise ValueError("cuda_graphs needs compile_unet=true or compile_vae=true (CUDA graphs come from torch.compile mode='reduce-overhead')")
+        return self
+
+    @model_validator(mode="after")
+    def _resources(self) -> "RewardConfig":
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"resources: {name!r} is a built-in Ray resource; use reward.num_gpus for GPUs "
+                                 "(CPU is 1 per worker) and resources only for custom ones such as {reward_node: 1}")
+            if not amount > 0:
+                raise ValueError(f"resources: {name!r} = {amount}: the amount must be > 0")
         return self
 
 
@@ -127,6 +138,7 @@ class LearnerConfig(_Section):
     flow_hidden: int = Field(256, ge=1, description="flow head hidden width")
     publish_every: int = Field(1, ge=1, description="publish weights every K steps")
     checkpoint_every: int = Field(500, ge=1, description="checkpoint every E steps")
+    checkpoint_every_s: Optional[float] = Field(1800.0, gt=0, description="also checkpoint when this many seconds passed since the last one (None: steps only); bounds what a killed learner loses")
     max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite losses that stop training")
     num_gpus: float = Field(1.0, ge=0, description="GPUs for the learner actor")
 
@@ -176,6 +188,7 @@ class RunConfig(_Section):
     device: str = Field("auto", description="auto, cpu or cuda[:i] for roles that do not get a Ray GPU")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local Ray")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per actor")
+    resource_wait_s: float = Field(0.0, ge=0, description="when the cluster cannot host the roles: ask the autoscaler and wait up to this many seconds (0: stop at once with an error)")
     log_every: int = Field(10, ge=1, description="metrics every N learner steps")
 
 
@@ -244,7 +257,9 @@ class Config(_Section):
 
     def hash(self) -> str:
         """Short hash of what changes the data (model and reward), stored in the run's meta."""
-        part = {"model": self.model.model_dump(mode="json"), "reward": self.reward.model_dump(mode="json")}
+        # where the workers run (reward.resources) does not change the data
+        part = {"model": self.model.model_dump(mode="json"),
+                "reward": self.reward.model_dump(mode="json", exclude={"resources"})}
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
 
     def save(self, path: Path) -> None:
@@ -276,7 +291,8 @@ def _preset_tiny() -> dict[str, Any]:
         "buffer": {"capacity": 2000},
         "learner": {
             "steps": 120, "batch_size": 16, "grad_accum": 1, "lr": 3e-4, "flow_lr": 1e-3,
-            "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 40,
+            "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 10,
+            "checkpoint_every_s": 20.0,
             "num_gpus": 0.0, "flow_hidden": 64,
         },
         # the tiny text encoder is 32 wide, so E is 32 × 16; 6 LMS steps keep an iteration well under a second
