@@ -2,7 +2,8 @@
 
 The split is by a hash of the prompt text (`ipgo.heldout_fraction`, common/data.py's `in_eval_split`), so
 a prompt is held out the same way on every run. Training is one job (a Ray task holding `ipgo.num_gpus`
-GPUs, or this process); a finished training (batch/result.json) is not repeated on a rerun, and held-out
+GPUs, or this process). It saves its state after every epoch (batch/trainer.safetensors + .json), so a
+rerun continues an interrupted training; a finished one (batch/result.json) is not repeated, and held-out
 prompts already scored are skipped.
 """
 from __future__ import annotations
@@ -31,9 +32,9 @@ def train_job(cfg_dict: dict[str, Any], prompts: list[str], out: str) -> dict[st
     from ipgo.optimize import optimize_batch
 
     cfg = Config.model_validate(cfg_dict)
-    result = optimize_batch(models_for(cfg), prompts)
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
+    result = optimize_batch(models_for(cfg), prompts, state=path / "trainer")  # resumes after the last epoch saved
     save_tokens(result.tokens, path / "tokens.safetensors",
                 {"mode": "prompt-batch", "layout": cfg.ipgo.layout, "config_hash": cfg.hash(),
                  "train_prompts": str(len(prompts))})

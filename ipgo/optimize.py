@@ -12,10 +12,13 @@ chosen on the noise it was trained with — `pag eval` also reports held-out see
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -116,6 +119,42 @@ class _Trainer:
         self.scaler.scale(loss).backward()
         return float(r.detach().mean()), float(c.detach()), image.detach()
 
+    def save(self, path: Path, progress: dict) -> None:
+        """Tokens, Adam moments and the schedule to `path`.safetensors + `path`.json (no pickle), atomically;
+        `progress` (JSON) is stored beside them."""
+        from safetensors.torch import save_file
+
+        tensors = {f"tokens.{k}": v.detach().cpu().contiguous() for k, v in self.tokens.state_dict().items()}
+        opt = self.opt.state_dict()
+        for index, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        meta = {"param_groups": opt["param_groups"], "sched": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "progress": progress}
+        for suffix, write in ((".safetensors", lambda t: save_file(tensors, str(t))),
+                              (".json", lambda t: t.write_text(json.dumps(meta)))):
+            tmp = path.with_suffix(suffix + ".tmp")
+            write(tmp)
+            os.replace(tmp, path.with_suffix(suffix))
+
+    def load(self, path: Path) -> dict:
+        """Restore what `save` wrote; returns its `progress`."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        meta = json.loads(path.with_suffix(".json").read_text())
+        self.tokens.load_state_dict({k.removeprefix("tokens."): v for k, v in tensors.items() if k.startswith("tokens.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.models.device) if name != "step" else value
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.sched.load_state_dict(meta["sched"])
+        if meta["scaler"] is not None:
+            self.scaler.load_state_dict(meta["scaler"])
+        return meta["progress"]
+
     def step(self) -> None:
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.tokens.parameters(), self.ic.grad_clip)
@@ -194,9 +233,12 @@ class BatchResult:
 
 
 def optimize_batch(models: IpgoModels, prompts: Sequence[str], epochs: Optional[int] = None,
-                   on_prompt: Optional[Callable[[int, int, float], None]] = None) -> BatchResult:
+                   on_prompt: Optional[Callable[[int, int, float], None]] = None,
+                   state: Optional[Path] = None) -> BatchResult:
     """Prompt-batch IPGO: `epochs` passes over `prompts` in a seeded shuffled order, one optimiser step per
-    `ipgo.grad_accum` prompts (the loss of each divided by the accumulation count)."""
+    `ipgo.grad_accum` prompts (the loss of each divided by the accumulation count). With `state` (a path
+    without suffix) the trainer is saved after every epoch and a rerun continues after the last saved one
+    with the same prompt order."""
     if not prompts:
         raise ValueError("prompt-batch IPGO needs at least one training prompt")
     ic = models.cfg.ipgo
@@ -205,8 +247,16 @@ def optimize_batch(models: IpgoModels, prompts: Sequence[str], epochs: Optional[
     start = time.perf_counter()
     trainer = _Trainer(models)
     rng = random.Random(ic.seed)
-    epoch_reward, curve, steps = [], [], 0
-    for epoch in range(epochs):
+    epoch_reward, curve, steps, first = [], [], 0, 0
+    if state is not None and state.with_suffix(".json").is_file():
+        progress = trainer.load(state)
+        if progress["prompts"] != list(prompts):
+            raise ValueError(f"{state.with_suffix('.json')}: saved for another prompt set; remove it or use a new run")
+        first, steps = progress["epochs_done"], progress["steps"]
+        epoch_reward, curve = progress["epoch_reward"], progress["curve"]
+        for _ in range(first):
+            rng.shuffle(list(prompts))  # the skipped epochs' draws: later orders stay those of an uninterrupted run
+    for epoch in range(first, epochs):
         order = list(prompts)
         rng.shuffle(order)
         rewards = []
@@ -221,5 +271,8 @@ def optimize_batch(models: IpgoModels, prompts: Sequence[str], epochs: Optional[
                 on_prompt(epoch, j, r)
         epoch_reward.append(sum(rewards) / len(rewards))
         curve.extend(rewards)
+        if state is not None:
+            trainer.save(state, {"epochs_done": epoch + 1, "steps": steps, "epoch_reward": epoch_reward,
+                                 "curve": curve, "prompts": list(prompts)})
     return BatchResult(trainer.tokens.export(), epoch_reward, list(prompts), time.perf_counter() - start,
                        _peak(models.device), steps, curve)

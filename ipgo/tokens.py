@@ -118,8 +118,12 @@ class PromptTokens(nn.Module):
                  bound: Bound = "tanh", seed: int = 0) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.prefix = InjectedTokens(prefix, dim, rank, angles, bound, gen)
-        self.suffix = InjectedTokens(suffix, dim, rank, angles, bound, gen)
+        # the orthogonal parametrisation completes E to a square basis with the *global* RNG: seed it too,
+        # so the same seed gives the same tokens (resume, prompt-wise jobs on different workers)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.prefix = InjectedTokens(prefix, dim, rank, angles, bound, gen)
+            self.suffix = InjectedTokens(suffix, dim, rank, angles, bound, gen)
 
     @classmethod
     def from_config(cls, cfg, dim: int) -> "PromptTokens":

@@ -6,7 +6,6 @@ import json
 import pytest
 
 from common.cli import main
-from common.config import ConfigError
 
 
 def _lines(path):
@@ -65,3 +64,15 @@ def test_prompt_batch_trains_once_and_applies_to_held_out(tmp_path):
     lines = _lines(run / "results.jsonl")
     assert sorted(line["prompt"] for line in lines) == sorted(held) and all(line["heldout"] for line in lines)
     assert (run / "batch" / "tokens.safetensors").is_file()
+
+
+@pytest.mark.ray
+def test_prompt_wise_fans_out_as_ray_tasks(ray_local, tmp_path):
+    from common.config import load_config
+    from ipgo.cli import run_prompt_wise
+
+    cfg = load_config("tiny", overrides=["ipgo.iterations=2", "run.device=cpu"])
+    prompts = ["a red car", "a cat on a sofa", "a bowl of fruit"]
+    lines = run_prompt_wise(cfg, prompts, tmp_path / "ray", use_ray=True)
+    assert [line["prompt"] for line in lines] == prompts
+    assert sorted(_lines(tmp_path / "ray" / "results.jsonl"), key=lambda l: l["index"]) == lines

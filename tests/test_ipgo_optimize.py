@@ -90,3 +90,33 @@ def test_nopad_layout_runs(models):
     m = build_models(cfg)
     result = optimize_prompt(m, "a red car", iterations=2)
     assert len(result.curve) == 2
+
+
+def test_bench_measures_every_variant():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ipgo.py"
+    spec = importlib.util.spec_from_file_location("bench_ipgo", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.run("tiny", "cpu", quick=True, overrides=["ipgo.steps=4"], budget_s=30)
+    assert set(out["variants"]) == {"ours", "notebook_like", "checkpointing"}
+    for variant in out["variants"].values():
+        assert variant["s_per_iteration"] > 0 and variant["peak_memory_mib"] >= 0
+    assert out["rows"][0]["ratio"] > 0
+
+
+def test_prompt_batch_resumes_after_an_epoch_as_if_uninterrupted(models, tmp_path):
+    train = ["a red car", "a dog on a beach", "a house in the snow", "a bowl of fruit", "a tall tower"]
+    whole = optimize_batch(models, train, epochs=2)
+    state = tmp_path / "trainer"
+    first = optimize_batch(models, train, epochs=1, state=state)  # "interrupted" after epoch 1
+    assert state.with_suffix(".safetensors").is_file() and first.steps == 2
+    resumed = optimize_batch(models, train, epochs=2, state=state)
+    assert resumed.steps == whole.steps == 4
+    assert resumed.epoch_reward == pytest.approx(whole.epoch_reward, abs=1e-6)
+    for key in ("prefix", "suffix"):
+        assert torch.allclose(resumed.tokens[key], whole.tokens[key], atol=1e-6)
+    with pytest.raises(ValueError, match="another prompt set"):
+        optimize_batch(models, train[:2], epochs=2, state=state)

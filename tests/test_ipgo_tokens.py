@@ -163,3 +163,13 @@ def test_non_differentiable_scorer_is_refused():
 
     with pytest.raises(UnknownScorerError, match="no differentiable path"):
         build_scorers(["imagereward"], load_config("tiny").model, differentiable=True)
+
+
+def test_same_seed_same_tokens_whatever_the_global_rng():
+    torch.manual_seed(1)
+    a = PromptTokens(32, rank=16, seed=3)
+    torch.manual_seed(2)
+    b = PromptTokens(32, rank=16, seed=3)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(PromptTokens(32, rank=16, seed=4)()[0], a()[0])
