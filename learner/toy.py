@@ -1,6 +1,6 @@
 """Exactness check on an enumerable problem: do the project's objectives sample ∝ the target?
 
-    python -m learner.toy --objective fl-db|db|tb|reinforce --seed S [--steps N]
+    python -m learner.toy --objective fl-db|db|tb|reinforce|ppo --seed S [--steps N]
 
 The space: 4 tokens + EOS, responses of 1..4 tokens then EOS (EOS forbidden at the first step,
 forced after the fourth token): 4 + 16 + 64 + 256 = 340 sequences, 341 non-terminal states.
@@ -12,7 +12,9 @@ The policy is tabular (one logit vector per state), as are log F̃ (one value pe
 so any gap to the target is the objective's, not the function approximator's. Batches are sampled
 from the policy at an annealed sampling temperature, τ is annealed 2 → 1 over the first half, and
 the loss comes from `learner.losses` exactly as in the learner. REINFORCE maximises r on-policy:
-it finds high reward and collapses. Prints one JSON line with the total-variation distance between
+it finds high reward and collapses. PPO (`learner.ppo`, the Promptist recipe: 4 epochs per batch,
+clip 0.2, tabular value with clip 0.2 and coefficient 2.3, GAE γ = 1 λ = 0.95, per-token KL penalty
+to p_ref under the adaptive controller 0.2 / 0.2 / 10,000) maximises r too. Prints one JSON line with the total-variation distance between
 the trained policy's exact distribution and the target, its entropy and mean reward.
 """
 from __future__ import annotations
@@ -27,13 +29,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from learner import losses
+from learner import losses, ppo
 from common.schedules import linear_anneal
 
 NUM_TOKENS = 4  # non-EOS tokens 0..3
 EOS = NUM_TOKENS  # action index of EOS
 MAX_TOKENS = 4  # EOS is forced after this many tokens
 T_MAX = MAX_TOKENS + 1  # steps of the longest trajectory
+OBJECTIVES = (*losses.OBJECTIVES, "reinforce", "ppo")
+PPO_EPOCHS = 4
 
 
 @dataclass
@@ -125,15 +129,17 @@ def _one_thread():
 
 
 def train(objective: str, seed: int, steps: int = 1500, batch_size: int = 64, lr: float = 0.05,
-          flow_lr: float = 0.1) -> dict:
-    """Train a tabular policy with `objective` and measure it exactly against the target."""
+          flow_lr: float = 0.1, kl_init: float = 0.2) -> dict:
+    """Train a tabular policy with `objective` and measure it exactly against the target.
+    `kl_init` is PPO's initial KL coefficient (0: no KL penalty at all)."""
     with _one_thread():
-        return _train(objective, seed, steps, batch_size, lr, flow_lr)
+        return _train(objective, seed, steps, batch_size, lr, flow_lr, kl_init)
 
 
-def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, flow_lr: float) -> dict:
-    if objective not in (*losses.OBJECTIVES, "reinforce"):
-        raise ValueError(f"unknown objective {objective!r}; choose fl-db, db, tb or reinforce")
+def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, flow_lr: float,
+           kl_init: float) -> dict:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     problem = build_problem(seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -141,10 +147,12 @@ def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, fl
     logits = torch.zeros(problem.num_states, NUM_TOKENS + 1, requires_grad=True)
     log_flow_table = torch.zeros(problem.num_states, requires_grad=True)
     log_z = torch.zeros(1, requires_grad=True)
+    value_table = torch.zeros(problem.num_states, requires_grad=True)  # PPO's V(s), tabular like log F̃
     optimizer = torch.optim.Adam([
         {"params": [logits], "lr": lr},
-        {"params": [log_flow_table, log_z], "lr": flow_lr},
+        {"params": [log_flow_table, log_z, value_table], "lr": flow_lr},
     ])
+    kl_ctl = ppo.AdaptiveKLController(init=kl_init, target=0.2, horizon=10_000)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ref_all, log_reward_all = problem.ref_logprobs(), problem.log_reward()
     anneal = steps // 2
@@ -154,7 +162,7 @@ def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, fl
         return torch.log_softmax((logits / temperature).masked_fill(~problem.allowed, float("-inf")), dim=-1)
 
     for step in range(steps):
-        on_policy = objective == "reinforce"
+        on_policy = objective in ("reinforce", "ppo")
         temperature = 1.0 if on_policy else linear_anneal(step, 2.0, 1.0, anneal)
         tau = 1.0 if on_policy else linear_anneal(step, 2.0, 1.0, anneal)
         decay = 1.0 - 0.9 * step / steps  # linear learning-rate decay to 10 %
@@ -165,6 +173,9 @@ def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, fl
             behaviour = sequence_step_logprobs(policy_table(temperature), problem).sum(-1)
             rows = torch.multinomial(behaviour.softmax(0), batch_size, replacement=True, generator=gen)
         mask = problem.mask[rows]
+        if objective == "ppo":
+            skipped += _ppo_batch(problem, rows, policy_table, value_table, optimizer, kl_ctl, ref_all)
+            continue
         log_pf = sequence_step_logprobs(policy_table(), problem, rows)  # (B, T)
         if on_policy:
             loss = losses.reinforce_loss(log_pf, problem.reward[rows], mask)
@@ -197,20 +208,52 @@ def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, fl
             "target_mean_reward": round(float((target * problem.reward).sum()), 4),
             "max_reward": round(float(problem.reward.max()), 4),
             "log_z": round(float(log_z), 4) if objective == "tb" else None,
+            "kl_coef": round(kl_ctl.value, 4) if objective == "ppo" else None,
+            "ref_mean_reward": round(float((ref_all.sum(-1).exp() * problem.reward).sum()), 4),
+            "kl_to_ref": round(float((policy * (policy.clamp_min(1e-30).log() - ref_all.sum(-1))).sum()), 4),
             "true_log_z": round(float(torch.logsumexp(ref_all.sum(-1) / problem.gamma + log_reward_all, 0)), 4),
             "skipped_nonfinite": skipped,
         }
 
 
+def _ppo_batch(problem: Problem, rows: Tensor, policy_table, value_table: Tensor, optimizer, kl_ctl,
+               ref_all: Tensor) -> int:
+    """One PPO batch: freeze π_old, V_old, the KL-shaped rewards and the advantages, then PPO_EPOCHS
+    updates on the whole batch. Returns the number of skipped (non-finite) updates."""
+    mask = problem.mask[rows]
+    states = problem.states[rows]
+    with torch.no_grad():
+        log_pf_old = sequence_step_logprobs(policy_table(), problem, rows)
+        values_old = torch.where(mask, value_table[states], torch.zeros(()))
+        rewards, kl = ppo.token_rewards(problem.reward[rows], log_pf_old, ref_all[rows], mask, kl_ctl.value)
+        advantages, returns = ppo.gae(rewards, values_old, mask, gamma=1.0, lam=0.95)
+        advantages = ppo.whiten(advantages, mask)
+    skipped = 0
+    for _ in range(PPO_EPOCHS):
+        log_pf = sequence_step_logprobs(policy_table(), problem, rows)
+        values = torch.where(mask, value_table[states], torch.zeros(()))
+        loss, _ = ppo.ppo_loss(log_pf, values, log_pf_old, values_old, advantages, returns, mask)
+        if not losses.check_finite(loss):
+            skipped += 1
+            continue
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    kl_ctl.update(float(kl.sum(-1).mean()), len(rows))
+    return skipped
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m learner.toy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--objective", required=True, choices=["fl-db", "db", "tb", "reinforce"])
+    parser.add_argument("--objective", required=True, choices=OBJECTIVES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=64, help="trajectories per step")
+    parser.add_argument("--kl-init", type=float, default=0.2,
+                        help="ppo: initial KL coefficient of the adaptive controller (0: no KL penalty)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    result = train(args.objective, args.seed, steps=args.steps, batch_size=args.batch_size)
+    result = train(args.objective, args.seed, steps=args.steps, batch_size=args.batch_size, kl_init=args.kl_init)
     result["seconds"] = round(time.perf_counter() - start, 2)
     print(json.dumps(result))
     return result

@@ -179,7 +179,11 @@ class Trainer:
         self.buffer.set_meta(stop="0", config_hash=self.cfg.hash(), run_dir=str(self.run_dir.resolve()))
         interrupted = False
         previous = signal.getsignal(signal.SIGTERM)
+        previous_int = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        # explicitly: a run started from a background job (`pag train &`, nohup, some CI runners) inherits
+        # SIGINT *ignored*, and Ctrl-C / `kill -INT` would be lost
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             self._start_ray()
             self._launch(redis_url, sft)
@@ -189,6 +193,7 @@ class Trainer:
             print("\npag train: interrupted — writing a checkpoint and stopping", file=sys.stderr)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
             self._shutdown(final_report=not interrupted, sft=sft, redis_url=redis_url)
         return 130 if interrupted else 0
 
@@ -197,6 +202,8 @@ class Trainer:
         from tqdm import tqdm
 
         from torch.utils.tensorboard import SummaryWriter
+
+        from learner.fresh import FreshTimeoutError
 
         writer = SummaryWriter(str(self.run_dir / "tb"))
         total = self.cfg.learner.steps
@@ -208,6 +215,8 @@ class Trainer:
             while step < total:
                 try:
                     metrics = ray.get(self.learner.train_step.remote())
+                except FreshTimeoutError as exc:  # raised in the actor: Ray's error is also an instance of it
+                    raise RunFailed(str(getattr(exc, "cause", None) or exc)) from None
                 except ray.exceptions.RayActorError as exc:
                     failures += 1
                     if failures > self.cfg.run.max_restarts:

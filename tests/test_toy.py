@@ -33,8 +33,11 @@ def test_problem_is_the_whole_space():
 @pytest.fixture(scope="module")
 def short_runs():
     steps = {"fl-db": 300, "db": 600, "tb": 300, "reinforce": 300}
-    return {objective: toy.main(["--objective", objective, "--seed", "0", "--steps", str(n)])
+    runs = {objective: toy.main(["--objective", objective, "--seed", "0", "--steps", str(n)])
             for objective, n in steps.items()}
+    runs["ppo-no-kl"] = toy.main(["--objective", "ppo", "--seed", "0", "--steps", "300", "--kl-init", "0"])
+    runs["ppo"] = toy.main(["--objective", "ppo", "--seed", "0", "--steps", "600"])
+    return runs
 
 
 @pytest.mark.parametrize("objective", ["fl-db", "db", "tb"])
@@ -45,11 +48,21 @@ def test_balance_objectives_approach_the_target(short_runs, objective):
     assert result["skipped_nonfinite"] == 0
 
 
-def test_reward_maximisation_collapses(short_runs):
-    result = short_runs["reinforce"]
+@pytest.mark.parametrize("objective", ["reinforce", "ppo-no-kl"])
+def test_reward_maximisation_collapses(short_runs, objective):
+    result = short_runs[objective]
     assert result["tv"] > 0.5, result
     assert result["entropy"] < 0.5 * result["target_entropy"], result
     assert result["mean_reward"] > result["target_mean_reward"] + 0.1, result
+
+
+def test_ppo_with_the_adaptive_kl_stays_near_the_reference(short_runs):
+    """The Promptist controller (target 0.2 nats) holds KL(π ‖ p_ref) near its target: no collapse, and
+    less reward than the target distribution, whose own KL to p_ref is larger (0.39 on seed 0)."""
+    result, no_kl = short_runs["ppo"], short_runs["ppo-no-kl"]
+    assert result["kl_to_ref"] < 0.3 and result["kl_coef"] > 0.2, result
+    assert result["entropy"] > 0.8 * result["target_entropy"], result
+    assert result["mean_reward"] < no_kl["mean_reward"] - 0.2, (result, no_kl)
 
 
 def test_cli_prints_one_json_line():
@@ -66,5 +79,5 @@ def test_cli_prints_one_json_line():
 
 def test_cli_rejects_an_unknown_objective(capsys):
     with pytest.raises(SystemExit):
-        toy.main(["--objective", "ppo"])
+        toy.main(["--objective", "sac"])
     assert "invalid choice" in capsys.readouterr().err
