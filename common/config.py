@@ -88,11 +88,22 @@ class RewardConfig(_Section):
     vae_fp16: bool = Field(True, description="with fp16: decode in half precision too (False: the VAE stays float32, the upcast safe path)")
     render_batch: Optional[int] = Field(None, ge=1, description="prompts per pipeline call (× images_per_prompt images); None: batch_size")
     overlap_scoring: bool = Field(False, description="score a rendered chunk in a side thread (own CUDA stream) while the next chunk denoises")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per reward worker, e.g. {reward_node: 1}: places workers on nodes started with `ray start --resources`")
 
     @model_validator(mode="after")
     def _speed(self) -> "RewardConfig":
         if self.cuda_graphs and not (self.compile_unet or self.compile_vae):
             raise ValueError("cuda_graphs needs compile_unet=true or compile_vae=true (CUDA graphs come from torch.compile mode='reduce-overhead')")
+        return self
+
+    @model_validator(mode="after")
+    def _resources(self) -> "RewardConfig":
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"resources: {name!r} is a built-in Ray resource; use reward.num_gpus for GPUs "
+                                 "(CPU is 1 per worker) and resources only for custom ones such as {reward_node: 1}")
+            if not amount > 0:
+                raise ValueError(f"resources: {name!r} = {amount}: the amount must be > 0")
         return self
 
 
@@ -179,6 +190,7 @@ class RunConfig(_Section):
     device: str = Field("auto", description="auto, cpu or cuda[:i] for roles that do not get a Ray GPU")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local Ray")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per actor")
+    resource_wait_s: float = Field(0.0, ge=0, description="when the cluster cannot host the roles: ask the autoscaler and wait up to this many seconds (0: stop at once with an error)")
     log_every: int = Field(10, ge=1, description="metrics every N learner steps")
 
 
@@ -247,7 +259,9 @@ class Config(_Section):
 
     def hash(self) -> str:
         """Short hash of what changes the data (model and reward), stored in the run's meta."""
-        part = {"model": self.model.model_dump(mode="json"), "reward": self.reward.model_dump(mode="json")}
+        # where the workers run (reward.resources) does not change the data
+        part = {"model": self.model.model_dump(mode="json"),
+                "reward": self.reward.model_dump(mode="json", exclude={"resources"})}
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
 
     def save(self, path: Path) -> None:
