@@ -191,3 +191,41 @@ def test_promptist_method_uses_its_template_and_the_packaged_tokenizer(tmp_path)
     assert method.tokenizer.decode(ids[0]) == "a red car Rephrase:"
     (out,) = method.rewrite(["a red car"], 2)
     assert len(out.rewrites) == 2
+
+
+def test_extra_scorer_judges_against_the_plain_prompt_or_the_rewrite():
+    from actors.scorers import SCORE_KEYS, SCORERS, register_scorer
+    from common.config import load_config
+    from eval.cache import decode_record
+    from eval.worker import EvalWorker, decode_results, encode_items
+
+    @register_scorer("textlen")
+    def textlen(ctx):  # a scorer that reports the length of the text it judges against
+        return lambda images, prompts: {"textlen": torch.tensor([float(len(p)) for p in prompts])}
+
+    item = {"against": "a red car", "key": "a red car, 8k", "text": "a red car, 8k", "thumb": False}
+    try:
+        for against, expected in (("plain", len("a red car")), ("rewrite", len("a red car, 8k"))):
+            cfg = load_config("tiny", overrides=["eval.steps=1", "eval.scorers=[textlen]",
+                                                 f"eval.score_against={against}"])
+            (result,) = decode_results(EvalWorker(cfg.to_dict()).process(encode_items([item])))
+            assert decode_record(result["record"])["extra"]["textlen"] == [expected] * cfg.eval.images_per_prompt
+    finally:
+        SCORERS.pop("textlen")
+        SCORE_KEYS.pop("textlen")
+
+
+def test_missing_scorer_package_or_unknown_scorer_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from common.config import ConfigError
+    from eval.cli import check_scorers
+
+    with pytest.raises(ConfigError, match="unknown scorer 'pickscore'"):
+        check_scorers(["pickscore"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("ImageReward", "hpsv2") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install image-reward"):
+        check_scorers(["imagereward"])
+    with pytest.raises(ConfigError, match=r"pip install hpsv2"):
+        check_scorers(["hps"])
