@@ -106,7 +106,7 @@ class LearnerConfig(_Section):
     batch_size: int = Field(64, ge=2, description="trajectories per micro-batch")
     grad_accum: int = Field(4, ge=1, description="micro-batches per optimiser step (256 = 64×4)")
     replay_ratio: float = Field(0.5, ge=0, le=1, description="fraction of a batch drawn from prioritised replay")
-    objective: Literal["fl-db", "db", "tb"] = Field("fl-db", description="fl-db (PAG), db (no decomposition), tb (vanilla GFlowNet)")
+    objective: Literal["fl-db", "db", "tb", "ppo"] = Field("fl-db", description="fl-db (PAG), db (no decomposition), tb (vanilla GFlowNet), ppo (reward-maximising baseline, Promptist; on-policy: needs replay_ratio=0)")
     lr: float = Field(1e-5, gt=0, description="policy learning rate")
     flow_lr: float = Field(1e-4, gt=0, description="flow head (and log Z) learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -124,6 +124,24 @@ class LearnerConfig(_Section):
     checkpoint_every: int = Field(500, ge=1, description="checkpoint every E steps")
     max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite losses that stop training")
     num_gpus: float = Field(1.0, ge=0, description="GPUs for the learner actor")
+    trainable_blocks: Optional[int] = Field(None, ge=1, description="train only the top N GPT-2 blocks (+ final LayerNorm; embeddings and the tied LM head frozen); None: all. Promptist's PPO trained the top 2")
+    # --- objective=ppo (learner/ppo.py), Promptist's values (LMOps promptist/diff_prompter/configs/ppo_config_a100_coco_bsz256_kl0.2.yml)
+    ppo_epochs: int = Field(4, ge=1, description="ppo: optimiser steps over each batch (ppo_epochs)")
+    ppo_clip: float = Field(0.2, gt=0, description="ppo: ratio clip ε of the surrogate (cliprange)")
+    ppo_value_clip: float = Field(0.2, gt=0, description="ppo: value clip around the batch's old values (cliprange_value)")
+    ppo_value_coef: float = Field(2.3, ge=0, description="ppo: weight of the value loss (vf_coef)")
+    ppo_gamma: float = Field(1.0, gt=0, le=1, description="ppo: GAE discount γ over the rewrite's tokens")
+    ppo_lambda: float = Field(0.95, ge=0, le=1, description="ppo: GAE λ")
+    ppo_kl_init: float = Field(0.2, ge=0, description="ppo: initial coefficient of the per-token KL penalty to the reference (0: no KL)")
+    ppo_kl_target: Optional[float] = Field(0.2, gt=0, description="ppo: adaptive KL target in nats per rewrite (None: fixed coefficient)")
+    ppo_kl_horizon: int = Field(10000, ge=1, description="ppo: adaptive KL controller horizon, in trajectories")
+
+    @model_validator(mode="after")
+    def _on_policy(self) -> "LearnerConfig":
+        if self.objective == "ppo" and self.replay_ratio != 0:
+            raise ValueError(f"objective=ppo is on-policy: replay_ratio must be 0, not {self.replay_ratio} "
+                             "(`pag train --method ppo` sets it, with the other PPO settings)")
+        return self
 
 
 class IpgoConfig(_Section):
