@@ -388,8 +388,11 @@ class RewardWorkerActor:
         return dict(self._spec)
 
     def stats(self) -> dict[str, Any]:
+        import ray
+
         return {"name": self.worker.name, "running": bool(self._thread and self._thread.is_alive()),
-                "device": str(self.worker.device), **self.worker.stats.as_dict()}
+                "device": str(self.worker.device), "node_id": ray.get_runtime_context().get_node_id(),
+                **self.worker.stats.as_dict()}
 
     def stop(self, timeout_s: float = 120.0) -> dict[str, Any]:
         """Finish the current batch (so its entries are acknowledged), then stop the loop."""

@@ -100,13 +100,24 @@ class Sampler:
         return trajs
 
     def step(self) -> int:
-        """One batch if the pending stream has room; returns trajectories pushed (0 when held back)."""
-        if self.buffer.pending_len() >= self.cfg.sampler.max_pending:
+        """One batch if the pipeline has room (`has_room`); returns trajectories pushed (0 when held back)."""
+        if not self.has_room():
             return 0
         self.pull_weights()
         trajs = self.sample_batch()
         self.buffer.push_pending(trajs)
         return len(trajs)
+
+    def has_room(self) -> bool:
+        """Backpressure: the pending stream below `sampler.max_pending`, and the policy lag bounded."""
+        s = self.cfg.sampler
+        pending = self.buffer.pending_len()
+        if pending >= s.max_pending:
+            return False
+        if s.max_lag_steps is None:
+            return True
+        queued = pending + self.buffer.fresh_len()
+        return lag_room(queued, s.prompts_per_batch * s.samples_per_prompt, fresh_per_step(self.cfg), s.max_lag_steps)
 
     def run(self, stop_event: Optional[threading.Event] = None, max_batches: Optional[int] = None,
             idle_sleep: float = 0.2) -> int:
@@ -132,6 +143,25 @@ class Sampler:
 
     def stats(self) -> dict:
         return {"sampled": self.sampled, "version": self.version, "policy_step": self.policy_step, "epoch": self._epoch}
+
+
+def fresh_per_step(cfg: Config) -> int:
+    """Fresh trajectories one learner step consumes (its online half, over all micro-batches)."""
+    return cfg.derived()["fresh_per_micro_batch"] * cfg.learner.grad_accum
+
+
+def lag_room(queued: int, batch: int, per_step: int, max_lag_steps: int) -> bool:
+    """May a sampler push `batch` more trajectories behind `queued` ones (unscored + unread fresh)?
+
+    The learner consumes `per_step` fresh trajectories a step, so the last of the new batch is read
+    about (queued + batch) / per_step steps after it was sampled with the newest weights: that is
+    its policy lag. Allowed while that stays ≤ max_lag_steps, and always while fewer than one
+    step's worth is queued: a learner waiting for its fresh half must get it, even when a batch is
+    larger than max_lag_steps · per_step. With per_step = 0 (a replay-only learner) the lag is not
+    set by the learner and only max_pending holds."""
+    if queued < per_step or per_step <= 0:
+        return True
+    return queued + batch <= max_lag_steps * per_step
 
 
 def stop_requested(buffer) -> bool:

@@ -111,6 +111,7 @@ def scale_workers(run: str, n: int, *, cfg: Config | None = None, redis_url: str
             handles.append(cls.options(
                 name=name, namespace=NAMESPACE, lifetime="detached",
                 num_gpus=config.reward.num_gpus, num_cpus=1, max_restarts=config.run.max_restarts,
+                resources=dict(config.reward.resources) or None,
             ).remote(cfg_dict, url, run, name, reclaim_idle_ms=idle, torch_threads=threads))
         if wait:
             ray.get([h.stats.remote() for h in handles])
@@ -189,8 +190,14 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 def _connect(address: str) -> None:
     import ray
 
+    from common.errors import ClusterError
+
     if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        except ConnectionError as exc:
+            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; give --ray-address "
+                               "(or RAY_ADDRESS) of the cluster the run is on") from exc
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:

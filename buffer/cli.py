@@ -2,7 +2,8 @@
 
 --redis-url defaults to the environment variable PAG_REDIS_URL, else redis://127.0.0.1:6379/0.
 Standalone: `python -m buffer.cli stats --run demo --redis-url redis://127.0.0.1:6380/0`.
-Exit codes: 0 done, 1 run or id not found or Redis unreachable, 2 bad arguments (argparse).
+Exit codes: 0 done, 1 run or id not found, 2 bad arguments, 3 Redis unreachable or refusing
+(one line on stderr naming the URL; common/errors.py).
 Nothing here writes to Redis except the shared decode-error counter.
 """
 from __future__ import annotations
@@ -13,10 +14,9 @@ import json
 import sys
 from typing import Any, Callable, Optional
 
-import redis
-
-from buffer.connection import REDIS_URL_ENV, default_url, redact
+from buffer.connection import REDIS_URL_ENV, default_url
 from buffer.replay import BufferNotFoundError, ReplayBuffer
+from common.errors import run_handled
 
 
 def _common() -> argparse.ArgumentParser:
@@ -105,20 +105,15 @@ _ACTIONS: dict[str, Callable[[ReplayBuffer, argparse.Namespace], int]] = {
 
 
 def handler(args: argparse.Namespace) -> int:
-    url = args.redis_url or default_url()
+    url = args.redis_url = args.redis_url or default_url()  # named by the error line if unreachable
     try:
         buf = ReplayBuffer.attach(url, args.run, reconnect_retries=2)
     except (BufferNotFoundError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    except redis.RedisError as exc:
-        print(f"cannot use redis at {redact(url)}: {exc}", file=sys.stderr)
-        return 1
+    # a Redis connection error propagates: common/errors.py makes it one line naming the URL, exit 3
     try:
         return _ACTIONS[args.action](buf, args)
-    except redis.RedisError as exc:
-        print(f"redis error at {redact(url)}: {exc}", file=sys.stderr)
-        return 1
     finally:
         buf.close()
 
@@ -128,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_actions(parser.add_subparsers(dest="buffer_command", required=True, metavar="{stats,top,show,export}"))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_handled(args.func, args, "python -m buffer.cli")
 
 
 if __name__ == "__main__":

@@ -316,6 +316,10 @@ class ReplayBuffer:
         """Unscored entries not yet acknowledged (producer backpressure)."""
         return len(self.pending)
 
+    def fresh_len(self) -> int:
+        """Scored entries the learner has not acknowledged yet (unread plus in its current batch)."""
+        return len(self.fresh)
+
     def read_fresh(self, consumer: str, count: int, block_ms: int = 0, min_idle_ms: int = 30000) -> list[Entry]:
         return self.fresh.read(consumer, count, block_ms, min_idle_ms)
 

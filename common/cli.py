@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Callable, Optional
 
+from common.errors import add_verbose_everywhere, command_path, run_handled
+
 #: (module, function) pairs: each function adds its subcommands to the subparsers object
 _REGISTRARS = [
     ("learner.train", "register"),     # pag train, pag adapt
@@ -77,26 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
         register(sub)
     _config_command(sub)
     _datasets_command(sub)
+    add_verbose_everywhere(parser)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from common.config import ConfigError
-
+    """Exit codes (common/errors.py): 0 done, 1 run failed, 2 bad input, 3 Redis, 4 Ray cluster,
+    5 models, 130 interrupted; a known error is one line on stderr, its traceback only with -v."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"pag: config error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    prog = " ".join(["pag", *command_path(parser, argv)])
+    return run_handled(args.func, args, prog, verbose=args.verbose)
 
 
 if __name__ == "__main__":

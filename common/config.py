@@ -52,6 +52,7 @@ class SamplerConfig(_Section):
     temp_end: float = Field(0.5, gt=0, description="sampling temperature after annealing")
     temp_anneal_steps: int = Field(5000, ge=0, description="learner steps to anneal the sampling temperature over")
     max_pending: int = Field(512, ge=1, description="backpressure: wait while the pending stream is longer")
+    max_lag_steps: Optional[int] = Field(4, ge=1, description="bounded policy lag: sample a batch only while the queued unscored + unread fresh trajectories, with it, fit in this many learner steps' worth of fresh data (None: only max_pending)")
     response: Literal["full", "suffix"] = Field("full", description="full: the policy writes the whole rewrite; suffix: it continues '{x},' and the rewrite is x + ', ' + continuation (log-probs over the continuation only; common/formats.py)")
     datasets: list[str] = Field(default_factory=lambda: ["diffusiondb_ipgo", "pickapic", "coco_all"], description="training prompt sets (names or files); their train split, minus the paper's four evaluation sets")
 
@@ -84,11 +85,22 @@ class RewardConfig(_Section):
     vae_fp16: bool = Field(True, description="with fp16: decode in half precision too (False: the VAE stays float32, the upcast safe path)")
     render_batch: Optional[int] = Field(None, ge=1, description="prompts per pipeline call (× images_per_prompt images); None: batch_size")
     overlap_scoring: bool = Field(False, description="score a rendered chunk in a side thread (own CUDA stream) while the next chunk denoises")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per reward worker, e.g. {reward_node: 1}: places workers on nodes started with `ray start --resources`")
 
     @model_validator(mode="after")
     def _speed(self) -> "RewardConfig":
         if self.cuda_graphs and not (self.compile_unet or self.compile_vae):
             raise ValueError("cuda_graphs needs compile_unet=true or compile_vae=true (CUDA graphs come from torch.compile mode='reduce-overhead')")
+        return self
+
+    @model_validator(mode="after")
+    def _resources(self) -> "RewardConfig":
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"resources: {name!r} is a built-in Ray resource; use reward.num_gpus for GPUs "
+                                 "(CPU is 1 per worker) and resources only for custom ones such as {reward_node: 1}")
+            if not amount > 0:
+                raise ValueError(f"resources: {name!r} = {amount}: the amount must be > 0")
         return self
 
 
@@ -106,17 +118,21 @@ class LearnerConfig(_Section):
     batch_size: int = Field(64, ge=2, description="trajectories per micro-batch")
     grad_accum: int = Field(4, ge=1, description="micro-batches per optimiser step (256 = 64×4)")
     replay_ratio: float = Field(0.5, ge=0, le=1, description="fraction of a batch drawn from prioritised replay")
+    fresh_policy: Literal["wait", "fill"] = Field("wait", description="wait: block until a micro-batch's fresh half is scored (the official balance); fill: fill missing fresh slots from replay (throughput experiments)")
+    fresh_timeout_s: float = Field(1800.0, gt=0, description="waiting longer than this for fresh trajectories ends the run with an error naming the reward workers")
+    max_updates_per_fresh: Optional[float] = Field(None, gt=0, description="fill: at most this many optimiser steps per step's worth of fresh data, else wait (None: no cap; wait is always 1)")
     objective: Literal["fl-db", "db", "tb", "ppo"] = Field("fl-db", description="fl-db (PAG), db (no decomposition), tb (vanilla GFlowNet), ppo (reward-maximising baseline, Promptist; on-policy: needs replay_ratio=0)")
     lr: float = Field(1e-5, gt=0, description="policy learning rate")
     flow_lr: float = Field(1e-4, gt=0, description="flow head (and log Z) learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay, policy and flow head (official: AdamW's default 0.01; main.py's weight_decay argument is unused)")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip of the policy's parameters (the flow head is not clipped, as officially)")
     reward_temp_start: float = Field(2.0, gt=0, description="τ at step 0 (everything divided by τ)")
     reward_temp_end: float = Field(1.0, gt=0, description="τ after annealing")
-    reward_temp_anneal_steps: int = Field(5000, ge=0, description="steps to anneal τ over")
+    reward_temp_anneal_steps: int = Field(500, ge=0, description="steps to anneal τ over (official reward_sched_horizon)")
     ref_temp: float = Field(1.0, gt=0, description="γ: reference log-probs are divided by γ")
     min_len_penalty: float = Field(0.0, ge=0, description="log-reward penalty per token below sampler.min_len")
     reactivation_every: int = Field(2000, ge=0, description="re-initialise the flow head's last layer every M steps (0: off)")
+    reactivation_init: Literal["normal", "default"] = Field("normal", description="normal: last flow layer's weight and bias re-drawn from N(0, 1), optimiser state kept (official); default: PyTorch's Linear init, its Adam moments dropped")
     reactivation_dormant: Optional[float] = Field(None, ge=0, le=1, description="also reactivate when the flow head's dormant ratio exceeds this")
     dormant_tau: float = Field(0.1, gt=0, description="τ of the τ-dormant neuron ratio (Sokar et al., 2023)")
     flow_hidden: int = Field(256, ge=1, description="flow head hidden width")
@@ -189,6 +205,7 @@ class RunConfig(_Section):
     device: str = Field("auto", description="auto, cpu or cuda[:i] for roles that do not get a Ray GPU")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local Ray")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per actor")
+    resource_wait_s: float = Field(0.0, ge=0, description="when the cluster cannot host the roles: ask the autoscaler and wait up to this many seconds (0: stop at once with an error)")
     log_every: int = Field(10, ge=1, description="metrics every N learner steps")
 
 
@@ -257,7 +274,9 @@ class Config(_Section):
 
     def hash(self) -> str:
         """Short hash of what changes the data (model and reward), stored in the run's meta."""
-        part = {"model": self.model.model_dump(mode="json"), "reward": self.reward.model_dump(mode="json")}
+        # where the workers run (reward.resources) does not change the data
+        part = {"model": self.model.model_dump(mode="json"),
+                "reward": self.reward.model_dump(mode="json", exclude={"resources"})}
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
 
     def save(self, path: Path) -> None:

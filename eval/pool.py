@@ -5,6 +5,7 @@ where the grid needs one)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Iterator, Optional
 
 from common.config import Config
@@ -35,7 +36,8 @@ class LocalPool:
 class RayPool:
     """`n` EvalWorker actors (`reward.num_gpus` GPUs each), each kept `depth` batches busy."""
 
-    def __init__(self, cfg: Config, n: int, depth: int = 2, torch_threads: Optional[int] = None) -> None:
+    def __init__(self, cfg: Config, n: int, depth: int = 2, torch_threads: Optional[int] = None,
+                 start_timeout_s: float = 900.0) -> None:
         import ray
 
         from eval.worker import EvalWorker
@@ -47,7 +49,11 @@ class RayPool:
         self.actors = [remote.options(num_gpus=gpus, num_cpus=1, max_restarts=cfg.run.max_restarts,
                                       max_task_retries=2).remote(cfg.to_dict(), device, torch_threads)
                        for _ in range(n)]
-        ids = ray.get([a.render_id.remote() for a in self.actors])
+        try:
+            ids = ray.get([a.render_id.remote() for a in self.actors], timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise RuntimeError(f"{n} eval workers (num_gpus={gpus}, num_cpus=1 each) did not start within "
+                               f"{start_timeout_s:.0f}s: does the cluster have the resources? (`ray status`)") from exc
         if len(set(ids)) != 1:
             raise RuntimeError(f"eval workers disagree on what they compute (render ids {sorted(set(ids))}): "
                                "mixed GPU and CPU workers give different numbers; give every worker the same device")
@@ -110,4 +116,6 @@ def make_pool(cfg: Config, workers: Optional[int]) -> Any:
             return LocalPool(cfg)
     if n == 1 and not ray_up:
         return LocalPool(cfg)
-    return RayPool(cfg, n)
+    # CPU workers split this machine's cores; a GPU worker needs few CPU threads
+    threads = None if _cluster_gpus() > 0 else max(1, (os.cpu_count() or 1) // n)
+    return RayPool(cfg, n, torch_threads=threads)

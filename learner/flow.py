@@ -60,12 +60,23 @@ class FlowHead(nn.Module):
         return list(self.out.parameters())
 
     @torch.no_grad()
-    def reinit_last_layer(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Flow reactivation: re-initialise `out` (PyTorch's default Linear init, from the global RNG).
+    def reinit_last_layer(self, optimizer: Optional[torch.optim.Optimizer] = None, init: str = "normal",
+                          generator: Optional[torch.Generator] = None) -> None:
+        """Flow reactivation: re-draw `out`, the layer that reads log F̃ off the hidden units.
 
-        Pass the optimizer to also drop its state (Adam moments) for the re-initialised tensors;
-        stale moments would otherwise push the fresh weights with the old layer's momentum.
+        `normal` (the official code: `param.data = torch.randn_like(param.data)` on the last layer):
+        weight and bias from N(0, 1), the optimiser state kept. With D hidden units this makes log F̃
+        jump by O(√D · E|a|), about 25× what the default init does at D = 256: strong enough to
+        pull the head out of a collapsed fit. `default`: PyTorch's Linear init (U(±1/√D)), and the
+        optimiser's moments of the re-drawn tensors dropped (stale momentum would push the new
+        weights with the old layer's history).
         """
+        if init == "normal":
+            for p in self.last_layer_parameters():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device))
+            return
+        if init != "default":
+            raise ValueError(f"learner.reactivation_init must be 'normal' or 'default', got {init!r}")
         self.out.reset_parameters()
         if optimizer is not None:
             for p in self.last_layer_parameters():

@@ -25,6 +25,7 @@ from common.models import build_policy, build_tokenizer, resolve_device
 from common.trajectory import Trajectory
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.flow import FlowHead
+from learner.fresh import FreshTimeoutError, fresh_fraction, fresh_required, timeout_message
 from learner.losses import check_finite, gflownet_loss, temper
 from learner.plasticity import dormant_metrics, should_reactivate
 from learner.ppo import ValueHead, freeze_lower_blocks
@@ -119,25 +120,51 @@ class Learner:
 
     # ------------------------------------------------------------------ data
 
-    def collect(self, n: int, wait_s: float = 60.0) -> tuple[list[Trajectory], list[str], dict[str, int]]:
+    def collect(self, n: int, wait_s: Optional[float] = None) -> tuple[list[Trajectory], list[str], dict[str, int]]:
         """n trajectories: n·(1−replay_ratio) fresh from the stream, the rest prioritised replay.
-        Missing fresh ones are filled from replay (counted); waits while the buffer is empty."""
-        n_replay = int(round(n * self.cfg.learner.replay_ratio))
+
+        `learner.fresh_policy=wait` blocks until the fresh half is there (at most `wait_s`, default
+        `learner.fresh_timeout_s`, then FreshTimeoutError naming the reward workers); `fill` takes the
+        fresh ones there are and fills the rest from replay (counted), waiting only for what
+        `learner.max_updates_per_fresh` requires, or while the buffer is empty."""
+        lc = self.cfg.learner
+        n_replay = int(round(n * lc.replay_ratio))
         n_fresh = n - n_replay
-        deadline = time.monotonic() + wait_s
-        fresh_entries = self.buffer.read_fresh(self.consumer, n_fresh, block_ms=200) if n_fresh else []
-        while not fresh_entries and len(self.buffer) == 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no scored trajectories arrived in {wait_s:.0f}s: are the reward workers running?")
-            fresh_entries = self.buffer.read_fresh(self.consumer, n_fresh or n, block_ms=500)
-        fresh = [t for _, t in fresh_entries if self._valid(t)]
-        filled = n_fresh - len(fresh) if len(fresh) < n_fresh else 0
+        timeout = lc.fresh_timeout_s if wait_s is None else wait_s
+        required = fresh_required(lc.fresh_policy, n_fresh, self.counters["micro_batches"],
+                                  self.counters["fresh_total"], lc.max_updates_per_fresh)
+        start = time.monotonic()
+        fresh: list[Trajectory] = []
+        entry_ids: list[str] = []
+        dropped = 0
+        while len(fresh) < n_fresh:
+            short = len(fresh) < required or (len(self.buffer) == 0 and not fresh)
+            got = self.buffer.read_fresh(self.consumer, n_fresh - len(fresh), block_ms=200 if short else 0)
+            entry_ids += [e for e, _ in got]
+            valid = [t for _, t in got if self._valid(t)]
+            dropped += len(got) - len(valid)
+            fresh += valid
+            if len(fresh) >= required and (fresh or len(self.buffer) > 0) and (not got or len(fresh) >= n_fresh):
+                break
+            if short and time.monotonic() - start > timeout:
+                if required:
+                    raise FreshTimeoutError(timeout_message(self.buffer.run, len(fresh), required,
+                                                            time.monotonic() - start, self.buffer.pending_len()))
+                raise TimeoutError(f"no scored trajectories arrived in {timeout:.0f}s: are the reward workers running?")
+        filled = n_fresh - len(fresh)
+        while n_fresh == 0 and len(self.buffer) == 0:  # replay only: wait for a first scored trajectory
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"no scored trajectories arrived in {timeout:.0f}s: are the reward workers running?")
+            time.sleep(0.2)
         drawn = self.buffer.sample(n_replay + filled) if n_replay + filled > 0 else []
         replay = [t for t in drawn if self._valid(t)]
-        self.counters["dropped_invalid"] += len(fresh_entries) - len(fresh) + len(drawn) - len(replay)
+        self.counters["dropped_invalid"] += dropped + len(drawn) - len(replay)
         if not fresh and not replay:
             raise RuntimeError("every collected trajectory breaks the sampler's EOS rule (sampler.min_len changed?)")
-        return fresh + replay, [e for e, _ in fresh_entries], {"fresh": len(fresh), "replay": len(replay), "filled": filled}
+        self.counters["micro_batches"] += 1
+        self.counters["fresh_total"] += len(fresh)
+        self.counters["replay_total"] += len(replay)
+        return fresh + replay, entry_ids, {"fresh": len(fresh), "replay": len(replay), "filled": filled}
 
     def _valid(self, t: Trajectory) -> bool:
         """A trajectory the current policy could have sampled: no EOS before sampler.min_len (an item
@@ -172,7 +199,7 @@ class Learner:
 
     # ------------------------------------------------------------------ one optimiser step
 
-    def train_step(self, wait_s: float = 60.0) -> dict[str, float]:
+    def train_step(self, wait_s: Optional[float] = None) -> dict[str, float]:
         """Collect grad_accum micro-batches (fresh + replay), update, acknowledge the fresh entries."""
         lc = self.cfg.learner
         batches, fresh, entries = [], [], []
@@ -220,7 +247,7 @@ class Learner:
             if self.encoder is not None and fresh:
                 metrics[f"{NS_DIVERSITY}/text"] = text_diversity(fresh, self.encoder)
         if should_reactivate(self.step, lc.reactivation_every, flow_dormant, lc.reactivation_dormant):
-            self.flow.reinit_last_layer(self.optimizer)
+            self.flow.reinit_last_layer(self.optimizer, init=lc.reactivation_init)
             self.counters["reactivations"] += 1
         metrics["plasticity/reactivations"] = float(self.counters["reactivations"])
         if self.step % lc.publish_every == 0:
@@ -240,26 +267,31 @@ class Learner:
             (loss / len(batches)).backward()
             losses.append(float(loss.detach()))
             infos.append(info)
-        params = list(self.policy.parameters()) + list(self.flow.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip)
+        # the policy's gradient norm is clipped, the flow head's is not (the official trainer clips
+        # model.parameters() only; the head has its own optimiser there)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), self.cfg.learner.grad_clip)
         self.optimizer.step()
         return losses, infos, float(grad_norm)
 
-    def collect_on_policy(self, n: int, wait_s: float = 60.0) -> tuple[list[Trajectory], list[str], dict[str, int]]:
+    def collect_on_policy(self, n: int, wait_s: Optional[float] = None) -> tuple[list[Trajectory], list[str], dict[str, int]]:
         """objective=ppo: n fresh trajectories and nothing else (never replay, whatever learner.fresh_policy
-        says); blocks until they are scored, TimeoutError naming the reward workers after `wait_s`."""
-        deadline = time.monotonic() + wait_s
+        says); blocks until they are scored, FreshTimeoutError naming the reward workers after `wait_s`
+        (default learner.fresh_timeout_s)."""
+        timeout = self.cfg.learner.fresh_timeout_s if wait_s is None else wait_s
+        start = time.monotonic()
         fresh: list[Trajectory] = []
         entries: list[str] = []
         while len(fresh) < n:
-            got = self.buffer.read_fresh(self.consumer, n - len(fresh), block_ms=500)
+            got = self.buffer.read_fresh(self.consumer, n - len(fresh), block_ms=200)
             entries += [e for e, _ in got]
             valid = [t for _, t in got if self._valid(t)]
             self.counters["dropped_invalid"] += len(got) - len(valid)
             fresh += valid
-            if len(fresh) < n and time.monotonic() > deadline:
-                raise TimeoutError(f"objective=ppo waited {wait_s:.0f}s for {n} fresh trajectories and got "
-                                   f"{len(fresh)}: are the reward workers of run {self.buffer.run!r} running?")
+            if len(fresh) < n and time.monotonic() - start > timeout:
+                raise FreshTimeoutError("objective=ppo (on-policy): " + timeout_message(
+                    self.buffer.run, len(fresh), n, time.monotonic() - start, self.buffer.pending_len()))
+        self.counters["micro_batches"] += 1
+        self.counters["fresh_total"] += len(fresh)
         return fresh, entries, {"fresh": len(fresh), "replay": 0, "filled": 0}
 
     def _heads(self) -> dict[str, torch.nn.Module]:
@@ -299,6 +331,8 @@ class Learner:
         m[f"{NS_BUFFER}/size"] = float(len(self.buffer))
         m[f"{NS_BUFFER}/fresh"] = float(counts["fresh"])
         m[f"{NS_BUFFER}/filled_from_replay"] = float(counts["filled"])
+        m[f"{NS_BUFFER}/fresh_fraction"] = fresh_fraction(counts["fresh"], counts.get("replay", 0))
+        m[f"{NS_BUFFER}/fresh_fraction_run"] = fresh_fraction(self.counters["fresh_total"], self.counters["replay_total"])
         self.counters["filled_from_replay"] += counts["filled"]
         m[f"{NS_THROUGHPUT}/trajectories_per_s"] = len(trajs) / max(elapsed, 1e-9)
         m[f"{NS_THROUGHPUT}/fresh_per_s"] = len(fresh) / max(elapsed, 1e-9)

@@ -139,6 +139,18 @@ def _window_mean(history: list[dict[str, float]], key: str, first: bool) -> floa
     return float(np.mean(values[:k] if first else values[-k:]))
 
 
+def _balance_line(cfg: Config, history: list[dict[str, float]]) -> str:
+    """The realised online/replay balance over the whole run (the last step's run-long counter)."""
+    runs = [m["buffer/fresh_fraction_run"] for m in history if "buffer/fresh_fraction_run" in m]
+    lags = [m["weights/lag_max"] for m in history if "weights/lag_max" in m]
+    target = 1 - cfg.learner.replay_ratio
+    realised = f"{runs[-1]:.3f}" if runs and math.isfinite(runs[-1]) else "n/a"
+    lag = f"{max(lags):.0f}" if lags else "n/a"
+    return (f"Realised fresh fraction **{realised}** (target {target:.2f}, `learner.fresh_policy="
+            f"{cfg.learner.fresh_policy}`); largest policy lag {lag} steps (`sampler.max_lag_steps="
+            f"{cfg.sampler.max_lag_steps}`).")
+
+
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -168,10 +180,10 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
 
     keys = ["loss/total", "reward/reward", "reward/aes", "reward/aes_gain", "reward/clip", "reward/log_reward",
             "diversity/text", "loss/entropy", "plasticity/flow_dormant", "plasticity/policy_dormant",
-            "weights/lag_mean", "buffer/size", "throughput/fresh_per_s"]
+            "weights/lag_mean", "weights/lag_max", "buffer/fresh_fraction", "buffer/size", "throughput/fresh_per_s"]
     lines = [f"# Run `{cfg.run.name}`", "",
              f"Preset `{cfg.preset}`, {len(history)} learner steps recorded, checkpoint `{ckpt}`, "
-             f"starting policy `{sft}`.", "", "![curves](curves.png)", "",
+             f"starting policy `{sft}`.", "", _balance_line(cfg, history), "", "![curves](curves.png)", "",
              "## Metrics (mean of the first and last 10 % of steps)", "", "| metric | first 10 % | last 10 % |",
              "|---|---|---|"]
     for key in keys:

@@ -19,9 +19,6 @@ from common.config import Config, ConfigError, load_config
 
 log = logging.getLogger("pag.train")
 
-#: env vars every actor needs (offline hub, shared SFT cache)
-_PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "PAG_CACHE", "TOKENIZERS_PARALLELISM")
-
 
 class RunFailed(RuntimeError):
     """A role could not come back; the message names it."""
@@ -71,11 +68,16 @@ def _flag_overrides(args) -> list[str]:
     return [f"{k}={v}" for k, v in pairs if v is not None]
 
 
-def resolve_run(args) -> tuple[Config, Path]:
-    """Config and run directory: a new run, or (--resume) the saved config of an existing one."""
+def resolve_run(args, environ=os.environ) -> tuple[Config, Path]:
+    """Config and run directory: a new run, or (--resume) the saved config of an existing one.
+    Under a Ray job a relative runs dir is placed under ~/pag (learner/cluster.py), said on stderr."""
+    from learner.cluster import resolve_runs_dir
+
     overrides = list(args.overrides) + _flag_overrides(args)
     if args.resume:
-        runs_dir = Path(args.runs_dir or "runs")
+        runs_dir, note = resolve_runs_dir(args.runs_dir or "runs", environ)
+        if note:
+            print(f"pag train: {note}", file=sys.stderr)
         if args.run_name:
             run_dir = runs_dir / args.run_name
         else:
@@ -93,7 +95,10 @@ def resolve_run(args) -> tuple[Config, Path]:
     cfg = load_config(args.preset, args.config_file, overrides)
     name = cfg.run.name or f"{cfg.preset}__{cfg.run.seed}__{datetime.now():%Y%m%d-%H%M%S}"
     cfg.run.name = name
-    run_dir = Path(cfg.run.runs_dir) / name
+    runs_dir, note = resolve_runs_dir(cfg.run.runs_dir, environ)
+    if note:
+        print(f"pag train: {note}", file=sys.stderr)
+    run_dir = runs_dir / name
     if (run_dir / "config.yaml").exists():
         raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
                           "or another --run-name")
@@ -101,14 +106,13 @@ def resolve_run(args) -> tuple[Config, Path]:
 
 
 def cmd_train(args) -> int:
+    """Errors (config, data, Redis, cluster, a role that died) reach common/cli.py, which prints one line."""
     cfg, run_dir = resolve_run(args)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, report=not args.no_report)
+    trainer.prepare()  # before the run directory exists: a run that cannot start leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
-    try:
-        return Trainer(cfg, run_dir, resume=args.resume, report=not args.no_report).run()
-    except RunFailed as exc:
-        print(f"pag train: {exc}", file=sys.stderr)
-        return 1
+    return trainer.run()
 
 
 # ---------------------------------------------------------------------- driver
@@ -132,22 +136,31 @@ class Trainer:
         log.info("private redis-server on %s (AOF in %s)", self.redis_server.url, self.run_dir / "redis")
         return self.redis_server.url
 
-    def _start_ray(self) -> None:
+    def prepare(self) -> None:
+        """Join Ray (job-aware), check the cluster can host the roles and the prompt sets load; raises
+        ClusterError / DatasetError with what to do, and leaves Ray as it found it on failure."""
         import ray
 
-        if ray.is_initialized():
-            return
-        address = self.cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
-                                  "logging_level": logging.WARNING}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            cpus = max(os.cpu_count() or 2, self.cfg.sampler.num_samplers + self.cfg.reward.num_workers + 2)
-            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
-        self.started_ray = True
+        from common.data import load_train_prompts
+        from learner.cluster import init_ray, preflight
+
+        load_train_prompts(self.cfg.sampler.datasets)  # a bad prompt file fails here, not in a sampler
+        if self.cfg.buffer.redis_url:  # an unreachable --redis-url fails in seconds, before SFT and Ray
+            from buffer.connection import connect
+
+            client = connect(self.cfg.buffer.redis_url, retries=2)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        self.started_ray = init_ray(self.cfg) or self.started_ray
+        try:
+            preflight(self.cfg)
+        except BaseException:
+            if self.started_ray:
+                ray.shutdown()
+                self.started_ray = False
+            raise
 
     def _launch(self, redis_url: str, sft: Optional[str]) -> None:
         import ray
@@ -170,6 +183,8 @@ class Trainer:
     # -------------------------------------------------------------- the loop
 
     def run(self) -> int:
+        import ray
+
         from buffer import ReplayBuffer
         from learner.sft import ensure_sft
 
@@ -179,9 +194,14 @@ class Trainer:
         self.buffer.set_meta(stop="0", config_hash=self.cfg.hash(), run_dir=str(self.run_dir.resolve()))
         interrupted = False
         previous = signal.getsignal(signal.SIGTERM)
+        previous_int = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        # explicitly: a run started from a background job (`pag train &`, nohup, some CI runners) inherits
+        # SIGINT *ignored*, and Ctrl-C / `kill -INT` would be lost
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            self._start_ray()
+            if not ray.is_initialized():
+                self.prepare()
             self._launch(redis_url, sft)
             self._loop()
         except KeyboardInterrupt:
@@ -189,6 +209,7 @@ class Trainer:
             print("\npag train: interrupted — writing a checkpoint and stopping", file=sys.stderr)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
             self._shutdown(final_report=not interrupted, sft=sft, redis_url=redis_url)
         return 130 if interrupted else 0
 
@@ -197,6 +218,8 @@ class Trainer:
         from tqdm import tqdm
 
         from torch.utils.tensorboard import SummaryWriter
+
+        from learner.fresh import FreshTimeoutError
 
         writer = SummaryWriter(str(self.run_dir / "tb"))
         total = self.cfg.learner.steps
@@ -208,6 +231,8 @@ class Trainer:
             while step < total:
                 try:
                     metrics = ray.get(self.learner.train_step.remote())
+                except FreshTimeoutError as exc:  # raised in the actor: Ray's error is also an instance of it
+                    raise RunFailed(str(getattr(exc, "cause", None) or exc)) from None
                 except ray.exceptions.RayActorError as exc:
                     failures += 1
                     if failures > self.cfg.run.max_restarts:

@@ -235,7 +235,7 @@ def test_flow_head_prompt_conditioning_and_reactivation():
     head(states, torch.randn(2, 8)).sum().backward()
     optimizer.step()
     before = {n: p.detach().clone() for n, p in head.named_parameters()}
-    head.reinit_last_layer(optimizer)
+    head.reinit_last_layer(optimizer, init="default")
     for name, p in head.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == name.startswith("out."), name

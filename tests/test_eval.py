@@ -135,3 +135,59 @@ def test_resume_after_interrupt_renders_only_the_rest(tmp_path):
     assert stats2["rendered"] == 0
     key = ("a red car", "a red car, 8k")
     assert records2[key]["aes"] == pytest.approx(records[key]["aes"], abs=1e-6)
+
+
+@pytest.mark.ray
+def test_ray_pool_of_two_workers_matches_the_local_worker(ray_local):
+    """Fan-out over 2 Ray actors: every batch answered once, the same numbers as in-process."""
+    from common.config import load_config
+    from eval.pool import LocalPool, RayPool
+    from eval.worker import decode_results, encode_items
+
+    cfg = load_config("tiny", overrides=["eval.steps=2"])
+    items = [{"against": "a red car", "key": t, "text": t, "thumb": False}
+             for t in ("a red car", "a red car, 8k", "a red car, oil painting", "a red car at night")]
+    works = [encode_items(items[i:i + 1]) for i in range(len(items))]
+    pool = RayPool(cfg, 2, torch_threads=1)
+    try:
+        remote = {r["key"]: r for blob in pool.map(works) for r in decode_results(blob)}
+        assert pool.render_id() == LocalPool(cfg).render_id()
+    finally:
+        pool.close()
+    local = {r["key"]: r for blob in LocalPool(cfg).map(works) for r in decode_results(blob)}
+    from eval.cache import decode_record
+
+    assert sorted(remote) == sorted(local) and all(r["error"] is None for r in remote.values())
+    for key in local:
+        a, b = decode_record(remote[key]["record"]), decode_record(local[key]["record"])
+        assert a["aes"] == pytest.approx(b["aes"], abs=1e-4) and a["clip"] == pytest.approx(b["clip"], abs=1e-4)
+
+
+def test_beam_decoding_is_deterministic_and_ranked(workdir):
+    from common.config import load_config
+    from eval.methods.policy import PolicyMethod
+
+    path, _ = workdir
+    cfg = load_config("tiny", overrides=["eval.decode=beam", "eval.max_new_tokens=6", "eval.min_new_tokens=2"])
+    method = PolicyMethod("sft", str(path / "sft"), cfg.model, cfg.eval)
+    first = method.rewrite(["a red car", "a blue boat"], 3)
+    again = method.rewrite(["a red car", "a blue boat"], 3)
+    assert [[r.text for r in o.rewrites] for o in first] == [[r.text for r in o.rewrites] for o in again]
+    assert all(len(o.rewrites) == 3 for o in first)
+
+
+def test_promptist_method_uses_its_template_and_the_packaged_tokenizer(tmp_path):
+    from common.config import load_config
+    from common.models import build_policy, build_tokenizer
+    from eval.methods import build_method
+    from eval.spec import parse_methods
+
+    cfg = load_config("tiny", overrides=["eval.decode=sample", "eval.max_new_tokens=5", "eval.min_new_tokens=2"])
+    build_policy(cfg.model, build_tokenizer(cfg.model)).save_pretrained(tmp_path / "promptist")  # no tokenizer files
+    (spec,) = parse_methods(f"promptist:{tmp_path / 'promptist'}")
+    method = build_method(spec, cfg)
+    assert method.template == "{prompt} Rephrase:"
+    ids, _ = method._encode(["a red car"])
+    assert method.tokenizer.decode(ids[0]) == "a red car Rephrase:"
+    (out,) = method.rewrite(["a red car"], 2)
+    assert len(out.rewrites) == 2

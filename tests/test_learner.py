@@ -50,7 +50,9 @@ def test_collate_layout(cfg, trajectories):
 
 def test_train_step_uses_fresh_and_replay_and_acknowledges(cfg, buffer, tmp_path, trajectories):
     store = WeightStore()
-    learner = Learner(cfg, buffer, tmp_path, weights=store, resume=False)
+    c = cfg.model_copy(deep=True)
+    c.learner.fresh_policy = "fill"  # today's throughput mode: missing fresh slots come from replay
+    learner = Learner(c, buffer, tmp_path, weights=store, resume=False)
     assert store.version() == 0 and store.step() == 0, "initial weights are published at start"
     buffer.add(trajectories[:12])
     m = learner.train_step(wait_s=5)
@@ -127,7 +129,7 @@ def test_nonfinite_loss_is_skipped_then_stops(cfg, buffer, tmp_path, trajectorie
 
 def test_flow_reactivation_every_m_steps(cfg, buffer, tmp_path, trajectories):
     c = cfg.model_copy(deep=True)
-    c.learner.reactivation_every = 2
+    c.learner.reactivation_every, c.learner.reactivation_init = 2, "default"
     learner = Learner(c, buffer, tmp_path, resume=False)
     learner.update([trajectories[:8]])
     out_before = learner.flow.out.weight.clone()

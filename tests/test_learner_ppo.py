@@ -9,6 +9,7 @@ import torch
 from actors.sampler import Sampler
 from buffer import ReplayBuffer
 from common.config import ConfigError, load_config
+from learner.fresh import FreshTimeoutError
 from learner.learner import Learner
 
 PPO = ["learner.objective=ppo", "learner.replay_ratio=0", "learner.reactivation_every=0"]
@@ -66,7 +67,7 @@ def test_ppo_step_is_on_policy_and_trains_the_top_block_and_the_value_head(cfg, 
 def test_ppo_never_fills_from_replay(cfg, buffer, tmp_path, trajectories):
     learner = Learner(cfg, buffer, tmp_path, resume=False)
     buffer.add(trajectories[:4])  # only half a micro-batch is fresh
-    with pytest.raises(TimeoutError, match="fresh trajectories"):
+    with pytest.raises(FreshTimeoutError, match="objective=ppo.*only 4 of the 8 fresh"):
         learner.train_step(wait_s=1)
 
 

@@ -83,8 +83,10 @@ def test_train_end_to_end_then_resume(workdir):
 def test_sigint_stops_cleanly_with_checkpoint(workdir):
     path, env = workdir
     run_dir = path / "runs" / "sig"
+    # started as a background job is: SIGINT ignored on entry. `pag train` must install its handler itself
     proc = subprocess.Popen([sys.executable, "-m", "common.cli", "train", "--steps", "500", "--run-name", "sig",
-                             *SMALL], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *SMALL], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 400
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline and proc.poll() is None:

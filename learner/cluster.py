@@ -1,0 +1,204 @@
+"""The driver's side of a Ray cluster: joining it (also from inside a `ray job submit` job), where
+the run directory goes under a job, and a resource check before any role is launched.
+
+* **Job runtime env.** `ray job submit --runtime-env-json '{"env_vars": {...}}'` hands the driver
+  its runtime env in `RAY_JOB_CONFIG_JSON_ENV_VAR`; `ray.init` merges its own `runtime_env` into
+  that one and refuses when both set the same env var. The driver therefore passes only the
+  variables the job did not set: the job's values win, and the actors inherit them from the job.
+* **Runs dir under a job.** Ray unpacks `--working-dir` into its session's `runtime_resources/`,
+  shared by jobs with the same code and deleted with the session. Under a job a relative
+  `run.runs_dir` (the default `runs`) is placed under `~/pag/` of the user running Ray on the
+  driver's node — `~/pag/runs/<name>` — and said at start; an absolute `--runs-dir` is kept.
+* **Preflight.** Ray waits forever for an actor no node can host ("No available node types can
+  fulfill resource request"). Before launching, the roles' requests are packed onto the alive
+  nodes' resources; if they do not fit, a ClusterError names what is missing and what to do, or,
+  with `run.resource_wait_s > 0`, the driver asks the autoscaler for them and waits that long.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from common.config import Config
+from common.errors import ClusterError
+
+log = logging.getLogger("pag.cluster")
+
+#: env vars every actor needs (offline hub, shared SFT cache)
+PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "PAG_CACHE", "TOKENIZERS_PARALLELISM")
+#: the variable Ray's job supervisor sets for a job's driver (ray._private.runtime_env.constants)
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+#: under a job, a relative run.runs_dir goes below this directory (~ expanded on the driver's node)
+JOB_RUNS_ROOT = "~/pag"
+
+
+# ------------------------------------------------------------------ job awareness (pure)
+
+def job_config(environ: Mapping[str, str]) -> Optional[dict[str, Any]]:
+    """The job config Ray injected into this driver, or None outside `ray job submit`."""
+    raw = environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def job_id(environ: Mapping[str, str]) -> Optional[str]:
+    config = job_config(environ)
+    if config is None:
+        return None
+    return str((config.get("metadata") or {}).get("job_submission_id") or "?")
+
+
+def driver_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
+    """Env vars for the driver's `ray.init(runtime_env=…)`: PASS_ENV from this process, minus any the
+    job's runtime env already sets (Ray refuses to merge a key set twice; the job's value wins)."""
+    env = {k: environ[k] for k in PASS_ENV if k in environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = job_config(environ)
+    if config is not None:
+        job_vars = ((config.get("runtime_env") or {}).get("env_vars") or {})
+        env = {k: v for k, v in env.items() if k not in job_vars}
+    return env
+
+
+def resolve_runs_dir(runs_dir: str, environ: Mapping[str, str]) -> tuple[Path, Optional[str]]:
+    """Where run directories go, and a line to say at start when it is not the plain `runs_dir`."""
+    path = Path(runs_dir).expanduser()
+    if path.is_absolute() or job_config(environ) is None:
+        return path, None
+    home = Path(environ.get("HOME") or Path.home())
+    root = Path(JOB_RUNS_ROOT.replace("~", str(home), 1))
+    resolved = root / path
+    note = (f"running as Ray job {job_id(environ)}: run directories go to {resolved} (a relative run.runs_dir is "
+            f"placed under {JOB_RUNS_ROOT} under a job, since the job's working dir is Ray's temporary copy; "
+            "pass --runs-dir /absolute/path to choose)")
+    return resolved, note
+
+
+# ------------------------------------------------------------------ joining Ray
+
+def init_ray(cfg: Config, environ: Mapping[str, str] = os.environ) -> bool:
+    """Join the configured cluster (or start a local Ray); True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.run.ray_address or environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": driver_env_vars(environ)}, "log_to_driver": True,
+                              "logging_level": logging.WARNING}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            cpus = max(os.cpu_count() or 2, cfg.sampler.num_samplers + cfg.reward.num_workers + 2)
+            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; start one (`ray start --head`) "
+                           "or give the right --ray-address / RAY_ADDRESS") from exc
+    return True
+
+
+# ------------------------------------------------------------------ preflight (pure packing + Ray query)
+
+def role_requests(cfg: Config) -> list[tuple[str, int, dict[str, float]]]:
+    """(role, how many, resources per actor) as the roles request them from Ray."""
+    def req(cpu: float, gpu: float, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+        out = {"CPU": float(cpu)}
+        if gpu > 0:
+            out["GPU"] = float(gpu)
+        out.update({k: float(v) for k, v in (extra or {}).items()})
+        return out
+
+    return [
+        ("learner", 1, req(1, cfg.learner.num_gpus)),
+        ("sampler", cfg.sampler.num_samplers, req(1, cfg.sampler.num_gpus)),
+        ("reward worker", cfg.reward.num_workers, req(1, cfg.reward.num_gpus, cfg.reward.resources)),
+    ]
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}"
+
+
+def fit_problems(requests: list[tuple[str, int, dict[str, float]]],
+                 nodes: list[dict[str, float]]) -> list[str]:
+    """What keeps the requests from being placed on `nodes` (each node's total resources), first-fit
+    decreasing; [] when they fit. Each problem names the role, its request and what is lacking."""
+    free = [dict(node) for node in nodes]
+    problems: list[str] = []
+    flat = [(role, res) for role, count, res in requests for _ in range(count)]
+    flat.sort(key=lambda item: (-item[1].get("GPU", 0.0), -len(item[1]), -item[1].get("CPU", 0.0)))
+    for role, res in flat:
+        if not any(all(node.get(k, 0.0) >= v for k, v in res.items()) for node in nodes):
+            lacking = sorted({k for k, v in res.items() if max((n.get(k, 0.0) for n in nodes), default=0.0) < v})
+            msg = (f"a {role} requests {_fmt(res)} but no node has "
+                   + " and ".join(f"{k} >= {res[k]:g}" for k in lacking))
+            if msg not in problems:
+                problems.append(msg)
+            continue
+        for node in free:
+            if all(node.get(k, 0.0) >= v for k, v in res.items()):
+                for k, v in res.items():
+                    node[k] -= v
+                break
+        else:
+            problems.append(f"a {role} requests {_fmt(res)}: every node that could host it is taken by the "
+                            "other roles of this run")
+    return problems
+
+
+def _alive_node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def _advice(cfg: Config, problems: list[str]) -> str:
+    tips = []
+    text = " ".join(problems)
+    if "GPU" in text:
+        tips.append("`--preset tiny` (CPU only), or `learner.num_gpus=0 sampler.num_gpus=0 reward.num_gpus=0`")
+    custom = [k for k in cfg.reward.resources if k in text]
+    if custom:
+        tips.append(f"start a node with them (`ray start --address … --resources '{json.dumps({k: 1 for k in custom})}'`) "
+                    "or drop reward.resources")
+    if "CPU" in text or "taken" in text:
+        tips.append("fewer --samplers/--reward-workers")
+    tips.append("a cluster with these resources (--ray-address), or run.resource_wait_s=SECONDS where an "
+                "autoscaler adds nodes")
+    return "; ".join(tips)
+
+
+def preflight(cfg: Config, poll_s: float = 2.0) -> None:
+    """Raise ClusterError unless the alive nodes can host every role (waiting up to run.resource_wait_s)."""
+    requests = role_requests(cfg)
+    problems = fit_problems(requests, _alive_node_resources())
+    if problems and cfg.run.resource_wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        bundles = [res for _, count, res in requests for _ in range(count)]
+        log.warning("the cluster cannot host the roles yet (%s); asking the autoscaler and waiting up to %.0f s",
+                    "; ".join(problems), cfg.run.resource_wait_s)
+        request_resources(bundles=bundles)
+        deadline = time.monotonic() + cfg.run.resource_wait_s
+        while problems and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            problems = fit_problems(requests, _alive_node_resources())
+    if problems:
+        nodes = _alive_node_resources()
+        have = {}
+        for node in nodes:
+            for k, v in node.items():
+                if k in ("CPU", "GPU") or k in cfg.reward.resources:
+                    have[k] = have.get(k, 0.0) + v
+        waited = f" after waiting {cfg.run.resource_wait_s:g} s" if cfg.run.resource_wait_s > 0 else ""
+        raise ClusterError(f"the cluster ({len(nodes)} node(s), {_fmt(have)} in all) cannot host this run{waited}: "
+                           + "; ".join(problems) + ". Try: " + _advice(cfg, problems))
