@@ -5,7 +5,7 @@
     batch = buf.sample(128)         # with replacement, exact softmax over log_reward
     for entry_id, traj in buf.read_fresh("learner-0", 64): …; buf.ack_fresh([...])
 
-Everything a run keeps lives under `pag:{run}:` (DESIGN.md), readable with redis-cli:
+Everything a run keeps lives under `pag:{run}:` (docs/design.md), readable with redis-cli:
 `traj:{id}` hashes, the `prio` ZSET (id → log_reward, the sampling index — see buffer/lua.py for
 why it needs no other structure), `pending` and `fresh` streams, `meta` counters, a bounded
 `failed` stream, and two bookkeeping keys: `dedup` (sha1(prompt NUL response) → id) and, for FIFO

@@ -138,6 +138,7 @@ class LearnerConfig(_Section):
     flow_hidden: int = Field(256, ge=1, description="flow head hidden width")
     publish_every: int = Field(1, ge=1, description="publish weights every K steps")
     checkpoint_every: int = Field(500, ge=1, description="checkpoint every E steps")
+    checkpoint_every_s: Optional[float] = Field(1800.0, gt=0, description="also checkpoint when this many seconds passed since the last one (None: steps only); bounds what a killed learner loses")
     max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite losses that stop training")
     num_gpus: float = Field(1.0, ge=0, description="GPUs for the learner actor")
     trainable_blocks: Optional[int] = Field(None, ge=1, description="train only the top N GPT-2 blocks (+ final LayerNorm; embeddings and the tied LM head frozen); None: all. Promptist's PPO trained the top 2")
@@ -308,7 +309,8 @@ def _preset_tiny() -> dict[str, Any]:
         "buffer": {"capacity": 2000},
         "learner": {
             "steps": 120, "batch_size": 16, "grad_accum": 1, "lr": 3e-4, "flow_lr": 1e-3,
-            "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 40,
+            "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 10,
+            "checkpoint_every_s": 20.0,
             "num_gpus": 0.0, "flow_hidden": 64,
         },
         # the tiny text encoder is 32 wide, so E is 32 × 16; 6 LMS steps keep an iteration well under a second

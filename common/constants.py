@@ -1,6 +1,6 @@
 """Names shared by every role: Redis keys, schema versions, metric namespaces.
 
-Keys are the user-facing contract of DESIGN.md: a person reads them with redis-cli,
+Keys are the user-facing contract of docs/design.md: a person reads them with redis-cli,
 so they change only with a schema bump.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def plain_key(model: str, seed: int, sha: str) -> str:
 SCORERS_GROUP = "scorers"
 LEARNER_GROUP = "learner"
 
-#: the policy's input template (DESIGN.md)
+#: the policy's input template (docs/design.md)
 REPHRASE_TEMPLATE = "{prompt} Rephrase:\n"
 
 #: metric namespaces (CleanRL style)

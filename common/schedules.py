@@ -1,6 +1,6 @@
 """Temperature schedules as functions of the learner step.
 
-Three temperatures move during training (DESIGN.md):
+Three temperatures move during training (docs/design.md):
 
 - sampling temperature: exploration of the samplers, 2.0 → 0.5 over 5000 steps. It only changes
   the behaviour policy; the balance objectives are off-policy, so log P_F is always at temperature 1.

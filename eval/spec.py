@@ -99,7 +99,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
                                       "the public Promptist checkpoint: promptist:DIR (download microsoft/Promptist "
                                       "with `hf download microsoft/Promptist --local-dir DIR`)")
             specs.append(MethodSpec(label, "promptist", resolve_policy_dir(path, entry)[0], raw=entry))
-        elif label == "ipgo":
+        elif label == "ipgo" or label.startswith("ipgo-"):  # ipgo-batch:runs/x, ipgo-hps:runs/y, …
             specs.append(MethodSpec(label, "ipgo", path or None, raw=entry))
         else:
             if not path:

@@ -108,7 +108,7 @@ class Learner:
         self.step = 0
         self.counters: dict[str, int] = defaultdict(int)
         self._nonfinite_run = 0
-        self._last_time = time.monotonic()
+        self._last_time = self._last_save = time.monotonic()
         if resume and (path := latest_checkpoint(self.run_dir)) is not None:
             state = load_checkpoint(path, self.policy, self.flow, self.optimizer, heads=self._heads())
             if self.ppo is not None:
@@ -252,7 +252,7 @@ class Learner:
         metrics["plasticity/reactivations"] = float(self.counters["reactivations"])
         if self.step % lc.publish_every == 0:
             self.publish()
-        if self.step % lc.checkpoint_every == 0 or self.step == lc.steps:
+        if self._checkpoint_due():
             self.save()
         return metrics
 
@@ -362,7 +362,14 @@ class Learner:
             self.weights.publish(self.step, self.policy.state_dict())
         return self.step
 
+    def _checkpoint_due(self) -> bool:
+        """Every `checkpoint_every` steps, at the last step, or `checkpoint_every_s` after the last save."""
+        lc = self.cfg.learner
+        timed = lc.checkpoint_every_s is not None and time.monotonic() - self._last_save >= lc.checkpoint_every_s
+        return self.step % lc.checkpoint_every == 0 or self.step == lc.steps or timed
+
     def save(self) -> Path:
+        self._last_save = time.monotonic()
         return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.flow, self.optimizer,
                                dict(self.counters), heads=self._heads(),
                                extra={} if self.ppo is None else {"ppo": self.ppo.state_dict()})

@@ -460,20 +460,35 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def require_sft(cfg: Config) -> None:
+    """Stop before anything starts when a pretrained policy has no SFT checkpoint.
+
+    Falling back to vanilla GPT-2 for the policy *and* the reference changes the target distribution
+    itself (R(y|x) · p_ref(y|x)^(1/γ)), so the run would not be the paper's. `tiny` trains its own;
+    `sd14-arch` (random weights, speed only) needs none."""
+    model = cfg.model
+    if model.sft_checkpoint or model.kind != "pretrained":
+        return
+    raise ConfigError(
+        f"model.sft_checkpoint is not set for preset {cfg.preset!r}: the policy and the frozen reference must start "
+        "from an SFT checkpoint, vanilla GPT-2 changes the target distribution. Get one with "
+        f"`pag sft --preset {cfg.preset}` (trains GPT-2 on the packaged plain -> engineered pairs and prints the "
+        "checkpoint directory), or use a copy of the Promptist SFT model (a Hugging Face directory or hub id; set "
+        "model.input_format=promptist for it), then pass model.sft_checkpoint=DIR.")
+
+
 def ensure_sft(cfg: Config, *, log: Log = logger.info) -> str:
     """The checkpoint the policy and reference start from.
 
     `model.sft_checkpoint` set: that. tiny without one: ``$PAG_CACHE/sft/tiny-<hash>``, trained first if
-    missing (a file lock makes concurrent callers wait for one training run). sd14 without one:
-    `model.policy`, with a warning — the paper starts from an SFT checkpoint.
+    missing (a file lock makes concurrent callers wait for one training run). A pretrained policy
+    (sd14) without one: ConfigError (`require_sft`); sd14-arch: `model.policy` (random weights).
     """
     model = cfg.model
     if model.sft_checkpoint:
         return model.sft_checkpoint
+    require_sft(cfg)
     if model.kind != "tiny":
-        logger.warning("model.sft_checkpoint is not set: starting from %r, not an SFT checkpoint as the paper does; "
-                       "train one with `pag sft --preset %s` and pass model.sft_checkpoint=DIR",
-                       model.policy, cfg.preset)
         return model.policy
     pairs = build_pairs(cfg.sampler.datasets, model.seed)
     out_dir = default_out_dir(cfg, pairs, settings_for(cfg))

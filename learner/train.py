@@ -107,7 +107,10 @@ def resolve_run(args, environ=os.environ) -> tuple[Config, Path]:
 
 def cmd_train(args) -> int:
     """Errors (config, data, Redis, cluster, a role that died) reach common/cli.py, which prints one line."""
+    from learner.sft import require_sft
+
     cfg, run_dir = resolve_run(args)
+    require_sft(cfg)  # before the run directory, Redis or Ray: sd14 needs an SFT reference
     trainer = Trainer(cfg, run_dir, resume=args.resume, report=not args.no_report)
     trainer.prepare()  # before the run directory exists: a run that cannot start leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)

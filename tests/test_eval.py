@@ -191,3 +191,66 @@ def test_promptist_method_uses_its_template_and_the_packaged_tokenizer(tmp_path)
     assert method.tokenizer.decode(ids[0]) == "a red car Rephrase:"
     (out,) = method.rewrite(["a red car"], 2)
     assert len(out.rewrites) == 2
+
+
+def test_extra_scorer_judges_against_the_plain_prompt_or_the_rewrite():
+    from actors.scorers import SCORE_KEYS, SCORERS, register_scorer
+    from common.config import load_config
+    from eval.cache import decode_record
+    from eval.worker import EvalWorker, decode_results, encode_items
+
+    @register_scorer("textlen")
+    def textlen(ctx):  # a scorer that reports the length of the text it judges against
+        return lambda images, prompts: {"textlen": torch.tensor([float(len(p)) for p in prompts])}
+
+    item = {"against": "a red car", "key": "a red car, 8k", "text": "a red car, 8k", "thumb": False}
+    try:
+        for against, expected in (("plain", len("a red car")), ("rewrite", len("a red car, 8k"))):
+            cfg = load_config("tiny", overrides=["eval.steps=1", "eval.scorers=[textlen]",
+                                                 f"eval.score_against={against}"])
+            (result,) = decode_results(EvalWorker(cfg.to_dict()).process(encode_items([item])))
+            assert decode_record(result["record"])["extra"]["textlen"] == [expected] * cfg.eval.images_per_prompt
+    finally:
+        SCORERS.pop("textlen")
+        SCORE_KEYS.pop("textlen")
+
+
+def test_missing_scorer_package_or_unknown_scorer_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from common.config import ConfigError
+    from eval.cli import check_scorers
+
+    with pytest.raises(ConfigError, match="unknown scorer 'pickscore'"):
+        check_scorers(["pickscore"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("ImageReward", "hpsv2") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install image-reward"):
+        check_scorers(["imagereward"])
+    with pytest.raises(ConfigError, match=r"pip install hpsv2"):
+        check_scorers(["hps"])
+
+
+def test_conditioning_renders_like_the_text_it_encodes():
+    """A Conditioning rewrite (IPGO's output) goes through the same noise and scorers: the prompt embeddings of
+    a text render the same images as the text."""
+    from common.config import load_config
+    from eval.cache import decode_record
+    from eval.methods import Conditioning, MethodOutput, Rewrite
+    from eval.runner import work_items
+    from eval.worker import EvalWorker, decode_results, encode_items
+
+    cfg = load_config("tiny", overrides=["eval.steps=2"])
+    worker = EvalWorker(cfg.to_dict())
+    pipe = worker.renderer.pipe
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt("a red car, 8k", "cpu", 1, False)
+    cond = Conditioning(embeds[0].numpy(), label="ipgo(a red car)")
+    outputs = {"ipgo": {"s": [MethodOutput("a red car", [Rewrite("ipgo(a red car)", cond)])]},
+               "rule": {"s": [MethodOutput("a red car", [Rewrite("a red car, 8k")])]}}
+    items = work_items(cfg, {"s": ["a red car"]}, outputs)
+    assert {it["key"] for it in items} == {"a red car", "a red car, 8k", f"embeds:{cond.digest()}"}
+    results = {r["key"]: decode_record(r["record"]) for r in decode_results(worker.process(encode_items(items)))}
+    by_text, by_embeds = results["a red car, 8k"], results[f"embeds:{cond.digest()}"]
+    assert by_embeds["aes"] == pytest.approx(by_text["aes"], abs=1e-4)
+    assert by_embeds["clip"] == pytest.approx(by_text["clip"], abs=1e-4)

@@ -79,3 +79,14 @@ def test_run_without_checkpoint_is_named(tmp_path):
         parse_methods(f"pag:{tmp_path / 'run'}")
     specs = parse_methods("plain,rule,sft")
     assert [(s.label, s.kind) for s in specs] == [("plain", "plain"), ("rule", "rule"), ("sft", "sft")]
+
+
+def test_paper_reference_only_on_sd14():
+    from common.config import load_config
+    from eval.paper import paper_table, published
+
+    assert published(load_config("tiny")) is None
+    ref = published(load_config("sd14"))
+    assert ref is not None and paper_table(ref)[0].startswith("## The paper's published numbers")
+    table = paper_table({"source": "x", "table": {"pag": {"lexica": {"reward": 1.5}}}})
+    assert "| pag | lexica | 1.5 |" in table

@@ -173,3 +173,15 @@ def test_same_seed_same_tokens_whatever_the_global_rng():
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     assert not torch.equal(PromptTokens(32, rank=16, seed=4)()[0], a()[0])
+
+
+def test_differentiable_hps_without_its_package_names_it():
+    import importlib.util
+
+    from actors.scorers import ScorerUnavailableError, build_scorers
+    from common.config import load_config
+
+    if importlib.util.find_spec("hpsv2") is not None:
+        pytest.skip("hpsv2 is installed here")
+    with pytest.raises(ScorerUnavailableError, match="hpsv2"):
+        build_scorers(["hps"], load_config("tiny").model, differentiable=True)

@@ -71,3 +71,19 @@ def test_a_reactivation_in_the_learner_changes_log_flow_and_the_dormant_ratio(cf
     assert jump > 1.0, f"log F̃(s_0) moved by only {jump:.3g} nats"
     dormant_gap = max(abs(a["plasticity/flow_dormant"] - b["plasticity/flow_dormant"]) for a, b in zip(reset[5:], plain[5:]))
     assert dormant_gap >= 1 / cfg.learner.flow_hidden, "the dormant ratio moved by at least one unit"
+
+
+def test_checkpoint_on_a_time_interval_too(cfg, redis_url, run_name, tmp_path):
+    """learner.checkpoint_every_s saves between step multiples (a killed learner loses little); None: steps only."""
+    sampler = Sampler(cfg, buffer=None)
+    batch = [t.replace(scores={"reward": 0.0}, log_reward=0.0) for t in sampler.sample_batch()]
+    for every_s, expected in ((1e-6, "step_000002"), (None, None)):
+        c = cfg.model_copy(deep=True)
+        c.learner.checkpoint_every_s = every_s
+        out = tmp_path / str(every_s)
+        with ReplayBuffer(redis_url, run_name, seed=0) as buf:
+            learner = Learner(c, buf, out, resume=False)
+            learner.update([batch])
+            learner.update([batch])
+        latest = out / "checkpoints" / "latest"
+        assert (latest.read_text() if latest.exists() else None) == expected

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import threading
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 import learner.sft as sft
 from common.cli import main as pag
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.data import PAPER_EVAL_SETS, load_prompts
 from common.models import build_policy, build_tokenizer
 
@@ -183,13 +182,21 @@ def test_ensure_sft_concurrent_callers_train_once(counted_training):
     assert len(counted_training) == 1
 
 
-def test_ensure_sft_explicit_checkpoint_and_sd14(counted_training, caplog):
+def test_ensure_sft_explicit_checkpoint_and_sd14(counted_training):
     assert sft.ensure_sft(load_config("tiny", overrides=["model.sft_checkpoint=/ckpt/x"])) == "/ckpt/x"
     assert sft.ensure_sft(load_config("sd14", overrides=["model.sft_checkpoint=me/sft"])) == "me/sft"
-    with caplog.at_level(logging.WARNING, logger="learner.sft"):
-        assert sft.ensure_sft(load_config("sd14")) == "gpt2"
-    assert "pag sft --preset sd14" in caplog.text
+    with pytest.raises(ConfigError, match=r"model.sft_checkpoint .*`pag sft --preset sd14`.*Promptist"):
+        sft.ensure_sft(load_config("sd14"))  # vanilla GPT-2 as the reference would change the target
+    assert sft.ensure_sft(load_config("sd14-arch")) == "gpt2", "random-weight speed preset: no SFT needed"
     assert counted_training == []
+
+
+def test_pag_train_sd14_without_sft_stops_before_anything_starts(tmp_path, capsys):
+    from common.cli import main
+
+    code = main(["train", "--preset", "sd14", "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2 and "pag sft --preset sd14" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists(), "no run directory, no Redis, no Ray"
 
 
 # ---------------------------------------------------------------- command line
