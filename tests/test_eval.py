@@ -229,3 +229,28 @@ def test_missing_scorer_package_or_unknown_scorer_is_a_config_error(monkeypatch)
         check_scorers(["imagereward"])
     with pytest.raises(ConfigError, match=r"pip install hpsv2"):
         check_scorers(["hps"])
+
+
+def test_conditioning_renders_like_the_text_it_encodes():
+    """A Conditioning rewrite (IPGO's output) goes through the same noise and scorers: the prompt embeddings of
+    a text render the same images as the text."""
+    from common.config import load_config
+    from eval.cache import decode_record
+    from eval.methods import Conditioning, MethodOutput, Rewrite
+    from eval.runner import work_items
+    from eval.worker import EvalWorker, decode_results, encode_items
+
+    cfg = load_config("tiny", overrides=["eval.steps=2"])
+    worker = EvalWorker(cfg.to_dict())
+    pipe = worker.renderer.pipe
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt("a red car, 8k", "cpu", 1, False)
+    cond = Conditioning(embeds[0].numpy(), label="ipgo(a red car)")
+    outputs = {"ipgo": {"s": [MethodOutput("a red car", [Rewrite("ipgo(a red car)", cond)])]},
+               "rule": {"s": [MethodOutput("a red car", [Rewrite("a red car, 8k")])]}}
+    items = work_items(cfg, {"s": ["a red car"]}, outputs)
+    assert {it["key"] for it in items} == {"a red car", "a red car, 8k", f"embeds:{cond.digest()}"}
+    results = {r["key"]: decode_record(r["record"]) for r in decode_results(worker.process(encode_items(items)))}
+    by_text, by_embeds = results["a red car, 8k"], results[f"embeds:{cond.digest()}"]
+    assert by_embeds["aes"] == pytest.approx(by_text["aes"], abs=1e-4)
+    assert by_embeds["clip"] == pytest.approx(by_text["clip"], abs=1e-4)
