@@ -110,6 +110,7 @@ class BufferConfig(_Section):
     eviction: Literal["priority", "fifo"] = Field("priority", description="which trajectory leaves when full")
     prioritization: Literal["reward", "uniform"] = Field("reward", description="replay sampling: P ∝ exp(log R / T) or uniform")
     priority_temperature: float = Field(1.0, gt=0, description="T in P ∝ exp(log R / T)")
+    priority_of: Literal["reward", "paper"] = Field("reward", description="reward: each trajectory by exp(log R / T) (exact, O(log N) in Lua); paper: the official per-prompt groups by exp(mean(log p_ref(y|x) + log R) / T), read from an O(N) index (buffer/groups.py)")
     dedup: bool = Field(True, description="keep one copy of an identical (prompt, response), the higher reward")
 
 
