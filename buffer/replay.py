@@ -27,11 +27,12 @@ import numpy as np
 
 from common.constants import (LAYOUT_SCHEMA, LEARNER_GROUP, SCORERS_GROUP, TRAJECTORY_SCHEMA, dedup_key,
                               failed_key, fresh_key, meta_key, order_key, pending_key, prio_key,
-                              traj_key)
+                              run_key, traj_key)
 from common.trajectory import (Trajectory, TrajectoryDecodeError, decode, encode, from_redis_hash,
                                to_redis_hash)
 
 from buffer import lua
+from buffer.groups import GroupIndex
 from buffer.connection import connect, redact
 from buffer.streams import Entry, WorkStream
 
@@ -70,6 +71,7 @@ class ReplayBuffer:
         dedup: bool = True,
         seed: Optional[int] = None,
         *,
+        priority_of: Literal["reward", "paper"] = "reward",
         fresh_maxlen: Optional[int] = None,
         failed_maxlen: int = 1000,
         reconnect_retries: int = 10,
@@ -85,6 +87,8 @@ class ReplayBuffer:
             raise ValueError(f"eviction must be 'priority' or 'fifo', got {eviction!r}")
         if prioritization not in ("reward", "uniform"):
             raise ValueError(f"prioritization must be 'reward' or 'uniform', got {prioritization!r}")
+        if priority_of not in ("reward", "paper"):
+            raise ValueError(f"priority_of must be 'reward' or 'paper', got {priority_of!r}")
         if not (priority_temperature > 0 and math.isfinite(priority_temperature)):
             raise ValueError(f"priority_temperature must be a positive number, got {priority_temperature!r}")
         self.run = run
@@ -92,6 +96,7 @@ class ReplayBuffer:
         self.capacity = int(capacity)
         self.eviction = eviction
         self.prioritization = prioritization
+        self.priority_of = priority_of
         self.priority_temperature = float(priority_temperature)
         self.dedup = bool(dedup)
         self.fresh_maxlen = int(fresh_maxlen or capacity)
@@ -104,6 +109,7 @@ class ReplayBuffer:
         self._keys = dict(prio=prio_key(run), meta=meta_key(run), fresh=fresh_key(run),
                           dedup=dedup_key(run), order=order_key(run), failed=failed_key(run))
         self._traj_prefix = traj_key(run, "")
+        self._groups = GroupIndex(self.client, run_key(run, ""), self._keys["prio"])
         self._add = self.client.register_script(lua.ADD)
         self._sample = self.client.register_script(lua.SAMPLE)
         self._logged_corrupt: set[str] = set()
@@ -122,7 +128,8 @@ class ReplayBuffer:
                              "server (common.redis_server.RedisServer) and pass its .url")
         return cls(url, run, capacity=buffer_cfg.capacity, eviction=buffer_cfg.eviction,
                    prioritization=buffer_cfg.prioritization,
-                   priority_temperature=buffer_cfg.priority_temperature, dedup=buffer_cfg.dedup, **kwargs)
+                   priority_temperature=buffer_cfg.priority_temperature, dedup=buffer_cfg.dedup,
+                   priority_of=getattr(buffer_cfg, "priority_of", "reward"), **kwargs)
 
     @classmethod
     def attach(cls, redis_url: str, run: str, **kwargs: Any) -> "ReplayBuffer":
@@ -192,6 +199,8 @@ class ReplayBuffer:
         stored, dup, evicted, repeats = self._add(
             keys=[k["prio"], k["meta"], k["fresh"], k["dedup"], k["order"]], args=argv)
         self.last_add = AddResult(int(stored), int(dup), int(evicted), int(repeats))
+        if self.priority_of == "paper":
+            self._groups.index(trajs)
         return [t.id for t in trajs]
 
     def __len__(self) -> int:
@@ -200,7 +209,10 @@ class ReplayBuffer:
     def sample(self, n: int) -> list[Trajectory]:
         """n draws with replacement, P(i) ∝ exp(log_reward_i / T) (or uniform); exact, O(n log N).
 
-        A blob that does not decode is skipped, counted and logged, and redrawn."""
+        A blob that does not decode is skipped, counted and logged, and redrawn. With
+        `priority_of="paper"`: per-prompt groups by the official priority (buffer/groups.py)."""
+        if self.priority_of == "paper" and self.prioritization != "uniform":
+            return self._sample_groups(n)
         out: list[Trajectory] = []
         for _ in range(20):
             need = n - len(out)
@@ -210,6 +222,22 @@ class ReplayBuffer:
             out += got
             if drew == 0:  # empty buffer
                 break
+        return out
+
+    def _sample_groups(self, n: int) -> list[Trajectory]:
+        if n <= 0:
+            return []
+        with self._rng_lock:
+            ids = self._groups.draw(n, self.rng, self.priority_temperature)
+        uniq = list(dict.fromkeys(ids))
+        decoded = {tid: self._decode(tid.encode(), blob) for tid, blob in zip(uniq, self._blobs([u.encode() for u in uniq]))}
+        out: list[Trajectory] = []
+        used: set[str] = set()
+        for tid in ids:
+            traj = decoded[tid]
+            if traj is not None:
+                out.append(copy.copy(traj) if tid in used else traj)
+                used.add(tid)
         return out
 
     def _draw(self, n: int) -> tuple[list[Trajectory], int]:

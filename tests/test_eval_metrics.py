@@ -90,3 +90,28 @@ def test_paper_reference_only_on_sd14():
     assert ref is not None and paper_table(ref)[0].startswith("## The paper's published numbers")
     table = paper_table({"source": "x", "table": {"pag": {"lexica": {"reward": 1.5}}}})
     assert "| pag | lexica | 1.5 |" in table
+
+
+def test_text_encoder_falls_back_to_the_packaged_minilm_and_says_so():
+    from common.config import load_config
+    from eval.runner import build_text_encoder
+
+    cfg = load_config("tiny", overrides=["model.sentence_encoder=/nonexistent/paraphrase-MiniLM-L6-v2"])
+    encoder, name = build_text_encoder(cfg)
+    assert "all-MiniLM-L6-v2" in name
+    emb = encoder.encode(["a red car", "a red car"])
+    assert diversity(emb) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_user_prompt_files_are_sets_named_by_their_stem(tmp_path):
+    from common.config import ConfigError, load_config
+    from eval.runner import load_sets
+
+    (tmp_path / "mine.txt").write_text("a red car\na blue boat\na red car\n")
+    cfg = load_config("tiny", overrides=[f"eval.datasets=[{tmp_path / 'mine.txt'},chatgpt]", "eval.limit=3"])
+    sets = load_sets(cfg)
+    assert sets["mine"] == ["a red car", "a blue boat", "a red car"]  # as written: duplicates kept
+    assert len(sets["chatgpt"]) == 3
+    bad = load_config("tiny", overrides=["eval.datasets=[nosuchset]"])
+    with pytest.raises(ConfigError, match="eval.datasets"):
+        load_sets(bad)
