@@ -86,7 +86,10 @@ class LocalCluster:
                      *self._node_ports()], "head")
 
     def add_node(self, num_cpus: int, resources: dict[str, float]) -> None:
+        # its own temp dir: two nodes on one machine sharing one would unpack the job's working dir into
+        # the same runtime_resources/ directory at the same time
         self._start([f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                     f"--temp-dir={self.root / f'ray{len(self.procs)}'}",
                      f"--resources={json.dumps(resources)}", *self._node_ports()], f"node{len(self.procs)}")
 
     @property
