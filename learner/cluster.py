@@ -99,7 +99,8 @@ def init_ray(cfg: Config, environ: Mapping[str, str] = os.environ) -> bool:
             ray.init(address=address, **kwargs)
         else:
             cpus = max(os.cpu_count() or 2, cfg.sampler.num_samplers + cfg.reward.num_workers + 2)
-            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+            # "local": a Ray of its own, not whatever cluster /tmp/ray/ray_current_cluster names on this machine
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
     except ConnectionError as exc:
         raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; start one (`ray start --head`) "
                            "or give the right --ray-address / RAY_ADDRESS") from exc
