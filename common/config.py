@@ -75,6 +75,9 @@ class RewardConfig(_Section):
     beta: float = Field(0.05, gt=0, description="reward temperature β: log R = r/β")
     clip_threshold: float = Field(0.28, description="relevance penalty applies below this CLIP score")
     clip_weight: float = Field(20.0, ge=0, description="relevance penalty weight")
+    render: bool = Field(True, description="render images with SD; false: no images, only text scorers (style, relevance_text) — the tiny-proxy preset, to save CPU")
+    text_threshold: float = Field(0.45, description="relevance_text hinge: penalty below this plain/rewrite sentence cosine (calibrated with bench/text_reward.py)")
+    text_weight: float = Field(20.0, ge=0, description="relevance_text penalty weight")
     fp16: bool = Field(True, description="half precision on GPU (ignored on CPU)")
     # --- speed switches (issue 12; common/sd_speed.py). Defaults are today's behaviour until a GPU run shows a gain.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="UNet/VAE attention: sdpa (torch scaled_dot_product_attention: flash / memory-efficient kernels) or classic (matmul + softmax)")
@@ -122,7 +125,7 @@ class LearnerConfig(_Section):
     fresh_policy: Literal["wait", "fill"] = Field("wait", description="wait: block until a micro-batch's fresh half is scored (the official balance); fill: fill missing fresh slots from replay (throughput experiments)")
     fresh_timeout_s: float = Field(1800.0, gt=0, description="waiting longer than this for fresh trajectories ends the run with an error naming the reward workers")
     max_updates_per_fresh: Optional[float] = Field(None, gt=0, description="fill: at most this many optimiser steps per step's worth of fresh data, else wait (None: no cap; wait is always 1)")
-    objective: Literal["fl-db", "db", "tb"] = Field("fl-db", description="fl-db (PAG), db (no decomposition), tb (vanilla GFlowNet)")
+    objective: Literal["fl-db", "db", "tb", "ppo"] = Field("fl-db", description="fl-db (PAG), db (no decomposition), tb (vanilla GFlowNet), ppo (reward-maximising baseline, Promptist; on-policy: needs replay_ratio=0)")
     lr: float = Field(1e-5, gt=0, description="policy learning rate")
     flow_lr: float = Field(1e-4, gt=0, description="flow head (and log Z) learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay, policy and flow head (official: AdamW's default 0.01; main.py's weight_decay argument is unused)")
@@ -142,6 +145,24 @@ class LearnerConfig(_Section):
     checkpoint_every_s: Optional[float] = Field(1800.0, gt=0, description="also checkpoint when this many seconds passed since the last one (None: steps only); bounds what a killed learner loses")
     max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite losses that stop training")
     num_gpus: float = Field(1.0, ge=0, description="GPUs for the learner actor")
+    trainable_blocks: Optional[int] = Field(None, ge=1, description="train only the top N GPT-2 blocks (+ final LayerNorm; embeddings and the tied LM head frozen); None: all. Promptist's PPO trained the top 2")
+    # --- objective=ppo (learner/ppo.py), Promptist's values (LMOps promptist/diff_prompter/configs/ppo_config_a100_coco_bsz256_kl0.2.yml)
+    ppo_epochs: int = Field(4, ge=1, description="ppo: optimiser steps over each batch (ppo_epochs)")
+    ppo_clip: float = Field(0.2, gt=0, description="ppo: ratio clip ε of the surrogate (cliprange)")
+    ppo_value_clip: float = Field(0.2, gt=0, description="ppo: value clip around the batch's old values (cliprange_value)")
+    ppo_value_coef: float = Field(2.3, ge=0, description="ppo: weight of the value loss (vf_coef)")
+    ppo_gamma: float = Field(1.0, gt=0, le=1, description="ppo: GAE discount γ over the rewrite's tokens")
+    ppo_lambda: float = Field(0.95, ge=0, le=1, description="ppo: GAE λ")
+    ppo_kl_init: float = Field(0.2, ge=0, description="ppo: initial coefficient of the per-token KL penalty to the reference (0: no KL)")
+    ppo_kl_target: Optional[float] = Field(0.2, gt=0, description="ppo: adaptive KL target in nats per rewrite (None: fixed coefficient)")
+    ppo_kl_horizon: int = Field(10000, ge=1, description="ppo: adaptive KL controller horizon, in trajectories")
+
+    @model_validator(mode="after")
+    def _on_policy(self) -> "LearnerConfig":
+        if self.objective == "ppo" and self.replay_ratio != 0:
+            raise ValueError(f"objective=ppo is on-policy: replay_ratio must be 0, not {self.replay_ratio} "
+                             "(`pag train --method ppo` sets it, with the other PPO settings)")
+        return self
 
 
 class IpgoConfig(_Section):
@@ -191,6 +212,15 @@ class RunConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Ray restarts per actor")
     resource_wait_s: float = Field(0.0, ge=0, description="when the cluster cannot host the roles: ask the autoscaler and wait up to this many seconds (0: stop at once with an error)")
     log_every: int = Field(10, ge=1, description="metrics every N learner steps")
+    method: Optional[str] = Field(None, description="the named method (common/methods.py) whose overrides this run started from, set by `pag train --method`; None: not a named method")
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "RunConfig":
+        from common.methods import METHODS
+
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not a named method; choose one of {', '.join(METHODS)}")
+        return self
 
 
 #: the rule-based baseline's fixed modifier suffix (documented in README "Evaluation"): common quality
@@ -310,7 +340,19 @@ def _preset_sd14_arch() -> dict[str, Any]:
     return {"model": {"kind": "arch", "sentence_encoder": "auto"}}
 
 
-PRESETS = {"sd14": _preset_sd14, "tiny": _preset_tiny, "sd14-arch": _preset_sd14_arch}
+def _preset_tiny_proxy() -> dict[str, Any]:
+    """tiny with a real, offline, text-only reward (issue 13; common/style.py): the policy continues
+    "{x}," (sampler.response=suffix) and is rewarded by style(rewrite) − style(x) from a classifier of
+    engineered prompts on all-MiniLM-L6-v2 embeddings, plus a MiniLM relevance hinge. Nothing is
+    rendered (reward.render=false). It is not the paper's image reward."""
+    return _merge(_preset_tiny(), {
+        "sampler": {"response": "suffix"},
+        "reward": {"scorers": ["style", "relevance_text"], "render": False},
+    })
+
+
+PRESETS = {"sd14": _preset_sd14, "tiny": _preset_tiny, "sd14-arch": _preset_sd14_arch,
+           "tiny-proxy": _preset_tiny_proxy}
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -383,12 +425,22 @@ def load_config(
     preset: str = "tiny",
     yaml_path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    method: Optional[str] = None,
 ) -> Config:
-    """Preset → YAML file → key=value overrides, validated; raises ConfigError."""
+    """Preset → method (common/methods.py) → YAML file → key=value overrides, validated; raises ConfigError."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     tree: dict[str, Any] = _merge({"preset": preset}, PRESETS[preset]())
     source = f"preset {preset!r}"
+    if method is not None:
+        from common.methods import method_overrides
+
+        try:
+            for text in method_overrides(method):
+                tree = _merge(tree, _nest(*parse_override(text)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        source = f"method {method!r}"
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():

@@ -74,3 +74,4 @@ NS_PLASTICITY = "plasticity"
 NS_BUFFER = "buffer"
 NS_WEIGHTS = "weights"
 NS_THROUGHPUT = "throughput"
+NS_PPO = "ppo"  # objective=ppo: kl, kl_coef, clipfrac, value_loss, ...

@@ -5,6 +5,7 @@ leaves a half checkpoint; `latest` names the newest complete one.
     runs/<name>/checkpoints/step_000040/
         policy/model.safetensors, config.json, tokenizer files
         flow.safetensors  optim.safetensors  rng.safetensors  state.json
+        value.safetensors                      (objective=ppo: every module in `heads`)
     runs/<name>/checkpoints/latest          → "step_000040"
 """
 from __future__ import annotations
@@ -55,7 +56,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, counters: dict[str, Any]) -> Path:
+                    optimizer: torch.optim.Optimizer, counters: dict[str, Any],
+                    heads: Optional[dict[str, torch.nn.Module]] = None, extra: Optional[dict[str, Any]] = None) -> Path:
+    """`heads`: further modules, one `{name}.safetensors` each (PPO's value head); `extra`: JSON state
+    kept in state.json (PPO's KL controller)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -64,7 +68,9 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
     tmp.mkdir()
     policy.save_pretrained(tmp / "policy", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in flow.state_dict().items()}, str(tmp / "flow.safetensors"))
+    for name, module in {"flow": flow, **(heads or {})}.items():
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()},
+                  str(tmp / f"{name}.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, str(tmp / "optim.safetensors"))
     rng = {"torch_cpu": torch.random.get_rng_state()}
@@ -75,7 +81,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
     py_state = random.getstate()
     (tmp / "state.json").write_text(json.dumps({
         "step": step, "counters": counters, "optimizer": opt_meta,
-        "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+        "python_random": [py_state[0], list(py_state[1]), py_state[2]], "extra": extra or {},
     }, indent=1))
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
@@ -89,8 +95,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
 
 
 def load_checkpoint(path: Path, policy, flow: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    restore_rng: bool = True) -> dict[str, Any]:
-    """Load weights, optimiser and RNG in place; returns state.json (step, counters)."""
+                    restore_rng: bool = True, heads: Optional[dict[str, torch.nn.Module]] = None) -> dict[str, Any]:
+    """Load weights, optimiser and RNG in place; returns state.json (step, counters, extra)."""
     from transformers import GPT2LMHeadModel
 
     path = Path(path)
@@ -98,6 +104,12 @@ def load_checkpoint(path: Path, policy, flow: torch.nn.Module, optimizer: Option
     saved = GPT2LMHeadModel.from_pretrained(path / "policy")
     policy.load_state_dict(saved.state_dict())
     flow.load_state_dict(load_file(str(path / "flow.safetensors")))
+    for name, module in (heads or {}).items():
+        if not (path / f"{name}.safetensors").is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {name}.safetensors: it was written by a run with "
+                                    f"another learner.objective; resume with that objective or start a new run")
+        module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+    state.setdefault("extra", {})
     if optimizer is not None:
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optim.safetensors")), state["optimizer"]))
     if restore_rng:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.config import Config
-from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_REWARD, NS_THROUGHPUT, NS_WEIGHTS
+from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_PPO, NS_REWARD, NS_THROUGHPUT, NS_WEIGHTS
 from common.models import build_policy, build_tokenizer, resolve_device
 from common.trajectory import Trajectory
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -28,6 +28,8 @@ from learner.flow import FlowHead
 from learner.fresh import FreshTimeoutError, fresh_fraction, fresh_required, timeout_message
 from learner.losses import check_finite, gflownet_loss, temper
 from learner.plasticity import dormant_metrics, should_reactivate
+from learner.ppo import ValueHead, freeze_lower_blocks
+from learner.ppo_step import PPOStep
 from common.decoding import teacher_forced
 from common.schedules import Schedules
 from common.weights import WeightsClient
@@ -88,10 +90,17 @@ class Learner:
         self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
         self.flow = FlowHead(self.policy.config.hidden_size, cfg.learner.flow_hidden).to(self.device)
         lc = cfg.learner
-        self.optimizer = torch.optim.AdamW([
-            {"params": list(self.policy.parameters()), "lr": lc.lr, "name": "policy"},
-            {"params": list(self.flow.parameters()), "lr": lc.flow_lr, "name": "flow"},
-        ], weight_decay=lc.weight_decay)
+        groups = [{"params": freeze_lower_blocks(self.policy, lc.trainable_blocks), "lr": lc.lr, "name": "policy"}]
+        self.value: Optional[ValueHead] = None  # objective=ppo: V(s_t); the flow head then stays untrained
+        if lc.objective == "ppo":
+            self.value = ValueHead(self.policy.config.hidden_size).to(self.device)
+            groups.append({"params": list(self.value.parameters()), "lr": lc.lr, "name": "value"})
+        else:
+            groups.append({"params": list(self.flow.parameters()), "lr": lc.flow_lr, "name": "flow"})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=lc.weight_decay)
+        self.ppo = None if self.value is None else PPOStep(
+            cfg, self.policy, self.value, self.optimizer, self.tokenizer.eos_token_id,
+            lambda trajs: collate(trajs, self.tokenizer.pad_token_id, self.device))
         self.schedules = Schedules.from_config(cfg)
         self.weights = WeightsClient(weights) if weights is not None else None
         self.consumer = "learner-0"  # one learner: a restarted one re-reads its own unacknowledged entries
@@ -101,7 +110,9 @@ class Learner:
         self._nonfinite_run = 0
         self._last_time = self._last_save = time.monotonic()
         if resume and (path := latest_checkpoint(self.run_dir)) is not None:
-            state = load_checkpoint(path, self.policy, self.flow, self.optimizer)
+            state = load_checkpoint(path, self.policy, self.flow, self.optimizer, heads=self._heads())
+            if self.ppo is not None:
+                self.ppo.load_state_dict(state["extra"]["ppo"])
             self.step = int(state["step"])
             self.counters.update(state["counters"])
             log.info("learner resumed from %s (step %d)", path, self.step)
@@ -194,7 +205,7 @@ class Learner:
         batches, fresh, entries = [], [], []
         counts: dict[str, int] = defaultdict(int)
         for _ in range(lc.grad_accum):
-            trajs, fresh_ids, c = self.collect(lc.batch_size, wait_s)
+            trajs, fresh_ids, c = (self.collect_on_policy if self.ppo else self.collect)(lc.batch_size, wait_s)
             for k, v in c.items():
                 counts[k] += v
             batches.append(trajs)
@@ -212,24 +223,23 @@ class Learner:
         lc = self.cfg.learner
         fresh = fresh if fresh is not None else [t for b in batches for t in b]
         counts = counts or {"fresh": len(fresh), "replay": 0, "filled": 0}
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, infos = [], []
-        for trajs in batches:
-            loss, info = self.loss_on(trajs)
-            if not check_finite(loss):
+        ppo_metrics: dict[str, float] = {}
+        if self.ppo is not None:  # objective=ppo: ppo_epochs optimiser steps on this batch (learner/ppo_step.py)
+            result = self.ppo.update(batches)
+            if result is None:
                 return self._skip_nonfinite()
-            (loss / len(batches)).backward()
-            losses.append(float(loss.detach()))
-            infos.append(info)
+            losses, infos, grad_norm, ppo_metrics = result
+        else:
+            balance = self._balance_step(batches)
+            if balance is None:
+                return self._skip_nonfinite()
+            losses, infos, grad_norm = balance
         self._nonfinite_run = 0
-        # the policy's gradient norm is clipped, the flow head's is not (the official trainer clips
-        # model.parameters() only; the head has its own optimiser there)
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), lc.grad_clip)
-        self.optimizer.step()
         self.step += 1
 
         all_trajs = [t for b in batches for t in b]
         metrics = self._metrics(losses, infos, all_trajs, fresh, counts, float(grad_norm))
+        metrics.update({f"{NS_PPO}/{k}": v for k, v in ppo_metrics.items()})
         flow_dormant = None
         if self.step % self.cfg.run.log_every == 0 or self.step == 1:
             metrics.update(self.plasticity(batches[0]))
@@ -245,6 +255,48 @@ class Learner:
         if self._checkpoint_due():
             self.save()
         return metrics
+
+    def _balance_step(self, batches: list[list[Trajectory]]) -> Optional[tuple[list[float], list[dict], float]]:
+        """One optimiser step of the balance objective over the micro-batches; None if a loss is non-finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, infos = [], []
+        for trajs in batches:
+            loss, info = self.loss_on(trajs)
+            if not check_finite(loss):
+                return None
+            (loss / len(batches)).backward()
+            losses.append(float(loss.detach()))
+            infos.append(info)
+        # the policy's gradient norm is clipped, the flow head's is not (the official trainer clips
+        # model.parameters() only; the head has its own optimiser there)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), self.cfg.learner.grad_clip)
+        self.optimizer.step()
+        return losses, infos, float(grad_norm)
+
+    def collect_on_policy(self, n: int, wait_s: Optional[float] = None) -> tuple[list[Trajectory], list[str], dict[str, int]]:
+        """objective=ppo: n fresh trajectories and nothing else (never replay, whatever learner.fresh_policy
+        says); blocks until they are scored, FreshTimeoutError naming the reward workers after `wait_s`
+        (default learner.fresh_timeout_s)."""
+        timeout = self.cfg.learner.fresh_timeout_s if wait_s is None else wait_s
+        start = time.monotonic()
+        fresh: list[Trajectory] = []
+        entries: list[str] = []
+        while len(fresh) < n:
+            got = self.buffer.read_fresh(self.consumer, n - len(fresh), block_ms=200)
+            entries += [e for e, _ in got]
+            valid = [t for _, t in got if self._valid(t)]
+            self.counters["dropped_invalid"] += len(got) - len(valid)
+            fresh += valid
+            if len(fresh) < n and time.monotonic() - start > timeout:
+                raise FreshTimeoutError("objective=ppo (on-policy): " + timeout_message(
+                    self.buffer.run, len(fresh), n, time.monotonic() - start, self.buffer.pending_len()))
+        self.counters["micro_batches"] += 1
+        self.counters["fresh_total"] += len(fresh)
+        return fresh, entries, {"fresh": len(fresh), "replay": 0, "filled": 0}
+
+    def _heads(self) -> dict[str, torch.nn.Module]:
+        """Modules checkpointed beside the policy and the flow head."""
+        return {} if self.value is None else {"value": self.value}
 
     def _skip_nonfinite(self) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -297,8 +349,11 @@ class Learner:
                 self.flow(out["state_hidden"], out["prompt_hidden"])
 
         policy_mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1)
-        return dormant_metrics(self.policy, self.flow, forward, tau=self.cfg.learner.dormant_tau,
-                               policy_mask=policy_mask, flow_mask=batch["response_mask"])
+        metrics = dormant_metrics(self.policy, self.flow, forward, tau=self.cfg.learner.dormant_tau,
+                                  policy_mask=policy_mask, flow_mask=batch["response_mask"])
+        if self.ppo is not None:  # the flow head is not trained under PPO: its ratio would mean nothing
+            metrics = {k: v for k, v in metrics.items() if "flow" not in k}
+        return metrics
 
     # ------------------------------------------------------------------ weights and checkpoints
 
@@ -316,7 +371,8 @@ class Learner:
     def save(self) -> Path:
         self._last_save = time.monotonic()
         return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.flow, self.optimizer,
-                               dict(self.counters))
+                               dict(self.counters), heads=self._heads(),
+                               extra={} if self.ppo is None else {"ppo": self.ppo.state_dict()})
 
     def get_step(self) -> int:
         return self.step

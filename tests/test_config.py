@@ -34,7 +34,7 @@ def test_overrides_parse_types():
     ("learner.lr=abc", "learner.lr"),
     ("learner.lrr=1", "did you mean 'learner.lr'"),
     ("lerner.lr=1", "did you mean 'learner'"),
-    ("learner.objective=ppo", "'fl-db', 'db' or 'tb'"),
+    ("learner.objective=sac", "'fl-db', 'db', 'tb' or 'ppo'"),
     ("learner.lr=-1", "greater than 0"),
     ("sampler.min_len=80", "min_len (80) must be below max_len"),
     ("nokey", "section.key=value"),
