@@ -99,7 +99,9 @@ def init_ray(cfg: Config, environ: Mapping[str, str] = os.environ) -> bool:
             ray.init(address=address, **kwargs)
         else:
             cpus = max(os.cpu_count() or 2, cfg.sampler.num_samplers + cfg.reward.num_workers + 2)
-            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+            # "local": a new instance even when /tmp/ray/ray_current_cluster names a cluster someone started
+            # with `ray start` (or a dead one): without an address Ray would join that instead
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
     except ConnectionError as exc:
         raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; start one (`ray start --head`) "
                            "or give the right --ray-address / RAY_ADDRESS") from exc
