@@ -43,6 +43,12 @@ def cache_model_id(cfg: Config, dtype_name: str = "float32") -> str:
         "size": cfg.model.image_size, "steps": cfg.reward.steps, "guidance": cfg.reward.guidance,
         "images": cfg.reward.images_per_prompt, "dtype": dtype_name,
     }
+    text_scorers = sorted(s for s in cfg.reward.scorers if s in ("style", "relevance_text"))
+    if text_scorers or not cfg.reward.render:  # only then, so image-only runs keep their keys
+        from common.style import STYLE_VERSION
+
+        settings.update(render=cfg.reward.render, text_scorers=text_scorers,
+                        sentence_encoder=cfg.model.sentence_encoder, style_version=STYLE_VERSION)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{name}~{digest}"
 

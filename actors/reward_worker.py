@@ -29,7 +29,8 @@ import torch
 
 from common.config import Config
 from common.constants import REPHRASE_TEMPLATE
-from common.reward import paper_reward, relevance
+from common.reward import relevance, reward_parts
+from common.style import text_relevance
 from common.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class WorkerStats:
 class RewardModels:
     """The expensive part of a worker (SD pipeline, scorers), built once and shareable."""
 
-    renderer: Renderer
+    renderer: Optional[Renderer]  # None with reward.render=false (text scorers only)
     score_fn: Any  # actors.scorers.ScoreFn
     score_keys: list[str]  # what a plain-cache entry must hold to be a hit
     device: torch.device
@@ -121,16 +122,24 @@ class RewardModels:
 
 def build_reward_models(cfg: Config, device: Optional[str] = None) -> RewardModels:
     """SD pipeline (fp16 on GPU when reward.fp16, then the reward.* speed switches) and the configured scorers."""
-    from actors.scorers import build_scorers, score_keys
+    from actors.scorers import TEXT, build_scorers, score_keys
     from common.models import build_sd_pipeline, resolve_device
     from common.sd_speed import apply_speed
 
-    missing = {"aesthetic", "clip"} - set(cfg.reward.scorers)
-    if missing:
-        raise ValueError(f"reward.scorers = {cfg.reward.scorers}: the paper's reward needs {sorted(missing)} too")
     dev = resolve_device(device or cfg.run.device)
     dtype = torch.float16 if (cfg.reward.fp16 and dev.type == "cuda") else torch.float32
     r = cfg.reward
+    if not r.render:
+        score_keys(r.scorers)  # unknown names fail here, naming the known ones
+        image_scorers = [n for n in r.scorers if n not in TEXT]
+        if image_scorers or not r.scorers:
+            raise ValueError(f"reward.render=false renders no images: reward.scorers = {r.scorers} may only hold "
+                             f"text scorers ({', '.join(sorted(TEXT))}); remove {image_scorers} or set reward.render=true")
+        return RewardModels(None, build_scorers(r.scorers, cfg.model, dev, dtype), score_keys(r.scorers), dev, dtype)
+    missing = {"aesthetic", "clip"} - set(r.scorers)
+    if missing:
+        raise ValueError(f"reward.scorers = {r.scorers}: the paper's reward needs {sorted(missing)} too "
+                         f"(or reward.render=false with text scorers only)")
     pipe = build_sd_pipeline(cfg.model, dev, dtype)
     speed = apply_speed(pipe, r)
     renderer = Renderer(pipe, r.images_per_prompt, r.steps, r.guidance, r.seed, cfg.model.image_size,
@@ -197,7 +206,8 @@ class RewardWorker:
         """Render and score a batch (no stream I/O): (scored trajectories, [(trajectory, reason)])."""
         if not trajs:
             return [], []
-        r, k = self.cfg.reward, self.renderer.k
+        r = self.cfg.reward
+        k = self.renderer.k if self.renderer is not None else 0
         plains = [plain_text(t.prompt) for t in trajs]
         cached = self.cache.get_many(plains, self.models.score_keys)
         missing = [p for p in dict.fromkeys(plains) if p not in cached]
@@ -217,9 +227,10 @@ class RewardWorker:
             result = results[len(trajs) + j]
             if isinstance(result, dict):
                 result.pop("rel", None)  # the plain prompt's own relevance is not part of any reward
+                result.pop("rel_text", None)
             if isinstance(result, dict) and _bad(result) is None:
                 self.cache.put(prompt, result, {"images": k, "steps": r.steps, "guidance": r.guidance,
-                                                "image_size": self.renderer.size})
+                                                "image_size": self.renderer.size if k else 0})
             plain_scores[prompt] = result
 
         scored, failed = [], []
@@ -231,7 +242,7 @@ class RewardWorker:
                 continue
             scores = dict(mine)
             scores.update({f"{name}_plain": value for name, value in plain.items()})
-            scores.update(paper_reward(mine["aes"], plain["aes"], mine["rel"]))
+            scores.update(reward_parts(mine, plain))
             if not math.isfinite(scores["reward"]):
                 failed.append((traj, f"non-finite reward {scores['reward']}"))
                 continue
@@ -252,24 +263,34 @@ class RewardWorker:
             return [self._render_and_score([t], [p])[0] for t, p in zip(texts, prompts)]
 
     def _render_and_score_batch(self, texts: list[str], prompts: list[str]) -> list[dict[str, float]]:
-        k = self.renderer.k
-        judged = [p for p in prompts for _ in range(k)]
-        if self.cfg.reward.overlap_scoring:
-            per_image = self._render_and_score_overlapped(texts, judged)
-        else:
-            t0 = time.perf_counter()
-            images = self.renderer(texts)  # (len(texts)·k, 3, H, W)
-            t1 = time.perf_counter()
-            per_image = self.score_fn(images, judged)
-            self.stats.render_s += t1 - t0
-            self.stats.score_s += time.perf_counter() - t1
-            self.stats.images += images.shape[0]
-        means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
         r = self.cfg.reward
-        means["rel"] = relevance(per_image["clip"].view(len(texts), k).double(), r.clip_threshold, r.clip_weight)
+        if self.renderer is None:  # reward.render=false: text scorers on the rewrites themselves
+            t0 = time.perf_counter()
+            means = {name: v.double() for name, v in self.score_fn(None, prompts, texts).items()}
+            self.stats.score_s += time.perf_counter() - t0
+        else:
+            k = self.renderer.k
+            judged = [p for p in prompts for _ in range(k)]
+            rewrites = [t for t in texts for _ in range(k)]  # for text scorers, if any
+            if r.overlap_scoring:
+                per_image = self._render_and_score_overlapped(texts, judged, rewrites)
+            else:
+                t0 = time.perf_counter()
+                images = self.renderer(texts)  # (len(texts)·k, 3, H, W)
+                t1 = time.perf_counter()
+                per_image = self.score_fn(images, judged, rewrites)
+                self.stats.render_s += t1 - t0
+                self.stats.score_s += time.perf_counter() - t1
+                self.stats.images += images.shape[0]
+            means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
+            if "clip" in per_image:
+                means["rel"] = relevance(per_image["clip"].view(len(texts), k).double(), r.clip_threshold, r.clip_weight)
+        if "text_cos" in means:
+            means["rel_text"] = text_relevance(means["text_cos"], r.text_threshold, r.text_weight)
         return [{name: float(m[j]) for name, m in means.items()} for j in range(len(texts))]
 
-    def _render_and_score_overlapped(self, texts: list[str], judged: list[str]) -> dict[str, torch.Tensor]:
+    def _render_and_score_overlapped(self, texts: list[str], judged: list[str],
+                                     rewrites: list[str]) -> dict[str, torch.Tensor]:
         """`reward.overlap_scoring`: chunk i is scored in a side thread (its own CUDA stream) while chunk
         i+1 denoises; the same scores as rendering everything first (tests/test_sd_speed.py)."""
         if self._scoring_pool is None:
@@ -284,7 +305,8 @@ class RewardWorker:
             done = torch.cuda.Event() if self._scoring_stream is not None else None
             if done is not None:
                 done.record()  # the scorer's stream waits for this chunk's last kernel, not for the next chunk
-            futures.append(self._scoring_pool.submit(self._score_chunk, images, rows, done))
+            futures.append(self._scoring_pool.submit(self._score_chunk, images, rows, done,
+                                                     rewrites[part.start * k:part.stop * k]))
             self.stats.images += images.shape[0]
         t1 = time.perf_counter()
         chunks = [future.result() for future in futures]
@@ -292,13 +314,14 @@ class RewardWorker:
         self.stats.score_s += time.perf_counter() - t1  # only the scoring left after the last chunk
         return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
 
-    def _score_chunk(self, images: torch.Tensor, judged: list[str], ready) -> dict[str, torch.Tensor]:
+    def _score_chunk(self, images: torch.Tensor, judged: list[str], ready,
+                     rewrites: list[str]) -> dict[str, torch.Tensor]:
         if self._scoring_stream is None:
-            return self.score_fn(images, judged)
+            return self.score_fn(images, judged, rewrites)
         with torch.cuda.stream(self._scoring_stream):
             self._scoring_stream.wait_event(ready)
             images.record_stream(self._scoring_stream)  # the allocator must not reuse it under the scorer
-            return self.score_fn(images, judged)
+            return self.score_fn(images, judged, rewrites)
 
     def _count(self, name: str, n: int) -> None:
         """Counters in the run's `meta` HASH (readable with redis-cli)."""

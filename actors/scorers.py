@@ -14,6 +14,12 @@ on the CPU. Registered names (the `reward.scorers` config entries) and what they
 
 `aesthetic` and `clip` share one open_clip model and one image embedding per batch.
 
+Text scorers (registered with `text=True`) judge the rewrite's text instead of images:
+`fn(texts, prompts) -> {score_name: tensor (N,)}` with `texts[i]` the rewrite and `prompts[i]` the plain
+prompt (actors/text_scorers.py: `style` → `style`, `relevance_text` → `text_cos`). The combined function
+is `score_all(images, prompts, texts=None)`: images may be None when only text scorers are configured
+(`reward.render=false`).
+
 `build_scorers(..., differentiable=True)` returns the same function with autograd on: the scores keep a
 graph back to `images` (IPGO ascends them through the sampler). `aesthetic`, `clip` and `hps` have that
 path — one code path: the factories are the same and only `torch.no_grad` is lifted, except that `hps`
@@ -53,6 +59,15 @@ class ScorerContext:
     differentiable: bool = False
     _clip: Optional[ClipBundle] = None
     _last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    _sentence: Optional[object] = None
+
+    def sentence_encoder(self):
+        """The configured sentence encoder (`model.sentence_encoder`), built once and shared."""
+        if self._sentence is None:
+            from common.models import build_sentence_encoder
+
+            self._sentence = build_sentence_encoder(self.model, device=str(self.device))
+        return self._sentence
 
     def clip(self) -> ClipBundle:
         if self._clip is None:
@@ -73,17 +88,22 @@ SCORERS: dict[str, Factory] = {}
 SCORE_KEYS: dict[str, tuple[str, ...]] = {}
 #: the scorers whose function keeps autograd when built with differentiable=True
 DIFFERENTIABLE: set[str] = set()
+#: the scorers whose function takes (rewrite texts, plain prompts) instead of (images, prompts)
+TEXT: set[str] = set()
 
 
 def register_scorer(name: str, keys: Sequence[str] | None = None,
-                    differentiable: bool = False) -> Callable[[Factory], Factory]:
+                    differentiable: bool = False, text: bool = False) -> Callable[[Factory], Factory]:
     """Decorator: `@register_scorer("pickscore")` for a factory whose fn returns {"pickscore": …};
-    `differentiable=True` when fn is built from torch ops on `images` (no PIL, no numpy)."""
+    `differentiable=True` when fn is built from torch ops on `images` (no PIL, no numpy);
+    `text=True` when fn takes the rewrite texts instead of images."""
     def decorate(factory: Factory) -> Factory:
         SCORERS[name] = factory
         SCORE_KEYS[name] = tuple(keys or (name,))
         if differentiable:
             DIFFERENTIABLE.add(name)
+        if text:
+            TEXT.add(name)
         return factory
     return decorate
 
@@ -233,16 +253,26 @@ def build_scorers(names: Sequence[str], model: ModelConfig, device: torch.device
     ctx = ScorerContext(model=model, device=torch.device(device), dtype=dtype, differentiable=differentiable)
     fns = {name: SCORERS[name](ctx) for name in dict.fromkeys(names)}
 
-    def score_all(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+    def score_all(images: Optional[torch.Tensor], prompts: Sequence[str],
+                  texts: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """Scores of item i = (images[i] or None, plain prompts[i], rewrite texts[i] or None)."""
+        if images is None and any(name not in TEXT for name in fns):
+            raise ValueError(f"image scorers {[n for n in fns if n not in TEXT]} need images (reward.render=true)")
+        if images is not None and (images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts)):
             raise ValueError(f"images must be (N,3,H,W) with N = len(prompts) = {len(prompts)}, got {tuple(images.shape)}")
+        if any(name in TEXT for name in fns) and (texts is None or len(texts) != len(prompts)):
+            raise ValueError(f"text scorers {[n for n in fns if n in TEXT]} need one rewrite text per prompt "
+                             f"({len(prompts)}), got {None if texts is None else len(texts)}")
+        if images is not None and pixels == "signed":
+            images = (images / 2 + 0.5).clamp(0, 1)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            return _score(images if pixels == "unit" else (images / 2 + 0.5).clamp(0, 1), prompts)
+            return _score(images, prompts, texts)
 
-    def _score(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _score(images: Optional[torch.Tensor], prompts: Sequence[str],
+               texts: Optional[Sequence[str]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, fn in fns.items():
-            for key, value in fn(images, prompts).items():
+            for key, value in (fn(texts, prompts) if name in TEXT else fn(images, prompts)).items():
                 if key in out:
                     raise ValueError(f"scorer {name!r} returns {key!r}, which another scorer already returned")
                 if value.shape != (len(prompts),):
@@ -252,3 +282,6 @@ def build_scorers(names: Sequence[str], model: ModelConfig, device: torch.device
         return out
 
     return score_all
+
+
+from actors import text_scorers  # noqa: E402,F401 — registers `style` and `relevance_text`

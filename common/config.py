@@ -75,6 +75,9 @@ class RewardConfig(_Section):
     beta: float = Field(0.05, gt=0, description="reward temperature β: log R = r/β")
     clip_threshold: float = Field(0.28, description="relevance penalty applies below this CLIP score")
     clip_weight: float = Field(20.0, ge=0, description="relevance penalty weight")
+    render: bool = Field(True, description="render images with SD; false: no images, only text scorers (style, relevance_text) — the tiny-proxy preset, to save CPU")
+    text_threshold: float = Field(0.45, description="relevance_text hinge: penalty below this plain/rewrite sentence cosine (calibrated with bench/text_reward.py)")
+    text_weight: float = Field(20.0, ge=0, description="relevance_text penalty weight")
     fp16: bool = Field(True, description="half precision on GPU (ignored on CPU)")
     # --- speed switches (issue 12; common/sd_speed.py). Defaults are today's behaviour until a GPU run shows a gain.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="UNet/VAE attention: sdpa (torch scaled_dot_product_attention: flash / memory-efficient kernels) or classic (matmul + softmax)")
@@ -328,7 +331,19 @@ def _preset_sd14_arch() -> dict[str, Any]:
     return {"model": {"kind": "arch", "sentence_encoder": "auto"}}
 
 
-PRESETS = {"sd14": _preset_sd14, "tiny": _preset_tiny, "sd14-arch": _preset_sd14_arch}
+def _preset_tiny_proxy() -> dict[str, Any]:
+    """tiny with a real, offline, text-only reward (issue 13; common/style.py): the policy continues
+    "{x}," (sampler.response=suffix) and is rewarded by style(rewrite) − style(x) from a classifier of
+    engineered prompts on all-MiniLM-L6-v2 embeddings, plus a MiniLM relevance hinge. Nothing is
+    rendered (reward.render=false). It is not the paper's image reward."""
+    return _merge(_preset_tiny(), {
+        "sampler": {"response": "suffix"},
+        "reward": {"scorers": ["style", "relevance_text"], "render": False},
+    })
+
+
+PRESETS = {"sd14": _preset_sd14, "tiny": _preset_tiny, "sd14-arch": _preset_sd14_arch,
+           "tiny-proxy": _preset_tiny_proxy}
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

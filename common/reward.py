@@ -36,3 +36,24 @@ def paper_reward(aes: float, aes_plain: float, rel: float) -> dict[str, float]:
     """r = (aes − aes_plain) + rel, every component by name; `rel` from `relevance`."""
     aes_gain = aes - aes_plain
     return {"aes_gain": aes_gain, "rel": rel, "reward": aes_gain + rel}
+
+
+def reward_parts(mine: dict[str, float], plain: dict[str, float]) -> dict[str, float]:
+    """r = Σ gains + Σ relevance penalties, over the scores present, every component by name.
+
+    Paper (aesthetic + clip): exactly `paper_reward` — aes_gain = aes − aes_plain, plus `rel`.
+    Offline text reward (style + relevance_text, common/style.py): style_gain = style − style_plain,
+    plus `rel_text`. Both may be combined; a missing plain score for a present gain raises KeyError.
+    """
+    out: dict[str, float] = {}
+    reward = 0.0
+    for score, gain in (("aes", "aes_gain"), ("style", "style_gain")):
+        if score in mine:
+            out[gain] = mine[score] - plain[score]
+            reward += out[gain]
+    for penalty in ("rel", "rel_text"):
+        if penalty in mine:
+            out[penalty] = mine[penalty]
+            reward += mine[penalty]
+    out["reward"] = reward
+    return out

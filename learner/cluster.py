@@ -202,3 +202,31 @@ def preflight(cfg: Config, poll_s: float = 2.0) -> None:
         waited = f" after waiting {cfg.run.resource_wait_s:g} s" if cfg.run.resource_wait_s > 0 else ""
         raise ClusterError(f"the cluster ({len(nodes)} node(s), {_fmt(have)} in all) cannot host this run{waited}: "
                            + "; ".join(problems) + ". Try: " + _advice(cfg, problems))
+
+
+# ------------------------------------------------------------------ Redis hash layout
+
+#: a trajectory's msgpack blob (~1 KB) fits: its hash stays a listpack, which keeps field order
+LISTPACK_VALUE = 4096
+
+
+def hash_layout_hint(client: Any) -> Optional[str]:
+    """A warning when the server stores trajectory hashes as hashtables, None when fine or unknown.
+
+    A listpack hash keeps insertion order, so HGETALL prints the readable fields first and the binary
+    `blob` (written last) at the end; a hashtable prints them in hash order, the blob in the middle.
+    Redis switches to a hashtable for any value over `hash-max-listpack-value` (default 64 bytes)."""
+    try:
+        reply = client.config_get("hash-max-listpack-value")
+    except Exception:  # noqa: BLE001 — CONFIG is refused to the ACL user of deploy/redis.conf: leave it
+        return None
+    value = next(iter(reply.values()), None) if reply else None
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        return None
+    if limit >= LISTPACK_VALUE:
+        return None
+    return (f"the Redis server's hash-max-listpack-value is {limit}: trajectory hashes become hashtables, and "
+            "`redis-cli HGETALL pag:<run>:traj:<id>` prints the binary blob among the readable fields; set it to "
+            f"{LISTPACK_VALUE} (deploy/redis.conf does; hashes also take ~19 % less memory)")

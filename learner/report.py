@@ -66,7 +66,8 @@ def _score_and_render(cfg_dict: dict, redis_url: str, run: str, trajs_blobs: lis
     scored, failed = worker.score_batch(trajs)
     results = {t.id: t.scores for t in scored}
     results.update({t.id: reason for t, reason in failed})
-    images = worker.renderer(render_texts)[:: worker.renderer.k] if render_texts else []  # image 0 of each
+    rendering = render_texts and worker.renderer is not None  # reward.render=false: no images
+    images = worker.renderer(render_texts)[:: worker.renderer.k] if rendering else []  # image 0 of each
     arrays = [(img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8) for img in images]
     worker.close()
     return results, arrays
@@ -139,6 +140,11 @@ def _window_mean(history: list[dict[str, float]], key: str, first: bool) -> floa
     return float(np.mean(values[:k] if first else values[-k:]))
 
 
+def reward_columns(cfg: Config) -> list[str]:
+    """The reward components a person reads beside the reward: the paper's, or the offline text reward's."""
+    return ["aes_gain", "clip"] if cfg.reward.render else ["style_gain", "text_cos"]
+
+
 def _balance_line(cfg: Config, history: list[dict[str, float]]) -> str:
     """The realised online/replay balance over the whole run (the last step's run-long counter)."""
     runs = [m["buffer/fresh_fraction_run"] for m in history if "buffer/fresh_fraction_run" in m]
@@ -178,7 +184,9 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
     render = list(held_out) + [t.response for t in trajs]
     scores, images = score_and_render(cfg, redis_url, cfg.run.name, trajs, render)
 
-    keys = ["loss/total", "reward/reward", "reward/aes", "reward/aes_gain", "reward/clip", "reward/log_reward",
+    parts = reward_columns(cfg)
+    reward_keys = ["aes", "aes_gain", "clip"] if cfg.reward.render else ["style", "style_gain", "text_cos", "rel_text"]
+    keys = ["loss/total", "reward/reward", *(f"reward/{k}" for k in reward_keys), "reward/log_reward",
             "diversity/text", "loss/entropy", "plasticity/flow_dormant", "plasticity/policy_dormant",
             "weights/lag_mean", "weights/lag_max", "buffer/fresh_fraction", "buffer/size", "throughput/fresh_per_s"]
     lines = [f"# Run `{cfg.run.name}`", "",
@@ -189,22 +197,25 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
     for key in keys:
         lines.append(f"| {key} | {_window_mean(history, key, True):.4g} | {_window_mean(history, key, False):.4g} |")
     lines += ["", f"## Held-out prompts: {N_REWRITES} sampled rewrites each (T = {cfg.sampler.temp_end})", "",
-              "| plain prompt | rewrite | reward | aes gain | clip |", "|---|---|---|---|---|"]
+              f"| plain prompt | rewrite | reward | {' | '.join(p.replace('_', ' ') for p in parts)} |",
+              "|---|---|---|---|---|"]
     for t in trajs:
         s = scores.get(t.id)
         if isinstance(s, dict):
-            lines.append(f"| {_md(t.prompt)} | {_md(t.response)} | {s['reward']:.3f} | {s['aes_gain']:.3f} | {s['clip']:.3f} |")
+            cells = " | ".join(f"{s[p]:.3f}" if p in s else "" for p in parts)
+            lines.append(f"| {_md(t.prompt)} | {_md(t.response)} | {s['reward']:.3f} | {cells} |")
         else:
             lines.append(f"| {_md(t.prompt)} | {_md(t.response)} | failed: {_md(str(s))} | | |")
-    lines += ["", "![samples](samples.png)", "", "## Resolved config", "", "```yaml",
+    lines += ["", "![samples](samples.png)" if images else "(reward.render=false: no images)", "", "## Resolved config", "", "```yaml",
               yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
 
     rows = []
-    for i, prompt in enumerate(held_out):
+    for i, prompt in enumerate(held_out if images else []):
         rewrites = images[len(held_out) + i * N_REWRITES: len(held_out) + (i + 1) * N_REWRITES]
         rows.append((prompt, [images[i]] + rewrites))
-    image_grid(rows, run_dir / "samples.png")
+    if rows:
+        image_grid(rows, run_dir / "samples.png")
     log.info("report: %s", run_dir / "report.md")
     return run_dir / "report.md"
 
@@ -235,6 +246,7 @@ def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: i
     lines = []
     for t in sorted(trajs, key=lambda t: -(results[t.id]["reward"] if isinstance(results[t.id], dict) else -1e9)):
         s: Any = results[t.id]
-        head = f"[r={s['reward']:+.3f} aes_gain={s['aes_gain']:+.3f} clip={s['clip']:.3f}]" if isinstance(s, dict) else f"[failed: {s}]"
+        parts = " ".join(f"{k}={s[k]:+.3f}" for k in reward_columns(cfg) if k in s) if isinstance(s, dict) else ""
+        head = f"[r={s['reward']:+.3f} {parts}]" if isinstance(s, dict) else f"[failed: {s}]"
         lines.append(f"{head} {t.response}")
     return lines

@@ -519,7 +519,7 @@ def register(subparsers) -> None:
                "model.sft_checkpoint is unset. For the paper: `pag sft --preset sd14 --out ckpt/sft` then "
                "`pag train --preset sd14 model.sft_checkpoint=ckpt/sft`.",
     )
-    p.add_argument("--preset", default="tiny", choices=["tiny", "sd14"],
+    p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-proxy", "sd14"],
                    help="tiny (random 2-layer GPT-2, CPU, about a minute) or sd14 (gpt2 from the hub)")
     p.add_argument("--config", dest="config_file", help="YAML file with sections model/sampler/…")
     p.add_argument("--out", help="checkpoint directory (default: $PAG_CACHE/sft/<preset>-<hash>, where tiny's "

@@ -151,9 +151,14 @@ class Trainer:
         if self.cfg.buffer.redis_url:  # an unreachable --redis-url fails in seconds, before SFT and Ray
             from buffer.connection import connect
 
+            from learner.cluster import hash_layout_hint
+
             client = connect(self.cfg.buffer.redis_url, retries=2)
             try:
                 client.ping()
+                hint = hash_layout_hint(client)
+                if hint:
+                    log.warning(hint)
             finally:
                 client.close()
         self.started_ray = init_ray(self.cfg) or self.started_ray

@@ -110,3 +110,33 @@ def test_train_without_the_gpus_it_requests_stops_with_a_clear_error(tmp_path):
     assert "a learner requests {CPU: 1, GPU: 1} but no node has GPU >= 1" in line[0]
     assert "--preset tiny" in line[0] and "learner.num_gpus=0" in line[0]
     assert not (tmp_path / "runs" / "nogpu").exists()
+
+
+def test_hash_layout_hint_names_the_setting(redis_url):
+    """The blob prints last in HGETALL only while trajectory hashes stay listpacks (issue 14 item 5)."""
+    import redis
+
+    from buffer.connection import connect
+    from learner.cluster import hash_layout_hint
+
+    client = connect(redis_url)
+    try:
+        assert hash_layout_hint(client) is None  # the private server is configured like deploy/redis.conf
+        client.config_set("hash-max-listpack-value", 64)  # Redis's default
+        hint = hash_layout_hint(client)
+        assert "hash-max-listpack-value is 64" in hint and "4096" in hint
+        key = "pag:t:traj:x"
+        client.hset(key, mapping={"prompt": "a cat", "response": "a cat, oil painting", "log_reward": "1.5"})
+        client.hset(key, "blob", b"\x93" * 900)
+        assert client.object("encoding", key) == b"hashtable"
+        client.config_set("hash-max-listpack-value", 4096)
+        client.delete(key)
+        client.hset(key, mapping={"prompt": "a cat", "response": "a cat, oil painting", "log_reward": "1.5"})
+        client.hset(key, "blob", b"\x93" * 900)
+        assert client.object("encoding", key) == b"listpack" and client.hkeys(key)[-1] == b"blob"
+    finally:
+        client.config_set("hash-max-listpack-value", 4096)
+        client.close()
+
+    refused = type("Refused", (), {"config_get": lambda self, name: (_ for _ in ()).throw(redis.ResponseError("NOPERM"))})()
+    assert hash_layout_hint(refused) is None
