@@ -27,6 +27,7 @@ def _config_command(sub) -> None:
     p = sub.add_parser("config", help="print the resolved config of a preset (+ YAML + overrides), or list every key",
                        description="Resolve and print a config exactly as `pag train` would use it.")
     p.add_argument("--preset", default="tiny", help="tiny (CPU, offline, minutes) or sd14 (the paper)")
+    p.add_argument("--method", help="a named method or ablation (pag, gfn-tb, ppo, pag-no-reset, pag-no-prt, pag-no-fl)")
     p.add_argument("--config", dest="config_file", help="YAML file with sections model/sampler/reward/buffer/learner/run")
     p.add_argument("--list", action="store_true", help="list every key with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=3e-5")
@@ -39,7 +40,7 @@ def _config_command(sub) -> None:
         if args.list:
             print("\n".join(describe()))
             return 0
-        cfg = load_config(args.preset, args.config_file, args.overrides)
+        cfg = load_config(args.preset, args.config_file, args.overrides, method=args.method)
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 

@@ -212,6 +212,15 @@ class RunConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Ray restarts per actor")
     resource_wait_s: float = Field(0.0, ge=0, description="when the cluster cannot host the roles: ask the autoscaler and wait up to this many seconds (0: stop at once with an error)")
     log_every: int = Field(10, ge=1, description="metrics every N learner steps")
+    method: Optional[str] = Field(None, description="the named method (common/methods.py) whose overrides this run started from, set by `pag train --method`; None: not a named method")
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "RunConfig":
+        from common.methods import METHODS
+
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not a named method; choose one of {', '.join(METHODS)}")
+        return self
 
 
 #: the rule-based baseline's fixed modifier suffix (documented in README "Evaluation"): common quality
@@ -416,12 +425,22 @@ def load_config(
     preset: str = "tiny",
     yaml_path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    method: Optional[str] = None,
 ) -> Config:
-    """Preset → YAML file → key=value overrides, validated; raises ConfigError."""
+    """Preset → method (common/methods.py) → YAML file → key=value overrides, validated; raises ConfigError."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     tree: dict[str, Any] = _merge({"preset": preset}, PRESETS[preset]())
     source = f"preset {preset!r}"
+    if method is not None:
+        from common.methods import method_overrides
+
+        try:
+            for text in method_overrides(method):
+                tree = _merge(tree, _nest(*parse_override(text)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        source = f"method {method!r}"
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():

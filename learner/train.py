@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common.config import Config, ConfigError, load_config
+from common.methods import METHODS
 
 log = logging.getLogger("pag.train")
 
@@ -34,6 +35,8 @@ def register(sub) -> None:
                     "On a cluster: ray job submit --working-dir . -- pag train --preset sd14 --redis-url redis://…",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", help="tiny (CPU, offline, minutes) or sd14 (the paper)")
+    p.add_argument("--method", choices=list(METHODS), help="a named method or ablation (common/methods.py): its "
+                   "overrides go over the preset, under --config and key=value; stored as run.method")
     p.add_argument("--config", dest="config_file", help="YAML file layered over the preset")
     p.add_argument("--steps", type=int, help="learner steps (learner.steps)")
     p.add_argument("--samplers", type=int, help="sampler actors (sampler.num_samplers)")
@@ -75,6 +78,8 @@ def resolve_run(args, environ=os.environ) -> tuple[Config, Path]:
 
     overrides = list(args.overrides) + _flag_overrides(args)
     if args.resume:
+        if getattr(args, "method", None):
+            raise ConfigError("--method starts a new run; a resumed run keeps the run.method of its config.yaml")
         runs_dir, note = resolve_runs_dir(args.runs_dir or "runs", environ)
         if note:
             print(f"pag train: {note}", file=sys.stderr)
@@ -92,7 +97,7 @@ def resolve_run(args, environ=os.environ) -> tuple[Config, Path]:
         preset = yaml.safe_load((run_dir / "config.yaml").read_text()).get("preset", args.preset)
         cfg = load_config(preset, run_dir / "config.yaml", overrides + [f"run.name={run_dir.name}"])
         return cfg, run_dir
-    cfg = load_config(args.preset, args.config_file, overrides)
+    cfg = load_config(args.preset, args.config_file, overrides, method=args.method)
     name = cfg.run.name or f"{cfg.preset}__{cfg.run.seed}__{datetime.now():%Y%m%d-%H%M%S}"
     cfg.run.name = name
     runs_dir, note = resolve_runs_dir(cfg.run.runs_dir, environ)
