@@ -70,7 +70,7 @@ def main() -> None:
     cfg = load_config(args.preset, None, args.overrides)
     sizes = [int(x) for x in args.workers.split(",")]
     cores = os.cpu_count() or 1
-    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
+    ray.init(address=args.ray_address or "local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"], "TOKENIZERS_PARALLELISM": "false"}},
              **({} if args.ray_address else {"num_cpus": sum(sizes) + 1}))  # every pool's actors live at once
     gpus = ray.cluster_resources().get("GPU", 0)

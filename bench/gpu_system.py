@@ -64,7 +64,7 @@ def run_broadcast(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
     size = sum(t.numel() * t.element_size() for t in state.values())
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         store = ray.remote(num_cpus=0)(WeightStore).remote()

@@ -85,11 +85,13 @@ def _start_ray(cfg) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}}
+    from learner.cluster import driver_env_vars
+
+    env = {"env_vars": driver_env_vars(os.environ)}  # a Ray job's own env vars win (Ray refuses a key set twice)
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, runtime_env=env)
+    else:  # "local": never join a cluster that /tmp/ray/ray_current_cluster happens to name
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=env)
     return True
 
 

@@ -73,14 +73,15 @@ def init_ray(cfg) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "PYTHONPATH") if k in os.environ}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from learner.cluster import driver_env_vars
+
+    env = driver_env_vars(os.environ)  # a Ray job's own env vars win (Ray refuses a key set twice)
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True, "logging_level": logging.WARNING}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **kwargs)  # never a stray `ray start` cluster
 
 
 def run(args) -> int:

@@ -68,9 +68,9 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
     tmp.mkdir()
     policy.save_pretrained(tmp / "policy", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
-    for name, module in {"flow": flow, **(heads or {})}.items():
+    for head_name, module in {"flow": flow, **(heads or {})}.items():
         save_file({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()},
-                  str(tmp / f"{name}.safetensors"))
+                  str(tmp / f"{head_name}.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, str(tmp / "optim.safetensors"))
     rng = {"torch_cpu": torch.random.get_rng_state()}

@@ -99,7 +99,7 @@ def init_ray(cfg: Config, environ: Mapping[str, str] = os.environ) -> bool:
             ray.init(address=address, **kwargs)
         else:  # "local": a new private Ray even when `ray start` left a cluster on this machine to auto-join
             cpus = max(os.cpu_count() or 2, cfg.sampler.num_samplers + cfg.reward.num_workers + 2)
-            ray.init(address=address or None, num_cpus=cpus, include_dashboard=False, **kwargs)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
     except ConnectionError as exc:
         raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; start one (`ray start --head`) "
                            "or give the right --ray-address / RAY_ADDRESS") from exc

@@ -250,6 +250,7 @@ def test_schedules_from_config():
     from common.config import load_config
 
     cfg = load_config("sd14", overrides=["learner.ref_temp=0.7"])
-    values = Schedules.from_config(cfg).at(2500)
-    expected = {"sampling_temperature": 1.25, "reward_temperature": 1.5, "reference_temperature": 0.7}
-    assert values == pytest.approx(expected)
+    schedules = Schedules.from_config(cfg)
+    expected = {"sampling_temperature": 1.25, "reward_temperature": 1.0, "reference_temperature": 0.7}
+    assert schedules.at(2500) == pytest.approx(expected)  # τ reached 1 at the official horizon, 500 steps
+    assert schedules.at(250)["reward_temperature"] == pytest.approx(1.5)
