@@ -62,3 +62,26 @@ def ray_local():
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+#: a learner small enough for a unit test: 2 prompts × 4 rewrites of 2–8 tokens, batch 8, no reactivation,
+#: nothing periodic (checkpoints, logging) unless a test asks for it
+SMALL_LEARNER = (
+    "sampler.prompts_per_batch=2", "sampler.samples_per_prompt=4", "sampler.min_len=2", "sampler.max_len=8",
+    "learner.batch_size=8", "learner.grad_accum=1", "learner.checkpoint_every=1000", "learner.steps=1000",
+    "learner.reactivation_every=0", "run.log_every=1000",
+)
+
+
+@pytest.fixture(scope="session")
+def small_learner_config():
+    """`small_learner_config(*overrides)`: the `tiny` preset at SMALL_LEARNER sizes; later overrides win."""
+    import torch
+
+    from common.config import load_config
+
+    def build(*overrides: str):
+        torch.set_num_threads(2)
+        return load_config("tiny", overrides=[*SMALL_LEARNER, *overrides])
+
+    return build

@@ -4,7 +4,6 @@ import threading
 from collections import deque
 
 import pytest
-import torch
 
 from actors.sampler import Sampler, lag_room
 from buffer import ReplayBuffer
@@ -81,12 +80,8 @@ def test_config_keys_and_defaults():
 # ---------------------------------------------------------------- against a real redis-server
 
 @pytest.fixture(scope="module")
-def cfg():
-    torch.set_num_threads(2)
-    return load_config("tiny", overrides=[
-        "sampler.prompts_per_batch=2", "sampler.samples_per_prompt=4", "sampler.min_len=2", "sampler.max_len=8",
-        "learner.batch_size=8", "learner.grad_accum=1", "learner.checkpoint_every=1000", "learner.steps=1000",
-        "learner.reactivation_every=0", "run.log_every=1000"])
+def cfg(small_learner_config):
+    return small_learner_config()
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,8 @@ PPO = ["learner.objective=ppo", "learner.replay_ratio=0", "learner.reactivation_
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    torch.set_num_threads(2)
-    return load_config("tiny", overrides=[
-        "sampler.prompts_per_batch=2", "sampler.samples_per_prompt=4", "sampler.min_len=2", "sampler.max_len=8",
-        "learner.batch_size=8", "learner.grad_accum=1", "learner.checkpoint_every=1000", "learner.steps=1000",
-        "learner.trainable_blocks=1", "run.log_every=1", *PPO])
+def cfg(small_learner_config):
+    return small_learner_config("learner.trainable_blocks=1", "run.log_every=1", *PPO)
 
 
 @pytest.fixture(scope="module")

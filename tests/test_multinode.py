@@ -80,7 +80,7 @@ class LocalCluster:
 
     def start_head(self, num_cpus: int) -> None:
         self.gcs_port, self.dashboard_port, client_port = _free_ports(3)
-        self._start([f"--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+        self._start(["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                      "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client_port}",
                      f"--temp-dir={self.root / 'ray'}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                      *self._node_ports()], "head")

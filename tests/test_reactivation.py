@@ -5,7 +5,6 @@ import torch
 
 from actors.sampler import Sampler
 from buffer import ReplayBuffer
-from common.config import load_config
 from learner.flow import FlowHead
 from learner.learner import Learner
 
@@ -41,12 +40,8 @@ def test_normal_moves_log_flow_far_more_than_default():
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    torch.set_num_threads(2)
-    return load_config("tiny", overrides=[
-        "sampler.prompts_per_batch=2", "sampler.samples_per_prompt=4", "sampler.min_len=2", "sampler.max_len=8",
-        "learner.batch_size=8", "learner.grad_accum=1", "learner.checkpoint_every=1000", "learner.steps=1000",
-        "learner.reactivation_every=0", "run.log_every=1"])
+def cfg(small_learner_config):
+    return small_learner_config("run.log_every=1")
 
 
 def test_a_reactivation_in_the_learner_changes_log_flow_and_the_dormant_ratio(cfg, redis_url, run_name, tmp_path):
