@@ -176,6 +176,34 @@ def test_beam_decoding_is_deterministic_and_ranked(workdir):
     assert all(len(o.rewrites) == 3 for o in first)
 
 
+def test_suffix_run_is_evaluated_in_its_own_format(workdir, tmp_path):
+    """A `sampler.response=suffix`, `model.input_format=promptist` run: the policy reads
+    "x Rephrase: x," and every rewrite is "x, continuation" (common/formats.py), not the raw continuation."""
+    import yaml
+
+    from common.config import load_config
+    from eval.methods import build_method
+    from eval.spec import parse_methods
+
+    path, _ = workdir
+    run = tmp_path / "runs" / "suffix"
+    run.mkdir(parents=True)
+    (run / "checkpoints").symlink_to(path / "runs" / "trained" / "checkpoints", target_is_directory=True)
+    saved = yaml.safe_load((path / "runs" / "trained" / "config.yaml").read_text())
+    saved["model"]["input_format"], saved["sampler"]["response"] = "promptist", "suffix"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = load_config("tiny", overrides=["eval.decode=sample", "eval.max_new_tokens=4", "eval.min_new_tokens=2"])
+    (spec,) = parse_methods(f"pag:{run}")
+    method = build_method(spec, cfg)
+    ids, _ = method._encode(["a red car."])
+    assert method.tokenizer.decode(ids[0]) == "a red car. Rephrase: a red car,"
+    outs = method.rewrite(["a red car.", "a blue boat"], 2)
+    for out, stem in zip(outs, ["a red car, ", "a blue boat, "]):
+        assert len(out.rewrites) == 2 and all(r.text.startswith(stem) for r in out.rewrites), out.rewrites
+    plain = build_method(parse_methods(f"pag:{path / 'runs' / 'trained'}")[0], cfg)  # a full run: unchanged
+    assert plain.tokenizer.decode(plain._encode(["a red car."])[0][0]) == "a red car. Rephrase:\n"
+
+
 def test_promptist_method_uses_its_template_and_the_packaged_tokenizer(tmp_path):
     from common.config import load_config
     from common.models import build_policy, build_tokenizer

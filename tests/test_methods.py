@@ -66,25 +66,29 @@ def test_pag_config_shows_a_method(tmp_path):
 
 
 TINY = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2", "learner.batch_size=8",
-        "reward.batch_size=4", "run.log_every=1", "learner.reactivation_every=1"]
+        "reward.batch_size=4", "reward.images_per_prompt=1", "reward.steps=2", "run.log_every=1"]
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("name", ["ppo", "gfn-tb"])
+@pytest.mark.parametrize("name", ["ppo", "gfn-tb", "pag-no-reset", "pag-no-prt", "pag-no-fl"])
 def test_pag_train_method_end_to_end(tmp_path_factory, name):
-    """Two learner steps through the real entry point (Ray, redis-server, actors), ~40 s each on 2 cores:
-    ppo (its own learner path) and gfn-tb (TB, no reactivation, uniform replay: every switch the three
-    ablations use but DB, which tests/test_learner.py trains). The other methods are checked as configs."""
+    """Two learner steps through the real entry point (Ray, redis-server, actors) for ppo and every ablation
+    (issue 10), one image per prompt at 2 denoising steps to keep each run short; the SFT cache (PAG_CACHE)
+    is shared across the parameters. `pag` itself is the ablations' common path and is checked as a config."""
     path = tmp_path_factory.mktemp(f"method-{name}")
+    resets = METHODS[name].overrides.count("learner.reactivation_every=0") == 0
+    extra = ["learner.reactivation_every=1"] if resets else []  # every step, so the reset path runs in 2 steps
     result = subprocess.run([sys.executable, "-m", "common.cli", "train", "--method", name, "--steps", "2",
-                             "--run-name", name, "--no-report", *TINY], cwd=path, env=_env(path),
+                             "--run-name", name, "--no-report", *TINY, *extra], cwd=path, env=_env(path),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = path / "runs" / name
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["run"]["method"] == name
-    assert saved["learner"]["reactivation_every"] == 1, "the user's override wins"
+    assert saved["learner"]["reactivation_every"] == (1 if resets else 0), "the user's override wins"
+    assert saved["learner"]["objective"] == load_config("tiny", method=name).learner.objective
+    assert saved["buffer"]["prioritization"] == load_config("tiny", method=name).buffer.prioritization
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     if name == "ppo":

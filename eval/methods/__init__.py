@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from common.config import Config, ModelConfig
+from common.formats import PolicyFormat
 from eval.methods.base import Conditioning, Method, MethodOutput, Rewrite
 from eval.spec import MethodSpec, MethodSpecError
 
@@ -23,6 +24,19 @@ def _run_model_config(run_dir: str | None, default: ModelConfig) -> ModelConfig:
         return default
     raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
     return ModelConfig.model_validate(raw.get("model") or {}) if raw.get("model") else default
+
+
+def run_format(run_dir: str | None, default: Config) -> PolicyFormat:
+    """The run's own input format and response mode (its config.yaml's model.input_format and
+    sampler.response), so a `suffix` run is evaluated the way it was trained; the eval config's otherwise."""
+    if not run_dir:
+        return PolicyFormat.from_config(default)
+    raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    model, sampler = raw.get("model") or {}, raw.get("sampler") or {}
+    try:
+        return PolicyFormat(model.get("input_format", "pag"), sampler.get("response", "full"))
+    except ValueError as exc:
+        raise MethodSpecError(f"{Path(run_dir) / 'config.yaml'}: {exc}") from exc
 
 
 def build_method(spec: MethodSpec, cfg: Config, device: str = "cpu") -> Method:
@@ -43,12 +57,12 @@ def build_method(spec: MethodSpec, cfg: Config, device: str = "cpu") -> Method:
             from learner.sft import ensure_sft
 
             path = ensure_sft(cfg)
-        return PolicyMethod("sft", path, cfg.model, cfg.eval, device=device)
+        return PolicyMethod("sft", path, cfg.model, cfg.eval, fmt=PolicyFormat.from_config(cfg), device=device)
     if spec.kind == "policy":
         from eval.methods.policy import PolicyMethod
 
         return PolicyMethod(spec.label, spec.path, _run_model_config(spec.run_dir, cfg.model), cfg.eval,
-                            device=device, source=spec.raw)
+                            fmt=run_format(spec.run_dir, cfg), device=device, source=spec.raw)
     if spec.kind in ("promptist", "ipgo"):
         try:
             module = importlib.import_module(f"eval.methods.{spec.kind}")

@@ -115,13 +115,13 @@ def _read_lines(path: Path) -> list[dict]:
 
 
 def _pag_policy(spec: MethodSpec, cfg, device: str) -> Method:
-    from eval.methods import _run_model_config
+    from eval.methods import _run_model_config, run_format
     from eval.methods.policy import PolicyMethod
     from eval.spec import resolve_policy_dir
 
     weights, run_dir = resolve_policy_dir(spec.path, spec.raw)
     return PolicyMethod(f"{spec.label}-policy", weights, _run_model_config(run_dir, cfg.model), cfg.eval,
-                        device=device, source=spec.raw)
+                        fmt=run_format(run_dir, cfg), device=device, source=spec.raw)
 
 
 def _private_run(cfg, extra: str = "") -> Path:

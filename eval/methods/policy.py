@@ -5,6 +5,9 @@ Decoding is the paper's protocol (`eval.decode`): `beam` — diverse beam search
 × `eval.beams_per_group` beams, Hamming penalty, length penalty, `min_new_tokens`..`max_new_tokens`,
 deterministic, best first; `sample` — `eval.rewrites` i.i.d. samples at `eval.temperature` from a
 seeded generator (reproducible). Both forbid EOS before `min_new_tokens`.
+
+Input and rewrite follow the run's own format (common/formats.py: `model.input_format`, `sampler.response`):
+a `suffix` run conditions on "{template}{stem(x)}," and its rewrite is "stem(x), continuation".
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from common.config import EvalConfig, ModelConfig
+from common.formats import PolicyFormat
 from eval.methods.base import Method, MethodOutput, Rewrite
 
 log = logging.getLogger(__name__)
@@ -38,13 +42,22 @@ def load_tokenizer(policy_dir: Optional[str], model_cfg: ModelConfig):
 
 
 class PolicyMethod(Method):
-    """Rewrites from a causal LM at `policy_dir` (a Hugging Face directory), prompted with `template`."""
+    """Rewrites from a causal LM at `policy_dir` (a Hugging Face directory). The input and the rewrite text
+    come from `fmt` (the run's PolicyFormat); an explicit `template` (Promptist's own) replaces the input
+    template and implies full-text responses."""
 
     def __init__(self, name: str, policy_dir: str, model_cfg: ModelConfig, ev: EvalConfig, *,
-                 template: str = "{prompt} Rephrase:\n", device: str = "cpu", source: str = "") -> None:
+                 fmt: Optional[PolicyFormat] = None, template: Optional[str] = None, device: str = "cpu",
+                 source: str = "") -> None:
+        from common.formats import TEMPLATES
         from common.models import build_policy
 
-        self.name, self.policy_dir, self.ev, self.template = name, str(policy_dir), ev, template
+        if template is not None and fmt is not None and fmt.response != "full":
+            raise ValueError("PolicyMethod: an explicit template is only for full-text responses")
+        self.fmt = fmt or PolicyFormat(model_cfg.input_format)
+        self.explicit_template = template is not None
+        self.template = template if template is not None else TEMPLATES[self.fmt.input_format]
+        self.name, self.policy_dir, self.ev = name, str(policy_dir), ev
         self.source = source or str(policy_dir)
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(self.policy_dir, model_cfg)
@@ -61,10 +74,14 @@ class PolicyMethod(Method):
         else:
             decoding.update(temperature=ev.temperature, seed=ev.seed)
         return {"name": self.name, "policy": str(Path(self.policy_dir).resolve()), "template": self.template,
+                "response": self.fmt.response,
                 "weights": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files], **decoding}
 
     def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = [self.template.format(prompt=p) for p in prompts]
+        if self.explicit_template:  # Promptist's own input, full-text responses
+            texts = [self.template.format(prompt=p) for p in prompts]
+        else:
+            texts = [self.fmt.policy_input(p) for p in prompts]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
@@ -94,7 +111,7 @@ class PolicyMethod(Method):
         resp, rmask = sample(self.model, ids, mask, self.ev.max_new_tokens, self.ev.min_new_tokens,
                              self.ev.temperature, self.tokenizer.eos_token_id, generator=gen)
         texts = self._texts(resp, rmask)
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [[self.fmt.rewrite(p, t) for t in texts[i * n:(i + 1) * n]] for i, p in enumerate(prompts)]
 
     def _beam(self, prompts: list[str], n: int) -> list[list[str]]:
         from common.beam_search import diverse_beam_search
@@ -110,7 +127,7 @@ class PolicyMethod(Method):
         texts = []
         for b in range(B):
             rows = order[b, :n]
-            texts.append(self._texts(out_ids[b, rows], out_mask[b, rows]))
+            texts.append([self.fmt.rewrite(prompts[b], t) for t in self._texts(out_ids[b, rows], out_mask[b, rows])])
         return texts
 
     def close(self) -> None:
