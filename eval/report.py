@@ -76,8 +76,12 @@ def tabulate(data: EvalData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "stats": {k: v for k, v in data.stats.items() if k != "text_encoder_obj"},
         "failures": failures, "table": table, "per_prompt": per_prompt,
     }
+    from eval.ipgo_report import collect
     from eval.paper import published
 
+    ipgo = collect(data.outputs)
+    if ipgo:  # training-noise / held-out-seed reward and cost of the IPGO methods (eval/ipgo_report.py)
+        results["ipgo"] = ipgo
     ref = published(cfg)
     if ref:
         results["paper"] = ref
@@ -201,6 +205,10 @@ def write_report(data: EvalData, out_dir: Path) -> Path:
     if results["failures"]:
         lines += ["", "**Failed rewrites** (not in the means; see rewrites.jsonl `error`): "
                   + ", ".join(f"{k}: {v}" for k, v in results["failures"].items())]
+    if "ipgo" in results:
+        from eval.ipgo_report import markdown
+
+        lines += ["", *markdown(results, extra_keys)]
     if "paper" in results:
         from eval.paper import paper_table
 

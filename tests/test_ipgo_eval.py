@@ -44,6 +44,38 @@ def test_prompt_wise_conditioning_and_reuse(tmp_path):
     assert (run / "prompts" / lines[0]["dir"] / "result.json").stat().st_mtime_ns == stamp  # reused, not re-optimised
     assert np.array_equal(again[0].rewrites[0].conditioning.prompt_embeds, c.prompt_embeds)
     assert len((run / "results.jsonl").read_text().splitlines()) == 3
+    info = out[0].info  # IPGO's own reward on its training noise and on held-out seeds, and its cost
+    assert info["heldout_seeds"] == [42, 43, 44] and cfg.ipgo.seed not in info["heldout_seeds"]
+    assert info["train_reward"] == pytest.approx(lines[0]["best_reward"], rel=1e-4, abs=1e-5)  # the chosen iterate, re-rendered
+    assert info["train_plain"] == pytest.approx(lines[0]["initial_reward"], rel=1e-4, abs=1e-5)
+    assert info["heldout_reward"] != info["train_reward"] and info["heldout_plain"] != info["train_plain"]
+    assert info["heldout_gain"] == pytest.approx(info["heldout_reward"] - info["heldout_plain"])
+    assert info["seconds"] == lines[0]["seconds"] > 0 and info["device"] == "CPU" and "peak_mib" not in info
+
+
+def test_ipgo_report_section(tmp_path):
+    from eval.ipgo_report import collect, heldout_seeds, markdown
+    from eval.methods.base import MethodOutput
+
+    assert heldout_seeds(0, 3, 1) == [0, 2, 3] and heldout_seeds(42, 2, 0) == [42, 43]
+    cfg = load_config("tiny", overrides=["ipgo.iterations=2", f"run.runs_dir={tmp_path}", "eval.images_per_prompt=2"])
+    out = build(MethodSpec("ipgo", "ipgo", None, raw="ipgo"), cfg).rewrite(["a red car", "a bowl of fruit"], n=1)
+    outputs = {"plain": {"lexica": [MethodOutput(o.prompt) for o in out]}, "ipgo": {"lexica": out}}
+    ipgo = collect(outputs)
+    assert set(ipgo) == {"ipgo"}  # only methods that measured it
+    cell = ipgo["ipgo"]["lexica"]
+    assert cell["prompts"] == 2 and cell["device"] == "CPU" and cell["heldout_seeds"] == [42, 43]
+    for key in ("train_reward", "train_gain", "heldout_reward", "heldout_gain", "seconds"):
+        assert cell[key]["n"] == 2 and np.isfinite(cell[key]["mean"])
+    assert cell["train_reward"]["mean"] == pytest.approx(np.mean([o.info["train_reward"] for o in out]))
+    table = {"ipgo": {"lexica": {"aes_gain": {"mean": 0.25, "ci95": 0.5, "n": 2}}}}
+    md = "\n".join(markdown({"ipgo": ipgo, "table": table}, ["hps"]))
+    assert "## IPGO: training noise against held-out seeds" in md
+    assert "reward, training noise" in md and "reward, held-out seeds" in md and "cost s/prompt" in md
+    row = next(l for l in md.splitlines() if l.startswith("| ipgo | lexica"))
+    assert f"{cell['heldout_reward']['mean']:.3f}" in row and "0.250 ± 0.500" in row and " CPU (prompt-wise)" in row
+    assert row.count("|") == md.splitlines()[4].count("|")  # as many cells as headers
+    assert markdown({"table": {}}, []) == []
 
 
 def test_prompt_batch_run_applies_to_any_prompt(tmp_path):
@@ -56,6 +88,10 @@ def test_prompt_batch_run_applies_to_any_prompt(tmp_path):
     a, b = (o.rewrites[0].conditioning.prompt_embeds for o in out)
     assert np.allclose(a[:10], b[:10]) and np.allclose(a[-10:], b[-10:])  # the same learned prefix and suffix
     assert not np.allclose(a[10:-10], b[10:-10])  # around each prompt's own states
+    summary = json.loads((tmp_path / "pb" / "batch" / "result.json").read_text())
+    info = out[0].info  # one training's cost shared by its training prompts
+    assert info["cost_basis"] == f"prompt-batch / {summary['train_prompts']} prompts"
+    assert info["seconds"] == pytest.approx(summary["seconds"] / summary["train_prompts"])
 
 
 @pytest.mark.slow
@@ -73,6 +109,10 @@ def test_pag_eval_with_ipgo(tmp_path):
     cell = results["table"]["ipgo"]["lexica"]
     assert cell["reward"]["n"] == 1 and np.isfinite(cell["reward"]["mean"]) and np.isfinite(cell["aes_gain"]["mean"])
     assert cell["aes_gain"]["mean"] != 0.0  # rendered from the injected tokens, not the plain text
+    ipgo = results["ipgo"]["ipgo"]["lexica"]
+    assert {"train_reward", "heldout_reward", "heldout_gain", "seconds"} <= set(ipgo) and ipgo["prompts"] == 1
+    report = (tmp_path / "eval-i" / "report.md").read_text()
+    assert "## IPGO: training noise against held-out seeds" in report and "| ipgo | lexica |" in report
 
 
 def test_pag_plus_ipgo_refines_the_policy_rewrite(tmp_path):

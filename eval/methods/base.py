@@ -51,10 +51,13 @@ class Rewrite:
 
 @dataclass
 class MethodOutput:
-    """The rewrites of one plain prompt, best first where the method ranks them (beam scores)."""
+    """The rewrites of one plain prompt, best first where the method ranks them (beam scores). `info`:
+    a method's own per-prompt measurements (IPGO: training-noise / held-out-seed reward, cost), which
+    the report carries; not cached."""
 
     prompt: str
     rewrites: list[Rewrite] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
 
 class Method:

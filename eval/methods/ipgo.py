@@ -9,10 +9,11 @@
 
 Each prompt gets one rewrite: text = the prompt (IPGO does not change words), conditioning =
 [prefix; H; suffix] and the empty prompt's states at the same length. The harness renders it from its own
-seeds (eval.seed + i), which IPGO never trained on, and scores it with every configured scorer: that is the
-held-out-seed reward and the reward-hacking check. The reward on the noise IPGO optimised, and the cost per
-prompt (seconds, GPU peak memory), are in the IPGO run directory's results.jsonl (logged here too); with no
-path that directory is runs/ipgo-eval__<config hash>, so a second evaluation reuses the tokens.
+seeds (eval.seed + i), which IPGO never trained on, and scores it with every configured scorer (the
+reward-hacking check). Each output's `info` also carries IPGO's own reward on the noise it was optimised with
+and on held-out seeds (same sampler and reward) and the cost per prompt, from the run's results.jsonl: the
+report's IPGO section (eval/ipgo_report.py). With no path the run directory is runs/ipgo-eval__<config hash>,
+so a second evaluation reuses the tokens.
 """
 from __future__ import annotations
 
@@ -48,14 +49,17 @@ class IpgoMethod(Method):
             self._models = models_for(self.cfg)
         return self._models
 
-    def _tokens(self, prompts: Sequence[str]) -> dict[str, dict]:
-        """prompt → tokens: the batch set for every prompt, or each prompt's own (optimised now if missing)."""
+    def _tokens(self, prompts: Sequence[str]) -> dict[str, tuple[dict, dict]]:
+        """prompt → (tokens, cost): the batch set for every prompt, or each prompt's own (optimised now if missing)."""
+        from eval.ipgo_report import cost_of
         from ipgo.cli import _append
         from ipgo.jobs import load_tokens, prompt_job, slug
 
         if self.batch_tokens.is_file():
             tokens = load_tokens(self.batch_tokens)
-            return {p: tokens for p in prompts}
+            summary = json.loads((self.batch_tokens.parent / "result.json").read_text())
+            cost = cost_of(summary, max(1, int(summary.get("train_prompts", 1))))
+            return {p: (tokens, cost) for p in prompts}
         lines = {line["prompt"]: line for line in _read_lines(self.run_dir / "results.jsonl") if not line.get("heldout")}
         todo = [p for p in dict.fromkeys(prompts) if p not in lines]
         first = 1 + max((line["index"] for line in lines.values()), default=-1)
@@ -66,7 +70,7 @@ class IpgoMethod(Method):
         out = {}
         for prompt in prompts:
             line = lines[prompt]
-            out[prompt] = load_tokens(self.run_dir / "prompts" / line["dir"] / "tokens.safetensors")
+            out[prompt] = (load_tokens(self.run_dir / "prompts" / line["dir"] / "tokens.safetensors"), cost_of(line))
             log.info("%s: %r reward on its optimised noise %.4f (plain %.4f), %.1f s, peak %s bytes", self.name,
                      prompt, line["best_reward"], line["initial_reward"], line.get("seconds", 0.0),
                      line.get("peak_memory_bytes"))
@@ -75,6 +79,7 @@ class IpgoMethod(Method):
     def rewrite(self, prompts: Sequence[str], n: int) -> list[MethodOutput]:
         import torch
 
+        from eval.ipgo_report import heldout_seeds, measure
         from ipgo.conditioning import inject
 
         models = self.models()
@@ -82,16 +87,19 @@ class IpgoMethod(Method):
         if self.policy is not None:  # pag+ipgo: refine the policy's best rewrite of each prompt
             texts = [(o.rewrites[0].text if o.rewrites else o.prompt) for o in self.policy.rewrite(prompts, 1)]
         tokens = self._tokens(texts)
+        ev = self.cfg.eval
+        seeds = heldout_seeds(ev.seed, ev.images_per_prompt, self.cfg.ipgo.seed)
         outputs = []
         for prompt, text in zip(prompts, texts):
             enc = models.encoder.encode(text)
-            t = tokens[text]
+            t, cost = tokens[text]
             with torch.no_grad():
                 cond = inject(enc.states, t["prefix"].to(enc.states.device), t["suffix"].to(enc.states.device))
             conditioning = Conditioning(prompt_embeds=cond[0].float().cpu().numpy().astype(np.float32),
                                         negative_prompt_embeds=enc.uncond[0].float().cpu().numpy().astype(np.float32),
                                         label=f"{text} [{self.name}]")
-            outputs.append(MethodOutput(prompt, [Rewrite(text, conditioning)]))
+            outputs.append(MethodOutput(prompt, [Rewrite(text, conditioning)], info=measure(models, text, t, seeds, {
+                **cost, "reward": "+".join(self.cfg.ipgo.reward), "train_seed": self.cfg.ipgo.seed})))
         return outputs
 
     def close(self) -> None:
