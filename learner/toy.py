@@ -136,6 +136,16 @@ def train(objective: str, seed: int, steps: int = 1500, batch_size: int = 64, lr
         return _train(objective, seed, steps, batch_size, lr, flow_lr, kl_init)
 
 
+def _apply(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """One optimiser step on `loss`; a non-finite loss is skipped (False) and counted by the caller."""
+    if not losses.check_finite(loss):
+        return False
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return True
+
+
 def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, flow_lr: float,
            kl_init: float) -> dict:
     if objective not in OBJECTIVES:
@@ -186,12 +196,7 @@ def _train(objective: str, seed: int, steps: int, batch_size: int, lr: float, fl
                 loss = losses.tb_loss(log_z.expand(len(rows)), log_pf, ref, terminal, mask)
             else:
                 loss = losses.gflownet_loss(objective, log_pf, log_flow, ref, terminal, mask)
-        if not losses.check_finite(loss):
-            skipped += 1
-            continue
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        skipped += not _apply(loss, optimizer)
 
     with torch.no_grad():
         policy = sequence_step_logprobs(policy_table(), problem).sum(-1).exp()  # (N,)
@@ -233,12 +238,7 @@ def _ppo_batch(problem: Problem, rows: Tensor, policy_table, value_table: Tensor
         log_pf = sequence_step_logprobs(policy_table(), problem, rows)
         values = torch.where(mask, value_table[states], torch.zeros(()))
         loss, _ = ppo.ppo_loss(log_pf, values, log_pf_old, values_old, advantages, returns, mask)
-        if not losses.check_finite(loss):
-            skipped += 1
-            continue
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        skipped += not _apply(loss, optimizer)
     kl_ctl.update(float(kl.sum(-1).mean()), len(rows))
     return skipped
 

@@ -85,3 +85,24 @@ def small_learner_config():
         return load_config("tiny", overrides=[*SMALL_LEARNER, *overrides])
 
     return build
+
+
+@pytest.fixture
+def buffer(redis_url, run_name):
+    """A ReplayBuffer on the session's redis-server, under a fresh run name, seeded."""
+    from buffer import ReplayBuffer
+
+    buf = ReplayBuffer(redis_url, run_name, seed=0)
+    yield buf
+    buf.close()
+
+
+@pytest.fixture
+def fresh_root_logging():
+    """main() calls logging.basicConfig on the stderr of the moment (capsys's); undo it after each test."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before

@@ -9,15 +9,7 @@ from common.config import ConfigError, load_config
 from learner.cluster import JOB_CONFIG_ENV, driver_env_vars, fit_problems, resolve_runs_dir, role_requests
 
 
-@pytest.fixture(autouse=True)
-def _fresh_root_logging():
-    """main() calls logging.basicConfig on the stderr of the moment (capsys's); undo it after each test."""
-    import logging
-
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    root.handlers[:] = before
+pytestmark = pytest.mark.usefixtures("fresh_root_logging")  # these tests call the CLI's main()
 
 
 def _job_env(env_vars=None, **extra):

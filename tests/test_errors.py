@@ -9,15 +9,7 @@ from common.errors import (EXIT_CLUSTER, EXIT_REDIS, EXIT_USAGE, ClusterError, c
                            run_handled)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_root_logging():
-    """main() calls logging.basicConfig on the stderr of the moment (capsys's); undo it after each test."""
-    import logging
-
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    root.handlers[:] = before
+pytestmark = pytest.mark.usefixtures("fresh_root_logging")  # these tests call the CLI's main()
 
 
 def _tracebacks(err: str) -> int:

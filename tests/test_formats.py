@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from buffer import ReplayBuffer
 from common.config import ConfigError, load_config
 from common.decoding import ref_logprobs, teacher_forced
 from common.formats import PolicyFormat, stem
@@ -65,13 +64,6 @@ def test_sft_pairs_and_cache_key_follow_the_format():
     pairs = [("a cat", "a cat, 4k")]
     suffix_cfg = load_config("tiny", overrides=["sampler.response=suffix"])
     assert sft_hash(cfg, pairs, settings_for(cfg)) != sft_hash(suffix_cfg, pairs, settings_for(cfg))
-
-
-@pytest.fixture
-def buffer(redis_url, run_name):
-    buf = ReplayBuffer(redis_url, run_name)
-    yield buf
-    buf.close()
 
 
 @pytest.mark.parametrize("input_format", ["pag", "promptist"])

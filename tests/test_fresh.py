@@ -6,7 +6,6 @@ from collections import deque
 import pytest
 
 from actors.sampler import Sampler, lag_room
-from buffer import ReplayBuffer
 from common.config import ConfigError, load_config
 from learner.fresh import FreshTimeoutError, fresh_fraction, fresh_required
 from learner.learner import Learner
@@ -89,13 +88,6 @@ def trajectories(cfg):
     sampler = Sampler(cfg, buffer=None)
     trajs = sampler.sample_batch() + sampler.sample_batch()
     return [t.replace(scores={"reward": 0.1}, log_reward=len(t.response_ids) / 2.0) for t in trajs]
-
-
-@pytest.fixture
-def buffer(redis_url, run_name):
-    buf = ReplayBuffer(redis_url, run_name, seed=0)
-    yield buf
-    buf.close()
 
 
 def test_wait_blocks_until_the_fresh_half_is_there(cfg, buffer, tmp_path, trajectories):

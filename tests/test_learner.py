@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from actors.sampler import Sampler
-from buffer import ReplayBuffer
 from learner.learner import Learner, NonFiniteLossError, collate
 from common.weights import WeightStore
 
@@ -23,13 +22,6 @@ def trajectories(cfg):
     trajs = sampler.sample_batch() + sampler.sample_batch() + sampler.sample_batch()
     return [t.replace(scores={"aes": 1.0, "reward": len(t.response_ids) / 8}, log_reward=len(t.response_ids) / 2.0)
             for t in trajs]
-
-
-@pytest.fixture
-def buffer(redis_url, run_name):
-    buf = ReplayBuffer(redis_url, run_name, seed=0)
-    yield buf
-    buf.close()
 
 
 def test_collate_layout(cfg, trajectories):

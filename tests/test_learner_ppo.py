@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from actors.sampler import Sampler
-from buffer import ReplayBuffer
 from common.config import ConfigError, load_config
 from learner.fresh import FreshTimeoutError
 from learner.learner import Learner
@@ -26,13 +25,6 @@ def trajectories(cfg):
     trajs = sampler.sample_batch() + sampler.sample_batch()
     return [t.replace(scores={"reward": len(t.response_ids) / 8}, log_reward=len(t.response_ids) / 8 / 0.05)
             for t in trajs]
-
-
-@pytest.fixture
-def buffer(redis_url, run_name):
-    buf = ReplayBuffer(redis_url, run_name, seed=0)
-    yield buf
-    buf.close()
 
 
 def test_ppo_needs_no_replay():

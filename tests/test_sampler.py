@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from buffer import ReplayBuffer
 from common.config import load_config
 from common.weights import WeightStore, pack_state_dict
 
@@ -14,13 +13,6 @@ def cfg():
     torch.set_num_threads(2)
     return load_config("tiny", overrides=["sampler.prompts_per_batch=2", "sampler.samples_per_prompt=3",
                                           "sampler.min_len=3", "sampler.max_len=8", "sampler.max_pending=10"])
-
-
-@pytest.fixture
-def buffer(redis_url, run_name):
-    buf = ReplayBuffer(redis_url, run_name)
-    yield buf
-    buf.close()
 
 
 def test_batch_shapes_and_eos_rules(cfg, buffer):
