@@ -4,7 +4,7 @@
     worker.run(stop_event)          # or worker.step() for one batch
 
 The reward is the paper's (Promptist / PAG), for a rewrite y of a plain prompt x, over the
-`images_per_prompt` images of each prompt (`common.reward`, shared with `pag eval`):
+`images_per_prompt` images of each prompt (`scoring.reward`, shared with `pag eval`):
 
     r(x, y) = mean_i aes(img_i(y)) − mean_i aes(img_i(x)) + mean_i w · min(0, max(0, clip(x, img_i(y))) − c)
     log R   = r / β                                                    (w = 20, c = 0.28: the hinge per image)
@@ -23,72 +23,17 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from common.config import Config
-from common.constants import REPHRASE_TEMPLATE
-from common.reward import relevance, reward_parts
-from common.style import text_relevance
+from scoring.reward import relevance, reward_parts
+from scoring.style import text_relevance
 from common.trajectory import Trajectory
+from scoring.render import RewardModels, build_reward_models, plain_text
 
 log = logging.getLogger(__name__)
-
-_TEMPLATE_SUFFIX = REPHRASE_TEMPLATE.replace("{prompt}", "")  # " Rephrase:\n"
-
-
-def plain_text(prompt: str) -> str:
-    """The user's prompt x, without the policy's " Rephrase:" template if a sampler left it on."""
-    for suffix in (_TEMPLATE_SUFFIX, _TEMPLATE_SUFFIX.rstrip()):
-        if prompt.endswith(suffix):
-            return prompt[: -len(suffix)]
-    return prompt
-
-
-class Renderer:
-    """Text → images with fixed per-index noise. `__call__(texts)` → (len(texts)·k, 3, H, W) in [0, 1],
-    prompt-major (image i of text j at row j·k + i)."""
-
-    def __init__(self, pipe, images_per_prompt: int, steps: int, guidance: float, seed: int, size: int,
-                 max_prompts_per_call: int = 8) -> None:
-        self.pipe = pipe
-        self.k = images_per_prompt
-        self.steps = steps
-        self.guidance = guidance
-        self.size = size
-        self.max_prompts = max_prompts_per_call
-        device, dtype = pipe.unet.device, pipe.unet.dtype
-        shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-        # one generator per image index: the noise of image i is the same for every prompt and batch
-        self.noise = torch.cat([
-            torch.randn(shape, generator=torch.Generator(device).manual_seed(seed + i), device=device, dtype=dtype)
-            for i in range(images_per_prompt)
-        ])  # (k, C, h, w)
-        self.unet_calls = 0  # forward passes
-        self.unet_rows = 0  # latents evaluated (×2 with classifier-free guidance)
-        pipe.unet.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args) -> None:
-        self.unet_calls += 1
-        self.unet_rows += int(args[0].shape[0]) if args else 0
-
-    @torch.no_grad()
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        return torch.cat([images for _, images in self.chunks(texts)])
-
-    @torch.no_grad()
-    def chunks(self, texts: Sequence[str]) -> Iterator[tuple[slice, torch.Tensor]]:
-        """One pipeline call per `max_prompts` texts: (slice of texts, (n·k, 3, H, W) images), lazily,
-        so a caller can score one chunk while the next one denoises."""
-        for start in range(0, len(texts), self.max_prompts):
-            part = list(texts[start:start + self.max_prompts])
-            out = self.pipe(
-                part, num_inference_steps=self.steps, guidance_scale=self.guidance, num_images_per_prompt=self.k,
-                latents=self.noise.repeat(len(part), 1, 1, 1), height=self.size, width=self.size, output_type="pt",
-            )
-            yield slice(start, start + len(part)), out.images.float()
-
 
 @dataclass
 class WorkerStats:
@@ -108,53 +53,13 @@ class WorkerStats:
         return dict(self.__dict__)
 
 
-@dataclass
-class RewardModels:
-    """The expensive part of a worker (SD pipeline, scorers), built once and shareable."""
-
-    renderer: Optional[Renderer]  # None with reward.render=false (text scorers only)
-    score_fn: Any  # actors.scorers.ScoreFn
-    score_keys: list[str]  # what a plain-cache entry must hold to be a hit
-    device: torch.device
-    dtype: torch.dtype
-    speed: dict[str, Any] = field(default_factory=dict)  # the `reward.` speed switches applied (common.sd_speed)
-
-
-def build_reward_models(cfg: Config, device: Optional[str] = None) -> RewardModels:
-    """SD pipeline (fp16 on GPU when reward.fp16, then the reward.* speed switches) and the configured scorers."""
-    from actors.scorers import TEXT, build_scorers, score_keys
-    from common.models import build_sd_pipeline, resolve_device
-    from common.sd_speed import apply_speed
-
-    dev = resolve_device(device or cfg.run.device)
-    dtype = torch.float16 if (cfg.reward.fp16 and dev.type == "cuda") else torch.float32
-    r = cfg.reward
-    if not r.render:
-        score_keys(r.scorers)  # unknown names fail here, naming the known ones
-        image_scorers = [n for n in r.scorers if n not in TEXT]
-        if image_scorers or not r.scorers:
-            raise ValueError(f"reward.render=false renders no images: reward.scorers = {r.scorers} may only hold "
-                             f"text scorers ({', '.join(sorted(TEXT))}); remove {image_scorers} or set reward.render=true")
-        return RewardModels(None, build_scorers(r.scorers, cfg.model, dev, dtype), score_keys(r.scorers), dev, dtype)
-    missing = {"aesthetic", "clip"} - set(r.scorers)
-    if missing:
-        raise ValueError(f"reward.scorers = {r.scorers}: the paper's reward needs {sorted(missing)} too "
-                         f"(or reward.render=false with text scorers only)")
-    pipe = build_sd_pipeline(cfg.model, dev, dtype)
-    speed = apply_speed(pipe, r)
-    renderer = Renderer(pipe, r.images_per_prompt, r.steps, r.guidance, r.seed, cfg.model.image_size,
-                        r.render_batch or r.batch_size)
-    return RewardModels(renderer, build_scorers(r.scorers, cfg.model, dev, dtype), score_keys(r.scorers), dev, dtype,
-                        speed)
-
-
 class RewardWorker:
     """One consumer of the run's `pending` stream (consumer group `scorers`, consumer `name`)."""
 
     def __init__(self, cfg: Config, redis_url: str, run: str, name: str = "reward-0", *,
                  device: Optional[str] = None, reclaim_idle_ms: int = 30_000, block_ms: int = 1000,
                  models: Optional[RewardModels] = None, buffer: Any = None) -> None:
-        from actors.plain_cache import PlainCache, cache_model_id
+        from scoring.plain_cache import PlainCache, cache_model_id
         from buffer.connection import connect
 
         self.cfg, self.run_name, self.name = cfg, run, name

@@ -22,26 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from typing import Any, Optional
 
 from common.config import Config, load_config
-from common.constants import run_key
+from common.cluster import NAMESPACE, init_ray, list_reward_workers, reward_worker_index, reward_worker_name
 
 log = logging.getLogger(__name__)
-
-NAMESPACE = "pag"
-
-
-def actor_name(run: str, index: int) -> str:
-    return run_key(run, "reward", str(index))
-
-
-def _index(run: str, name: str) -> Optional[int]:
-    match = re.fullmatch(re.escape(run_key(run, "reward", "")) + r"(\d+)", name)
-    return int(match.group(1)) if match else None
-
 
 def _actor_class():
     import ray
@@ -49,15 +36,6 @@ def _actor_class():
     from actors.reward_worker import RewardWorkerActor
 
     return ray.remote(RewardWorkerActor)
-
-
-def list_workers(run: str) -> list[str]:
-    """Names of the run's live reward-worker actors, by index."""
-    import ray
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == NAMESPACE and _index(run, a["name"]) is not None]
-    return sorted(names, key=lambda n: _index(run, n))
 
 
 def get_worker(name: str):
@@ -69,7 +47,7 @@ def get_worker(name: str):
 def _spec_from_running(run: str) -> Optional[dict[str, Any]]:
     import ray
 
-    for name in list_workers(run):
+    for name in list_reward_workers(run):
         try:
             return ray.get(get_worker(name).spec.remote(), timeout=60)
         except Exception as exc:  # noqa: BLE001 — a dying worker; try the next one
@@ -88,7 +66,7 @@ def scale_workers(run: str, n: int, *, cfg: Config | None = None, redis_url: str
 
     if n < 0:
         raise ValueError(f"number of reward workers must be >= 0, got {n}")
-    current = list_workers(run)
+    current = list_reward_workers(run)
     if len(current) > n:
         _stop(current[n:], stop_timeout_s)
     elif len(current) < n:
@@ -102,12 +80,12 @@ def scale_workers(run: str, n: int, *, cfg: Config | None = None, redis_url: str
         idle = reclaim_idle_ms if reclaim_idle_ms is not None else spec.get("reclaim_idle_ms", 30_000)
         threads = torch_threads if torch_threads is not None else spec.get("torch_threads")
         config = Config.model_validate(cfg_dict)
-        taken = {_index(run, name) for name in current}
+        taken = {reward_worker_index(run, name) for name in current}
         free = (i for i in range(n + len(current)) if i not in taken)
         cls = _actor_class()
         handles = []
         for _ in range(n - len(current)):
-            name = actor_name(run, next(free))
+            name = reward_worker_name(run, next(free))
             handles.append(cls.options(
                 name=name, namespace=NAMESPACE, lifetime="detached",
                 num_gpus=config.reward.num_gpus, num_cpus=1, max_restarts=config.run.max_restarts,
@@ -115,7 +93,7 @@ def scale_workers(run: str, n: int, *, cfg: Config | None = None, redis_url: str
             ).remote(cfg_dict, url, run, name, reclaim_idle_ms=idle, torch_threads=threads))
         if wait:
             ray.get([h.stats.remote() for h in handles])
-    return list_workers(run)
+    return list_reward_workers(run)
 
 
 def start_workers(cfg: Config, redis_url: str, run: str, n: int | None = None, **kwargs: Any) -> list[str]:
@@ -125,7 +103,7 @@ def start_workers(cfg: Config, redis_url: str, run: str, n: int | None = None, *
 
 def stop_workers(run: str, timeout_s: float = 120.0) -> int:
     """Stop every reward worker of the run (finishing their batches); returns how many."""
-    names = list_workers(run)
+    names = list_reward_workers(run)
     _stop(names, timeout_s)
     return len(names)
 
@@ -134,7 +112,7 @@ def worker_stats(run: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     import ray
 
     out = []
-    for name in list_workers(run):
+    for name in list_reward_workers(run):
         try:
             out.append(ray.get(get_worker(name).stats.remote(), timeout=timeout_s))
         except Exception as exc:  # noqa: BLE001 — report, do not fail the listing
@@ -187,21 +165,8 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default="auto", help="Ray cluster address (default: auto = RAY_ADDRESS or local)")
 
 
-def _connect(address: str) -> None:
-    import ray
-
-    from common.errors import ClusterError
-
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-        except ConnectionError as exc:
-            raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; give --ray-address "
-                               "(or RAY_ADDRESS) of the cluster the run is on") from exc
-
-
 def _cmd_scale(args: argparse.Namespace) -> int:
-    _connect(args.ray_address)
+    init_ray(args.ray_address, log_to_driver=False, namespace=NAMESPACE)
     cfg = None
     if args.preset or args.config or args.overrides:
         cfg = load_config(args.preset or "sd14", args.config, args.overrides)
@@ -211,7 +176,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    _connect(args.ray_address)
+    init_ray(args.ray_address, log_to_driver=False, namespace=NAMESPACE)
     for row in worker_stats(args.run):
         print(json.dumps(row, default=str))
     return 0

@@ -1,4 +1,4 @@
-"""Cross-check of `common.decoding.diverse_beam_search` against transformers 4.x group beam search.
+"""Cross-check of `common.beam_search.diverse_beam_search` against transformers 4.x group beam search.
 
 transformers 5 (installed) has no group beam search, so the reference runs from a side install:
 
@@ -56,7 +56,7 @@ def generate(out: Path) -> None:
 
 
 def compare(out: Path) -> dict:
-    from common.decoding import diverse_beam_search
+    from common.beam_search import diverse_beam_search
 
     reference = json.loads((out / "hf4.json").read_text())
     verdict = []

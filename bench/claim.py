@@ -8,7 +8,7 @@ samplers → Redis → reward workers → replay → learner); SFT is the shared
 rewrites `--prompts` held-out plain captions (the EVAL split of coco_all, never trained on) `--rewrites`
 times, by sampling (T = `--temperature`) and by diverse beam search (the paper's protocol: one beam per
 group, Hamming penalty 1.0, length penalty −1.0), in the preset's suffix mode. Every rewrite is scored with
-the preset's own reward (style gain + relevance_text hinge, common/style.py) and the prompt's rewrites give:
+the preset's own reward (style gain + relevance_text hinge, scoring/style.py) and the prompt's rewrites give:
 
 - text diversity: 1 − mean off-diagonal cosine of their all-MiniLM-L6-v2 embeddings
 - distinct suffixes: how many different continuations (the text after "x, ") among them
@@ -43,7 +43,7 @@ def train(method: str, seed: int, steps: int, out: Path) -> Path:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     env["RAY_TMPDIR"] = str(out / "ray")  # a private local Ray per run, even where a `ray start` cluster is up
-    cmd = [sys.executable, "-m", "common.cli", "train", "--preset", "tiny-proxy", "--steps", str(steps),
+    cmd = [sys.executable, "-m", "pag.cli", "train", "--preset", "tiny-proxy", "--steps", str(steps),
            "--run-name", run_dir.name, "--runs-dir", str(out / "runs"), "--no-report", f"run.seed={seed}",
            *METHODS[method]]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -56,14 +56,14 @@ class Judge:
     """The preset's reward and the diversity measures, on CPU."""
 
     def __init__(self, cfg) -> None:
-        from actors.scorers import build_scorers
+        from scoring.scorers import build_scorers
 
         self.cfg = cfg
         self.score = build_scorers(cfg.reward.scorers, cfg.model)
 
     def __call__(self, plain: str, rewrites: list[str]) -> dict:
         from common.formats import stem
-        from common.style import text_relevance
+        from scoring.style import text_relevance
 
         s = self.score(None, [plain] * (len(rewrites) + 1), [plain] + rewrites)
         rel = text_relevance(s["text_cos"][1:].double(), self.cfg.reward.text_threshold, self.cfg.reward.text_weight)
@@ -80,7 +80,8 @@ def diversity(encoder, texts: list[str]) -> float:
 
 
 def rewrites_of(cfg, policy, tok, prompts: list[str], n: int, decode: str, temperature: float, seed: int) -> list[list[str]]:
-    from common.decoding import diverse_beam_search, encode_prompts, sample
+    from common.beam_search import diverse_beam_search
+    from common.decoding import encode_prompts, sample
     from common.formats import PolicyFormat
 
     fmt, s, eos = PolicyFormat.from_config(cfg), cfg.sampler, tok.eos_token_id
@@ -124,8 +125,8 @@ def evaluate(cfg, policy_dir: str, prompts, n: int, temperature: float, seed: in
 def main() -> None:
     from common.config import load_config
     from common.data import load_prompts
-    from learner.checkpoint import latest_checkpoint
-    from learner.sft import ensure_sft
+    from common.runs import latest_checkpoint
+    from sft.cache import ensure_sft
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])

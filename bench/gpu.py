@@ -7,7 +7,7 @@
 Parts (each ratio measured side by side in this process and run):
   reward     reward worker vs a bare diffusers loop (same settings); batch sweep; images/s; MFU against
              a matmul measured here (bf16 on GPU, fp32 on CPU); each `reward.` speed switch
-             (common/sd_speed.py) against the defaults, with its compile time and its image difference
+             (scoring/sd_speed.py) against the defaults, with its compile time and its image difference
   learner    one FL-DB step of GPT-2 (micro-batch 64 × 75): one teacher-forced pass vs a token-by-token
              loop like the official code's; equal to 1e-5; tokens/s, peak memory, bf16 autocast
   sampler    64 rewrites × 75 tokens: KV-cache sampling vs recomputing the prefix (bench/decoding.py's

@@ -115,8 +115,8 @@ def breakdown(models, cfg, b: int, device) -> dict[str, float]:
 
 
 def run(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
-    from actors.reward_worker import build_reward_models
-    from common.sd_speed import apply_speed, reset_speed
+    from scoring.render import build_reward_models
+    from scoring.sd_speed import apply_speed, reset_speed
 
     cfg = ctx.cfg()
     r = cfg.reward

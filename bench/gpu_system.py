@@ -150,7 +150,7 @@ class OfficialLike:
 
     def _reward(self, responses: list[str], plains: list[str]) -> torch.Tensor:
         """Render every rewrite and its plain prompt(s) again (no cache), score, the paper's reward / β."""
-        from common.reward import paper_reward
+        from scoring.reward import paper_reward
 
         k, r = self.models.renderer.k, self.cfg.reward
         distinct = list(dict.fromkeys(plains))
@@ -196,13 +196,14 @@ class OfficialLike:
 
 
 def _rel(clip: torch.Tensor, r) -> float:
-    from common.reward import relevance
+    from scoring.reward import relevance
 
     return float(relevance(clip[None], r.clip_threshold, r.clip_weight)[0])
 
 
 def run_e2e(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
-    from actors.reward_worker import RewardWorker, build_reward_models
+    from actors.reward_worker import RewardWorker
+    from scoring.render import build_reward_models
     from actors.sampler import Sampler
     from buffer.replay import ReplayBuffer
     from common.redis_server import RedisServer, RedisServerError

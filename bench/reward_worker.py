@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.reward_worker import RewardWorker, build_reward_models  # noqa: E402
+from actors.reward_worker import RewardWorker  # noqa: E402
+from scoring.render import build_reward_models  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.redis_server import RedisServer  # noqa: E402
 from common.trajectory import Trajectory  # noqa: E402

@@ -1,10 +1,10 @@
-"""The offline text reward's two numbers (common/style.py), as JSON: the style classifier's held-out accuracy
+"""The offline text reward's two numbers (scoring/style.py), as JSON: the style classifier's held-out accuracy
 and the calibration of the relevance_text threshold.
 
     PYTHONPATH=$PWD python bench/text_reward.py [--out text_reward.json]
 
 Calibration: sentence cosines (all-MiniLM-L6-v2) of matched (plain, engineered) SFT pairs
-(`learner.sft.build_pairs` of the default sampler.datasets, seed 0) against mismatched pairs (each plain
+(`sft.pairs.build_pairs` of the default sampler.datasets, seed 0) against mismatched pairs (each plain
 prompt with the engineered prompt of the pair `shift` places on). A threshold between the matched 5th
 percentile and the mismatched 99th percentile penalises almost no real rewrite and almost every rewrite
 that lost its subject.
@@ -19,11 +19,11 @@ import numpy as np
 
 
 def run(shift: int = 97) -> dict:
-    from actors.text_scorers import encoder_id
-    from actors.scorers import ScorerContext
+    from scoring.text_scorers import encoder_id
+    from scoring.scorers import ScorerContext
     from common.config import load_config
-    from common.style import TEXT_THRESHOLD, load_or_fit_style, style_data
-    from learner.sft import build_pairs
+    from scoring.style import TEXT_THRESHOLD, load_or_fit_style, style_data
+    from sft.pairs import build_pairs
 
     cfg = load_config("tiny-proxy")
     ctx = ScorerContext(model=cfg.model)

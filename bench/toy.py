@@ -1,6 +1,6 @@
 """Exactness check on an enumerable problem: do the project's objectives sample ∝ the target?
 
-    python -m learner.toy --objective fl-db|db|tb|reinforce|ppo --seed S [--steps N]
+    python bench/toy.py --objective fl-db|db|tb|reinforce|ppo --seed S [--steps N]
 
 The space: 4 tokens + EOS, responses of 1..4 tokens then EOS (EOS forbidden at the first step,
 forced after the fourth token): 4 + 16 + 64 + 256 = 340 sequences, 341 non-terminal states.
@@ -244,7 +244,7 @@ def _ppo_batch(problem: Problem, rows: Tensor, policy_table, value_table: Tensor
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m learner.toy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python bench/toy.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--objective", required=True, choices=OBJECTIVES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500, help="optimiser steps")

@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import ssl
 from typing import Any, Callable, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.retry import Retry
+
+from common.urls import redact  # noqa: F401 — part of this module's interface
 
 #: what the CLI uses when neither --redis-url nor PAG_REDIS_URL is given
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -48,17 +49,6 @@ class _Reconnect(Retry):
 
 def default_url() -> str:
     return os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
-
-
-def redact(url: str) -> str:
-    """The URL with its password replaced by `***`, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
 
 
 def connect(url: str, *, retries: int = 10, backoff_cap: float = 2.0, backoff_base: float = 0.05,

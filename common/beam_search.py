@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from common.decoding import _check_layout, _next_logits, eos_forbidden_steps, position_ids_from_mask
+from common.decoding import check_layout, next_logits, eos_forbidden_steps, position_ids_from_mask
 
 _DEAD = -1e9  # 4.x's starting score for all but the first beam of a group
 
@@ -84,14 +84,14 @@ def diverse_beam_search(
     that reached max_new_tokens has none. Scores are length-penalised (see the module docstring),
     sorted descending along dim 1.
     """
-    _check_layout(prompt_ids, prompt_mask)
+    check_layout(prompt_ids, prompt_mask)
     _check_args(num_groups, beams_per_group, min_new_tokens, max_new_tokens)
     B, G, k = prompt_ids.shape[0], num_groups, beams_per_group
     N, device = G * k, prompt_ids.device
 
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)
-    logits, past = _next_logits(model, prompt_ids, attention_mask, positions, None)  # prompt once per row
+    logits, past = next_logits(model, prompt_ids, attention_mask, positions, None)  # prompt once per row
     past.batch_repeat_interleave(N)  # then B·N beams share it: row b·N + g·k + j
     logits = logits.repeat_interleave(N, dim=0)  # (B·N, V)
     attention_mask = attention_mask.repeat_interleave(N, dim=0)
@@ -150,7 +150,7 @@ def diverse_beam_search(
             break
         past.reorder_cache(order)
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits, past = _next_logits(model, current.view(-1, 1), attention_mask, next_position, past)
+        logits, past = next_logits(model, current.view(-1, 1), attention_mask, next_position, past)
         next_position = next_position + 1
 
     seq_rows, final = seqs.tolist(), scores.tolist()

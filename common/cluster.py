@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from common.config import Config
+from common.constants import run_key
 from common.errors import ClusterError
 
 log = logging.getLogger("pag.cluster")
@@ -85,25 +87,60 @@ def resolve_runs_dir(runs_dir: str, environ: Mapping[str, str]) -> tuple[Path, O
 
 # ------------------------------------------------------------------ joining Ray
 
-def init_ray(cfg: Config, environ: Mapping[str, str] = os.environ) -> bool:
-    """Join the configured cluster (or start a local Ray); True when this call started Ray."""
+def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, log_to_driver: bool = True,
+             namespace: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Join `address` (else RAY_ADDRESS; "auto" finds a running cluster) or start a private local Ray;
+    True when this call started Ray. The one Ray start-up of every entry point (`pag train`, `eval`,
+    `ipgo`, `workers`): the offline switches reach every actor, a job's own env vars win, and "local"
+    never joins a cluster that /tmp/ray/ray_current_cluster happens to name."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.run.ray_address or environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": driver_env_vars(environ)}, "log_to_driver": True,
+    address = address or environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": driver_env_vars(environ)}, "log_to_driver": log_to_driver,
                               "logging_level": logging.WARNING}
+    if namespace is not None:
+        kwargs["namespace"] = namespace
     try:
         if address and address != "local":
             ray.init(address=address, **kwargs)
-        else:  # "local": a new private Ray even when `ray start` left a cluster on this machine to auto-join
-            cpus = max(os.cpu_count() or 2, cfg.sampler.num_samplers + cfg.reward.num_workers + 2)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     except ConnectionError as exc:
         raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; start one (`ray start --head`) "
                            "or give the right --ray-address / RAY_ADDRESS") from exc
     return True
+
+
+def local_cpus(cfg: Config) -> int:
+    """CPUs of a private local Ray for a run: the machine's, or enough for every role's actor."""
+    return max(os.cpu_count() or 2, cfg.sampler.num_samplers + cfg.reward.num_workers + 2)
+
+
+# ------------------------------------------------------------------ reward workers by name
+
+#: the Ray namespace of the run's detached named actors
+NAMESPACE = "pag"
+
+
+def reward_worker_name(run: str, index: int) -> str:
+    """`pag:{run}:reward:{i}`: a reward worker's Ray actor name, found by any driver on the cluster."""
+    return run_key(run, "reward", str(index))
+
+
+def reward_worker_index(run: str, name: str) -> Optional[int]:
+    match = re.fullmatch(re.escape(run_key(run, "reward", "")) + r"(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def list_reward_workers(run: str) -> list[str]:
+    """Names of the run's live reward-worker actors, by index."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == NAMESPACE and reward_worker_index(run, a["name"]) is not None]
+    return sorted(names, key=lambda n: reward_worker_index(run, n))
 
 
 # ------------------------------------------------------------------ preflight (pure packing + Ray query)

@@ -17,9 +17,13 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A config key or value that is wrong; the message names the field and what is allowed."""
+
+    label = "config error"
 
 
 class _Section(BaseModel):
@@ -79,7 +83,7 @@ class RewardConfig(_Section):
     text_threshold: float = Field(0.45, description="relevance_text hinge: penalty below this plain/rewrite sentence cosine (calibrated with bench/text_reward.py)")
     text_weight: float = Field(20.0, ge=0, description="relevance_text penalty weight")
     fp16: bool = Field(True, description="half precision on GPU (ignored on CPU)")
-    # --- speed switches (issue 12; common/sd_speed.py). Defaults are today's behaviour until a GPU run shows a gain.
+    # --- speed switches (issue 12; scoring/sd_speed.py). Defaults are today's behaviour until a GPU run shows a gain.
     attention: Literal["sdpa", "classic"] = Field("sdpa", description="UNet/VAE attention: sdpa (torch scaled_dot_product_attention: flash / memory-efficient kernels) or classic (matmul + softmax)")
     channels_last: bool = Field(False, description="UNet and VAE in channels_last memory format (NHWC convolutions)")
     compile_unet: bool = Field(False, description="torch.compile the UNet (first batch pays the compile time)")
@@ -341,7 +345,7 @@ def _preset_sd14_arch() -> dict[str, Any]:
 
 
 def _preset_tiny_proxy() -> dict[str, Any]:
-    """tiny with a real, offline, text-only reward (issue 13; common/style.py): the policy continues
+    """tiny with a real, offline, text-only reward (issue 13; scoring/style.py): the policy continues
     "{x}," (sampler.response=suffix) and is rewarded by style(rewrite) − style(x) from a classifier of
     engineered prompts on all-MiniLM-L6-v2 embeddings, plus a MiniLM relevance hinge. Nothing is
     rendered (reward.render=false). It is not the paper's image reward."""

@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
+from common.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -56,8 +58,10 @@ Split = Literal["all", "train", "eval"]
 TokenCounter = Callable[[str], int]
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError, ValueError):
     """A dataset that cannot be found or read (bad line, unknown name, bad argument)."""
+
+    label = "prompt data error"
 
 
 @dataclass

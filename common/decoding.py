@@ -32,7 +32,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _check_layout(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Optional[Tensor] = None,
+def check_layout(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Optional[Tensor] = None,
                   response_mask: Optional[Tensor] = None) -> None:
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(
@@ -60,7 +60,7 @@ def eos_forbidden_steps(forbid_eos_first: bool = True, min_len: int = 0) -> int:
 def _forward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
              response_mask: Tensor) -> tuple[Tensor, Tensor]:
     """One pass of the trunk over [x; y] → (state hidden (B, T, H), all hidden (B, P+T, H)); no logits yet."""
-    _check_layout(prompt_ids, prompt_mask, response_ids, response_mask)
+    check_layout(prompt_ids, prompt_mask, response_ids, response_mask)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+T)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
@@ -181,7 +181,7 @@ def ref_logprobs(
     return log_p
 
 
-def _next_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+def next_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                  past) -> tuple[Tensor, object]:
     """Run new tokens through the trunk with a KV cache; logits of the last position only (B, V)."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -206,7 +206,7 @@ def sample(
     after its EOS (which is included, mask 1); rows that never emit EOS stop at max_len. Padding
     after the end holds `eos_id` with mask 0. `generator` makes the draw reproducible.
     """
-    _check_layout(prompt_ids, prompt_mask)
+    check_layout(prompt_ids, prompt_mask)
     if not 0 <= min_len < max_len:
         raise ValueError(f"need 0 <= min_len ({min_len}) < max_len ({max_len})")
     if temperature <= 0:
@@ -214,14 +214,14 @@ def sample(
     B, device = prompt_ids.shape[0], prompt_ids.device
     attention_mask = prompt_mask.long()
     positions = position_ids_from_mask(attention_mask)
-    next_logits, past = _next_logits(model, prompt_ids, attention_mask, positions, None)  # (B, V)
+    step_logits, past = next_logits(model, prompt_ids, attention_mask, positions, None)  # (B, V)
     next_position = positions[:, -1:] + 1  # (B, 1)
     n_forbid = eos_forbidden_steps(True, min_len)
 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, valid = [], []
     for t in range(max_len):
-        logits = next_logits.float() / temperature
+        logits = step_logits.float() / temperature
         if t < n_forbid:
             logits[:, eos_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
@@ -233,7 +233,7 @@ def sample(
         if bool(done.all()) or t == max_len - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        next_logits, past = _next_logits(model, token[:, None], attention_mask, next_position, past)
+        step_logits, past = next_logits(model, token[:, None], attention_mask, next_position, past)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(valid, dim=1).long()
 
@@ -271,11 +271,3 @@ def to_trajectories(tokenizer, prompts: list[str], prompt_ids: torch.Tensor, pro
             run=run,
         ))
     return trajs
-
-
-def __getattr__(name: str):
-    """`common.decoding.diverse_beam_search` lives in common/beam_search.py (which imports this module)."""
-    if name == "diverse_beam_search":
-        from common.beam_search import diverse_beam_search
-        return diverse_beam_search
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

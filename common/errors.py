@@ -13,9 +13,10 @@ failures into one line on stderr and a documented exit code (the traceback only 
 
 Anything else is a bug: it keeps its traceback and exits 1.
 
-The mapping goes by class (looked up only in modules already imported, so this file imports
-nothing heavy) and follows `__cause__`, `__context__` and a Ray task error's `cause`, so an error
-raised inside an actor is named the same as one raised in the driver.
+The mapping goes by class: every known error derives from `PagError`, which carries its exit code
+and label (redis-py's client errors are recognised by their own classes). It follows `__cause__`,
+`__context__` and a Ray task error's `cause`, so an error raised inside an actor is named the same
+as one raised in the driver.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import argparse
 import sys
 import traceback
 from typing import Any, Callable, Optional
+
+from common.urls import redact
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,26 +35,67 @@ EXIT_CLUSTER = 4
 EXIT_MODEL = 5
 EXIT_INTERRUPTED = 130
 
-#: (module, class name, exit code, label); the first match along the cause chain wins
-_KNOWN: tuple[tuple[str, str, int, str], ...] = (
-    ("common.config", "ConfigError", EXIT_USAGE, "config error"),
-    ("common.data", "DatasetError", EXIT_USAGE, "prompt data error"),
-    ("common.trajectory", "TrajectoryDecodeError", EXIT_USAGE, "buffer data error"),
-    ("common.errors", "ClusterError", EXIT_CLUSTER, "Ray cluster"),
-    ("common.models", "ModelLoadError", EXIT_MODEL, "model load error"),
-    ("common.redis_server", "RedisServerError", EXIT_REDIS, "redis-server"),
-    ("redis.exceptions", "AuthenticationError", EXIT_REDIS, "Redis refused the credentials"),
-    ("redis.exceptions", "NoPermissionError", EXIT_REDIS, "Redis ACL refused a command"),
-    ("redis.exceptions", "ConnectionError", EXIT_REDIS, "cannot reach Redis"),
-    ("redis.exceptions", "TimeoutError", EXIT_REDIS, "Redis timed out"),
-    ("learner.train", "RunFailed", EXIT_FAILED, "run failed"),
-)
+
+class PagError(Exception):
+    """A known failure: its message names the file, URL or field that is wrong and what to do.
+
+    Each subclass knows its exit code and the label printed before its message; the errors of every
+    role derive from one of these, so this file needs to import none of them."""
+
+    exit_code: int = EXIT_FAILED
+    label: str = "error"
+
+
+class UsageError(PagError):
+    """Bad input: a config key or value, a prompt file line, a run directory (exit 2)."""
+
+    exit_code = EXIT_USAGE
+    label = "bad input"
+
+
+class RedisUnavailableError(PagError):
+    """Redis cannot be reached or started (exit 3)."""
+
+    exit_code = EXIT_REDIS
+    label = "Redis"
+
+
+class ClusterError(PagError, RuntimeError):
+    """The Ray cluster cannot be reached or cannot host the requested roles; the message says what to do."""
+
+    exit_code = EXIT_CLUSTER
+    label = "Ray cluster"
+
+
+class ModelError(PagError, RuntimeError):
+    """A model or weights that cannot be loaded (exit 5)."""
+
+    exit_code = EXIT_MODEL
+    label = "model load error"
+
+
+class RunFailedError(PagError, RuntimeError):
+    """A role died and Ray could not restart it, or it gave up (exit 1)."""
+
+    exit_code = EXIT_FAILED
+    label = "run failed"
+
 
 _REDIS_HINT = "is redis-server running there? give the right --redis-url (redis://[user:pw@]host:port/db)"
 
 
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be reached or cannot host the requested roles; the message says what to do."""
+def _redis_client_error(exc: BaseException) -> Optional[str]:
+    """The label of a redis-py client error (looked up only when redis-py is already imported)."""
+    exceptions = sys.modules.get("redis.exceptions")
+    if exceptions is None:
+        return None
+    for cls, label in ((exceptions.AuthenticationError, "Redis refused the credentials"),
+                       (exceptions.NoPermissionError, "Redis ACL refused a command"),
+                       (exceptions.ConnectionError, "cannot reach Redis"),
+                       (exceptions.TimeoutError, "Redis timed out")):
+        if isinstance(exc, cls):
+            return label
+    return None
 
 
 def _causes(exc: BaseException):
@@ -69,10 +113,11 @@ def _causes(exc: BaseException):
 
 def _match(exc: BaseException) -> Optional[tuple[int, str, BaseException]]:
     for item in _causes(exc):
-        for module, name, code, label in _KNOWN:
-            cls = getattr(sys.modules.get(module), name, None)
-            if isinstance(cls, type) and isinstance(item, cls):
-                return code, label, item
+        if isinstance(item, PagError):
+            return item.exit_code, item.label, item
+        label = _redis_client_error(item)
+        if label is not None:
+            return EXIT_REDIS, label, item
     return None
 
 
@@ -96,8 +141,6 @@ def describe(exc: BaseException, redis_url: Optional[str] = None) -> Optional[tu
     if code == EXIT_REDIS and type(item).__module__.startswith("redis"):
         where = ""
         if redis_url:
-            from buffer.connection import redact
-
             where = f" at {redact(redis_url)}"
         return code, f"{label}{where}: {message}; {_REDIS_HINT}"
     return code, f"{label}: {message}"

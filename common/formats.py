@@ -19,7 +19,7 @@ stem(x) is x without trailing spaces, periods and commas ("A cat on a sofa." →
 
 SFT in suffix mode (`sft_target`): the target is the part of the engineered prompt after the plain one —
 if the engineered prompt starts with the plain one (ignoring case and trailing punctuation), what follows
-it; otherwise its tail after the first separator (`learner.sft.split_modifiers`); leading separators and
+it; otherwise its tail after the first separator (`sft.pairs.split_modifiers`); leading separators and
 spaces are dropped, and a pair with nothing left is skipped.
 """
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import ModelConfig
+from common.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT = 77
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ModelError):
     """A model could not be loaded; the message names it and says how to make it available."""
 
 

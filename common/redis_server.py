@@ -16,9 +16,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.errors import RedisUnavailableError
 
-class RedisServerError(RuntimeError):
-    pass
+
+class RedisServerError(RedisUnavailableError, RuntimeError):
+    """redis-server could not be started or did not answer."""
+
+    label = "redis-server"
 
 
 def free_port() -> int:

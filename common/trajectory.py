@@ -18,10 +18,13 @@ from typing import Any, Mapping
 import msgpack
 
 from common.constants import TRAJECTORY_SCHEMA
+from common.errors import UsageError
 
 
-class TrajectoryDecodeError(ValueError):
+class TrajectoryDecodeError(UsageError, ValueError):
     """A blob that cannot be turned back into a Trajectory (corrupt, wrong shape, or too new)."""
+
+    label = "buffer data error"
 
 
 class CorruptBlobError(TrajectoryDecodeError):

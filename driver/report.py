@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from common.config import Config
+from common.images import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +115,6 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def image_grid(rows: list[tuple[str, list[np.ndarray]]], path: Path, tile: int = 128) -> None:
-    """One row per prompt: the plain prompt's image, then its rewrites' images."""
-    from PIL import Image, ImageDraw
-
-    label_h = 18
-    cols = max(len(images) for _, images in rows)
-    grid = Image.new("RGB", (cols * tile, len(rows) * (tile + label_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows):
-        y = r * (tile + label_h)
-        draw.text((4, y + 2), label[:cols * tile // 7], fill="black")
-        for c, img in enumerate(images):
-            grid.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, y + label_h))
-    grid.save(path)
-
-
 # ---------------------------------------------------------------------- report
 
 def _window_mean(history: list[dict[str, float]], key: str, first: bool) -> float:
@@ -164,14 +149,14 @@ def _md(text: str) -> str:
 def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], redis_url: str,
                  sft: Optional[str]) -> Path:
     from common.data import load_prompts
-    from learner.checkpoint import latest_checkpoint
+    from common.runs import latest_checkpoint
 
     run_dir = Path(run_dir)
     if not history and (run_dir / "metrics.jsonl").exists():
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     plot_curves(history, run_dir / "curves.png")
 
-    from learner.sft import ENGINEERED_SETS
+    from sft.pairs import ENGINEERED_SETS
 
     held_out: list[str] = []
     plain_first = sorted(cfg.sampler.datasets, key=lambda name: str(name) in ENGINEERED_SETS)
@@ -225,7 +210,7 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
 def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: int = 0,
           score: bool = True) -> list[str]:
     from common.redis_server import RedisServer
-    from learner.checkpoint import latest_checkpoint
+    from common.runs import latest_checkpoint
 
     path = Path(path)
     if (path / "policy").is_dir():

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 from common.config import Config, ConfigError, load_config
+from common.errors import RunFailedError
 from common.methods import METHODS
 
 log = logging.getLogger("pag.train")
 
 
-class RunFailed(RuntimeError):
+class RunFailed(RunFailedError):
     """A role could not come back; the message names it."""
 
 
@@ -73,8 +74,8 @@ def _flag_overrides(args) -> list[str]:
 
 def resolve_run(args, environ=os.environ) -> tuple[Config, Path]:
     """Config and run directory: a new run, or (--resume) the saved config of an existing one.
-    Under a Ray job a relative runs dir is placed under ~/pag (learner/cluster.py), said on stderr."""
-    from learner.cluster import resolve_runs_dir
+    Under a Ray job a relative runs dir is placed under ~/pag (common/cluster.py), said on stderr."""
+    from common.cluster import resolve_runs_dir
 
     overrides = list(args.overrides) + _flag_overrides(args)
     if args.resume:
@@ -111,8 +112,8 @@ def resolve_run(args, environ=os.environ) -> tuple[Config, Path]:
 
 
 def cmd_train(args) -> int:
-    """Errors (config, data, Redis, cluster, a role that died) reach common/cli.py, which prints one line."""
-    from learner.sft import require_sft
+    """Errors (config, data, Redis, cluster, a role that died) reach pag/cli.py, which prints one line."""
+    from sft.cache import require_sft
 
     cfg, run_dir = resolve_run(args)
     require_sft(cfg)  # before the run directory, Redis or Ray: sd14 needs an SFT reference
@@ -150,13 +151,13 @@ class Trainer:
         import ray
 
         from common.data import load_train_prompts
-        from learner.cluster import init_ray, preflight
+        from common.cluster import init_ray, local_cpus, preflight
 
         load_train_prompts(self.cfg.sampler.datasets)  # a bad prompt file fails here, not in a sampler
         if self.cfg.buffer.redis_url:  # an unreachable --redis-url fails in seconds, before SFT and Ray
             from buffer.connection import connect
 
-            from learner.cluster import hash_layout_hint
+            from common.cluster import hash_layout_hint
 
             client = connect(self.cfg.buffer.redis_url, retries=2)
             try:
@@ -166,7 +167,7 @@ class Trainer:
                     log.warning(hint)
             finally:
                 client.close()
-        self.started_ray = init_ray(self.cfg) or self.started_ray
+        self.started_ray = init_ray(self.cfg.run.ray_address, num_cpus=local_cpus(self.cfg)) or self.started_ray
         try:
             preflight(self.cfg)
         except BaseException:
@@ -199,7 +200,7 @@ class Trainer:
         import ray
 
         from buffer import ReplayBuffer
-        from learner.sft import ensure_sft
+        from sft.cache import ensure_sft
 
         sft = ensure_sft(self.cfg)
         redis_url = self._start_redis()
@@ -318,7 +319,7 @@ class Trainer:
                 log.warning("a sampler did not stop in time")
             if final_report and self.want_report:
                 try:
-                    from learner.report import write_report
+                    from driver.report import write_report
 
                     write_report(self.cfg, self.run_dir, self.history, redis_url, sft)
                 except Exception:  # noqa: BLE001 — a report failure must not lose the run
@@ -357,7 +358,7 @@ def _postfix(m: dict[str, float]) -> str:
 # ---------------------------------------------------------------------- adapt
 
 def cmd_adapt(args) -> int:
-    from learner.report import adapt
+    from driver.report import adapt
 
     for line in adapt(args.prompt, Path(args.checkpoint), n=args.n, temperature=args.temperature, seed=args.seed,
                       score=not args.no_score):

@@ -1,4 +1,4 @@
-"""`pag eval`: every method on the paper's prompt sets, one command (registered by common/cli.py).
+"""`pag eval`: every method on the paper's prompt sets, one command (registered by pag/cli.py).
 
     pag eval --methods plain,rule,sft,pag:runs/<name> --limit 8 --rewrites 4 --decode sample
     pag eval --preset sd14 --methods plain,sft,pag:runs/a,tb:runs/b --workers 8 --ray-address auto
@@ -63,7 +63,7 @@ def check_scorers(names: list[str]) -> None:
     """Unknown scorer or missing package → ConfigError (exit 2) before anything loads."""
     import importlib.util
 
-    from actors.scorers import SCORERS
+    from scoring.scorers import SCORERS
     from common.config import ConfigError
 
     packages = {"imagereward": ("ImageReward", "image-reward"), "hps": ("hpsv2", "hpsv2")}
@@ -80,19 +80,9 @@ def _start_ray(cfg) -> bool:
     """Ray when asked for (an address, or more than one worker); returns whether this call started it."""
     if not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or (cfg.eval.workers or 1) > 1):
         return False
-    import ray
+    from common.cluster import init_ray
 
-    if ray.is_initialized():
-        return False
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    from learner.cluster import driver_env_vars
-
-    env = {"env_vars": driver_env_vars(os.environ)}  # a Ray job's own env vars win (Ray refuses a key set twice)
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-    else:  # "local": never join a cluster that /tmp/ray/ray_current_cluster happens to name
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=env)
-    return True
+    return init_ray(cfg.run.ray_address, log_to_driver=False)
 
 
 def cmd_eval(args) -> int:

@@ -3,7 +3,7 @@
 Per prompt x with rewrites y_1..y_n, each rendered k times from the same noise as x:
 
     aes_gain(y) = mean_i aes(img_i(y)) − mean_i aes(img_i(x))
-    rel(y)      = mean_i 20 · min(0, max(0, cos(img_i(y), text_x)) − 0.28)      (common.reward.relevance)
+    rel(y)      = mean_i 20 · min(0, max(0, cos(img_i(y), text_x)) − 0.28)      (scoring.reward.relevance)
     reward(y)   = aes_gain(y) + rel(y);      the prompt's value: the mean over its n rewrites
     text diversity  = 1 − mean off-diagonal cosine of the n rewrites' sentence embeddings
     image diversity = 1 − mean off-diagonal cosine of the n·k images' CLIP image embeddings
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from common.reward import relevance
+from scoring.reward import relevance
 
 Z95 = 1.959963984540054
 

@@ -110,7 +110,7 @@ def _decode_png(blob: Optional[bytes], size: int) -> np.ndarray:
 def write_grids(data: EvalData, out_dir: Path) -> list[str]:
     """grid_<set>.png: columns = the first eval.grid_prompts prompts; row 1 the plain prompt's image 0,
     then per method the image 0 of its first (best-ranked) rewrite."""
-    from learner.report import image_grid
+    from common.images import image_grid
 
     size, names = data.cfg.eval.thumb_size, []
     for set_name, prompts in data.sets.items():

@@ -44,7 +44,7 @@ def resolve_policy_dir(path: str, entry: str) -> tuple[str, Optional[str]]:
         raise MethodSpecError(f"--methods entry {entry!r}: {path} does not exist (expected a run directory "
                               "runs/<name>, a checkpoint directory or a Hugging Face model directory)")
     if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file():
-        from learner.checkpoint import latest_checkpoint
+        from common.runs import latest_checkpoint
 
         ckpt = latest_checkpoint(p)
         if ckpt is None:

@@ -40,7 +40,7 @@ def render_config(cfg: Config) -> Config:
 
 def render_id(cfg: Config, dtype_name: str) -> str:
     """Identity of what a cached record holds: model, render settings, precision, extra scorers."""
-    from actors.plain_cache import cache_model_id
+    from scoring.plain_cache import cache_model_id
 
     rc = render_config(cfg)
     extra = {"scorers": sorted(cfg.eval.scorers), "against": cfg.eval.score_against if cfg.eval.scorers else None,
@@ -78,10 +78,10 @@ class EvalWorker:
     """Build once (SD pipeline, CLIP, aesthetic MLP, extra scorers), then `process(work) -> results`."""
 
     def __init__(self, cfg: dict[str, Any], device: Optional[str] = None, torch_threads: Optional[int] = None) -> None:
-        from actors.reward_worker import Renderer
-        from actors.scorers import SCORERS, ScorerContext, build_scorers
+        from scoring.render import Renderer
+        from scoring.scorers import SCORERS, ScorerContext, build_scorers
         from common.models import build_sd_pipeline, resolve_device
-        from common.sd_speed import apply_speed
+        from scoring.sd_speed import apply_speed
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

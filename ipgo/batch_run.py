@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ipgo.jobs import RESULT_SCHEMA, _write_json, finished, heldout_job, models_for, save_tokens, slug
+from ipgo.jobs import RESULT_SCHEMA, append_result, write_json, finished, heldout_job, models_for, save_tokens, slug
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ def train_job(cfg_dict: dict[str, Any], prompts: list[str], out: str) -> dict[st
     save_tokens(result.tokens, path / "tokens.safetensors",
                 {"mode": "prompt-batch", "layout": cfg.ipgo.layout, "config_hash": cfg.hash(),
                  "train_prompts": str(len(prompts))})
-    _write_json(path / "curve.json", {"epoch_reward": result.epoch_reward, "reward": result.curve})
+    write_json(path / "curve.json", {"epoch_reward": result.epoch_reward, "reward": result.curve})
     line = {"schema": RESULT_SCHEMA, "train_prompts": len(prompts), "epochs": len(result.epoch_reward),
             "optimizer_steps": result.steps, "seconds": result.seconds,
             "peak_memory_bytes": result.peak_memory_bytes, "epoch_reward": result.epoch_reward}
-    _write_json(path / "result.json", line)
+    write_json(path / "result.json", line)
     return line
 
 
@@ -50,7 +50,7 @@ def run_batch(cfg, prompts: list[str], run_dir: Path, use_ray: bool = True) -> l
     """Train (unless finished) and apply to the held-out prompts; returns the held-out result lines."""
     from tqdm import tqdm
 
-    from ipgo.cli import _append, init_ray
+    from common.cluster import init_ray
 
     train, held = split(prompts, cfg.ipgo.heldout_fraction)
     if not train:
@@ -66,7 +66,7 @@ def run_batch(cfg, prompts: list[str], run_dir: Path, use_ray: bool = True) -> l
     elif use_ray:
         import ray
 
-        init_ray(cfg)
+        init_ray(cfg.run.ray_address)
         task = ray.remote(num_gpus=cfg.ipgo.num_gpus, max_retries=1)(train_job)
         ray.get(task.remote(cfg_dict, train, str(batch_dir)))
     else:
@@ -81,6 +81,6 @@ def run_batch(cfg, prompts: list[str], run_dir: Path, use_ray: bool = True) -> l
         if key in done:
             continue
         line = heldout_job(cfg_dict, i, prompt, str(run_dir / "prompts" / key), tokens)
-        _append(run_dir, line)
+        append_result(run_dir, line)
     by_dir = finished(run_dir)
     return [by_dir[slug(i, p)] for i, p in enumerate(held) if slug(i, p) in by_dir]

@@ -65,25 +65,6 @@ def _prompts(args, positional: list[str]) -> list[str]:
     return list(prompts[:args.limit] if args.limit is not None else prompts)
 
 
-def init_ray(cfg) -> None:
-    """Join cfg.run.ray_address / RAY_ADDRESS, else start a local Ray (the offline switches passed on)."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    from learner.cluster import driver_env_vars
-
-    env = driver_env_vars(os.environ)  # a Ray job's own env vars win (Ray refuses a key set twice)
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True, "logging_level": logging.WARNING}
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", include_dashboard=False, **kwargs)  # never a stray `ray start` cluster
-
-
 def run(args) -> int:
     from common.config import ConfigError
 
@@ -111,11 +92,6 @@ def run(args) -> int:
     return 0
 
 
-def _append(run_dir: Path, line: dict[str, Any]) -> None:
-    with (run_dir / "results.jsonl").open("a") as fh:
-        fh.write(json.dumps(line) + "\n")
-
-
 def _summary(lines: list[dict[str, Any]], run_dir: Path) -> None:
     if not lines:
         print(f"no prompts run; outputs in {run_dir}")
@@ -129,7 +105,8 @@ def run_prompt_wise(cfg, prompts: list[str], run_dir: Path, use_ray: bool = True
     or in this process; results.jsonl gets a line per prompt as it finishes. Returns all lines, in order."""
     from tqdm import tqdm
 
-    from ipgo.jobs import finished, prompt_job, slug
+    from common.cluster import init_ray
+    from ipgo.jobs import append_result, finished, prompt_job, slug
 
     run_dir.mkdir(parents=True, exist_ok=True)
     done = finished(run_dir)
@@ -138,7 +115,7 @@ def run_prompt_wise(cfg, prompts: list[str], run_dir: Path, use_ray: bool = True
         logged = {json.loads(l)["dir"] for l in (run_dir / "results.jsonl").read_text().splitlines() if l.strip()}
     for key, line in done.items():  # finished after the last line was written (interrupted in between)
         if key not in logged:
-            _append(run_dir, line)
+            append_result(run_dir, line)
     todo = [(i, p) for i, p in enumerate(prompts) if slug(i, p) not in done]
     if len(todo) < len(prompts):
         log.info("resuming: %d of %d prompt(s) already finished in %s", len(prompts) - len(todo), len(prompts), run_dir)
@@ -147,19 +124,19 @@ def run_prompt_wise(cfg, prompts: list[str], run_dir: Path, use_ray: bool = True
     if use_ray and todo:
         import ray
 
-        init_ray(cfg)
+        init_ray(cfg.run.ray_address)
         task = ray.remote(num_gpus=cfg.ipgo.num_gpus, max_retries=1)(prompt_job)
         pending = [task.remote(cfg_dict, i, p, str(run_dir / "prompts" / slug(i, p))) for i, p in todo]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             line = ray.get(ready[0])
-            _append(run_dir, line)
+            append_result(run_dir, line)
             bar.update(1)
             bar.set_postfix(gain=f"{line['best_reward'] - line['initial_reward']:+.3f}")
     else:
         for i, p in todo:
             line = prompt_job(cfg_dict, i, p, str(run_dir / "prompts" / slug(i, p)))
-            _append(run_dir, line)
+            append_result(run_dir, line)
             bar.update(1)
             bar.set_postfix(gain=f"{line['best_reward'] - line['initial_reward']:+.3f}")
     bar.close()

@@ -33,7 +33,13 @@ def slug(index: int, prompt: str) -> str:
     return f"{index:04d}_{text}"
 
 
-def _write_json(path: Path, value: Any) -> None:
+def append_result(run_dir: Path, line: dict[str, Any]) -> None:
+    """One finished prompt's line in the run's results.jsonl."""
+    with (run_dir / "results.jsonl").open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def write_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)
@@ -80,13 +86,13 @@ def write_prompt_result(out: Path, index: int, result: PromptResult, cfg) -> dic
     save_tokens(result.tokens, out / "tokens.safetensors", meta)
     save_image(result.best_image, out / "best.png")
     save_image(result.initial_image, out / "initial.png")
-    _write_json(out / "curve.json", {"reward": result.curve, "conformity": result.conformity})
+    write_json(out / "curve.json", {"reward": result.curve, "conformity": result.conformity})
     line = {"schema": RESULT_SCHEMA, "index": index, "prompt": result.prompt, "initial_reward": result.initial_reward,
             "best_reward": result.best_reward, "best_iteration": result.best_iteration,
             "iterations": len(result.curve), "seconds": result.seconds,
             "seconds_per_iteration": result.seconds / max(1, len(result.curve)),
             "peak_memory_bytes": result.peak_memory_bytes, "truncated": result.truncated, "dir": out.name}
-    _write_json(out / "result.json", line)
+    write_json(out / "result.json", line)
     return line
 
 
@@ -128,5 +134,5 @@ def heldout_job(cfg_dict: dict[str, Any], index: int, prompt: str, out: str, tok
     line = {"schema": RESULT_SCHEMA, "index": index, "prompt": prompt, "initial_reward": plain["reward"],
             "best_reward": scores["reward"], "heldout": True, "dir": path.name,
             "truncated": models.encoder.encode(prompt).truncated}
-    _write_json(path / "result.json", line)
+    write_json(path / "result.json", line)
     return line

@@ -51,7 +51,7 @@ class IpgoModels:
 
 def build_models(cfg, device: torch.device | str = "cpu") -> IpgoModels:
     """SD (text encoder, UNet, VAE) and the differentiable reward of `cfg.ipgo.reward`, frozen, on `device`."""
-    from actors.scorers import build_scorers
+    from scoring.scorers import build_scorers
     from common.models import build_sd_pipeline
 
     device = torch.device(device)

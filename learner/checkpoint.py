@@ -19,20 +19,9 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.runs import checkpoint_root, latest_checkpoint  # noqa: F401 — part of this module's interface
+
 KEEP = 3
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

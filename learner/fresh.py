@@ -57,9 +57,9 @@ def reward_worker_summary(run: str) -> str:
 
         if not ray.is_initialized():
             return "no Ray in this process, so the reward workers could not be listed"
-        from actors.scaling import list_workers
+        from common.cluster import list_reward_workers
 
-        names = list_workers(run)
+        names = list_reward_workers(run)
     except Exception as exc:  # noqa: BLE001 — a diagnostic must not hide the real error
         return f"the reward workers could not be listed ({type(exc).__name__}: {exc})"
     if not names:

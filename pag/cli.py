@@ -1,26 +1,33 @@
 """`pag` — the command line. Each role registers its own subcommands; this file only wires them.
 
-Imports are lazy so `pag --help` answers in well under a second.
+The registering modules import their heavy dependencies inside the commands, so `pag --help`
+answers in well under a second.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from typing import Callable, Optional
 
+from actors.scaling import register as register_workers
+from buffer.cli import register as register_buffer
 from common.errors import add_verbose_everywhere, command_path, run_handled
+from driver.train import register as register_train
+from eval.cli import register as register_eval
+from ipgo.cli import register as register_ipgo
+from sft.cli import register as register_sft
 
-#: (module, function) pairs: each function adds its subcommands to the subparsers object
-_REGISTRARS = [
-    ("learner.train", "register"),     # pag train, pag adapt
-    ("learner.sft", "register"),       # pag sft
-    ("buffer.cli", "register"),        # pag buffer …
-    ("actors.scaling", "register"),    # pag workers …
-    ("eval.cli", "register"),          # pag eval
-    ("ipgo.cli", "register"),          # pag ipgo
-]
+#: each function adds its subcommands to the subparsers object; a registering module imports
+#: nothing heavy at module level, so `pag --help` stays fast
+_REGISTRARS: tuple[Callable, ...] = (
+    register_train,     # pag train, pag adapt
+    register_sft,       # pag sft
+    register_buffer,    # pag buffer …
+    register_workers,   # pag workers …
+    register_eval,      # pag eval
+    register_ipgo,      # pag ipgo
+)
 
 
 def _config_command(sub) -> None:
@@ -69,14 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name, func_name in _REGISTRARS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] in {"learner", "buffer", "actors", "eval", "ipgo"}:
-                continue  # a role not present in this checkout
-            raise
-        register: Callable = getattr(module, func_name)
+    for register in _REGISTRARS:
         register(sub)
     _config_command(sub)
     _datasets_command(sub)

@@ -45,7 +45,7 @@ def cache_model_id(cfg: Config, dtype_name: str = "float32") -> str:
     }
     text_scorers = sorted(s for s in cfg.reward.scorers if s in ("style", "relevance_text"))
     if text_scorers or not cfg.reward.render:  # only then, so image-only runs keep their keys
-        from common.style import STYLE_VERSION
+        from scoring.style import STYLE_VERSION
 
         settings.update(render=cfg.reward.render, text_scorers=text_scorers,
                         sentence_encoder=cfg.model.sentence_encoder, style_version=STYLE_VERSION)

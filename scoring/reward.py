@@ -42,7 +42,7 @@ def reward_parts(mine: dict[str, float], plain: dict[str, float]) -> dict[str, f
     """r = Σ gains + Σ relevance penalties, over the scores present, every component by name.
 
     Paper (aesthetic + clip): exactly `paper_reward` — aes_gain = aes − aes_plain, plus `rel`.
-    Offline text reward (style + relevance_text, common/style.py): style_gain = style − style_plain,
+    Offline text reward (style + relevance_text, scoring/style.py): style_gain = style − style_plain,
     plus `rel_text`. Both may be combined; a missing plain score for a present gain raises KeyError.
     """
     out: dict[str, float] = {}

@@ -16,7 +16,7 @@ on the CPU. Registered names (the `reward.scorers` config entries) and what they
 
 Text scorers (registered with `text=True`) judge the rewrite's text instead of images:
 `fn(texts, prompts) -> {score_name: tensor (N,)}` with `texts[i]` the rewrite and `prompts[i]` the plain
-prompt (actors/text_scorers.py: `style` → `style`, `relevance_text` → `text_cos`). The combined function
+prompt (scoring/text_scorers.py: `style` → `style`, `relevance_text` → `text_cos`). The combined function
 is `score_all(images, prompts, texts=None)`: images may be None when only text scorers are configured
 (`reward.render=false`).
 
@@ -29,107 +29,18 @@ decode) instead of [0, 1].
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
 from common.config import ModelConfig
-from common.models import ClipBundle, ModelLoadError, build_aesthetic, build_clip
-
-ScoreFn = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
-
-
-class UnknownScorerError(ValueError):
-    """A scorer name that is not in the registry; the message lists the known ones."""
-
-
-class ScorerUnavailableError(ImportError):
-    """A registered scorer whose pip package is not installed; the message names the package."""
-
-
-@dataclass
-class ScorerContext:
-    """What factories share: the model config, the device, and lazily built common models."""
-
-    model: ModelConfig
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    differentiable: bool = False
-    _clip: Optional[ClipBundle] = None
-    _last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    _sentence: Optional[object] = None
-
-    def sentence_encoder(self):
-        """The configured sentence encoder (`model.sentence_encoder`), built once and shared."""
-        if self._sentence is None:
-            from common.models import build_sentence_encoder
-
-            self._sentence = build_sentence_encoder(self.model, device=str(self.device))
-        return self._sentence
-
-    def clip(self) -> ClipBundle:
-        if self._clip is None:
-            self._clip = build_clip(self.model, self.device, self.dtype)
-        return self._clip
-
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """(N,3,H,W) → (N,D) normalised; memoised on the last tensor so aesthetic and clip embed once."""
-        if self._last is None or self._last[0] is not images:
-            self._last = (images, self.clip().embed_images(images))  # grad or not: build_scorers decides
-        return self._last[1]
-
-
-Factory = Callable[[ScorerContext], ScoreFn]
-
-#: name → factory, and name → the score names its function returns; `register_scorer` fills both
-SCORERS: dict[str, Factory] = {}
-SCORE_KEYS: dict[str, tuple[str, ...]] = {}
-#: the scorers whose function keeps autograd when built with differentiable=True
-DIFFERENTIABLE: set[str] = set()
-#: the scorers whose function takes (rewrite texts, plain prompts) instead of (images, prompts)
-TEXT: set[str] = set()
-
-
-def register_scorer(name: str, keys: Sequence[str] | None = None,
-                    differentiable: bool = False, text: bool = False) -> Callable[[Factory], Factory]:
-    """Decorator: `@register_scorer("pickscore")` for a factory whose fn returns {"pickscore": …};
-    `differentiable=True` when fn is built from torch ops on `images` (no PIL, no numpy);
-    `text=True` when fn takes the rewrite texts instead of images."""
-    def decorate(factory: Factory) -> Factory:
-        SCORERS[name] = factory
-        SCORE_KEYS[name] = tuple(keys or (name,))
-        if differentiable:
-            DIFFERENTIABLE.add(name)
-        if text:
-            TEXT.add(name)
-        return factory
-    return decorate
-
-
-def score_keys(names: Sequence[str]) -> list[str]:
-    """The score names the given scorers return, in order."""
-    _check_known(names)
-    return [key for name in dict.fromkeys(names) for key in SCORE_KEYS.get(name, (name,))]
-
-
-def _check_known(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in SCORERS]
-    if unknown:
-        raise UnknownScorerError(
-            f"unknown scorer {unknown[0]!r} in reward.scorers; known scorers: {', '.join(sorted(SCORERS))}"
-        )
-
-
-def _require(package: str, module: str, scorer: str, extra: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ScorerUnavailableError(
-            f"scorer {scorer!r} needs the pip package {package!r} (import {module}), which is not installed: "
-            f"`pip install {package}` (or `pip install 'pag[{extra}]'`), or remove {scorer!r} from reward.scorers"
-        ) from exc
+from common.models import ClipBundle, ModelLoadError, build_aesthetic
+# the registry's names are part of this module's interface (`from scoring.scorers import SCORERS, …`)
+from scoring.registry import (DIFFERENTIABLE, SCORE_KEYS, SCORERS, TEXT, Factory, ScoreFn,  # noqa: F401
+                              ScorerContext, ScorerUnavailableError, UnknownScorerError, check_known,
+                              register_scorer, require_package, score_keys)
+# the text scorers register `style` and `relevance_text` when imported
+from scoring import text_scorers  # noqa: F401,E402
 
 
 def _to_pil(images: torch.Tensor) -> list:
@@ -180,7 +91,7 @@ def clip_scorer(ctx: ScorerContext) -> ScoreFn:
 
 @register_scorer("imagereward")
 def imagereward_scorer(ctx: ScorerContext) -> ScoreFn:
-    rm = _require("image-reward", "ImageReward", "imagereward", "imagereward")
+    rm = require_package("image-reward", "ImageReward", "imagereward", "imagereward")
     try:
         model = rm.load("ImageReward-v1.0", device=str(ctx.device))
     except Exception as exc:
@@ -218,7 +129,7 @@ def _hps_bundle(ctx: ScorerContext) -> ClipBundle:
 
 @register_scorer("hps", differentiable=True)
 def hps_scorer(ctx: ScorerContext) -> ScoreFn:
-    hpsv2 = _require("hpsv2", "hpsv2", "hps", "hps")
+    hpsv2 = require_package("hpsv2", "hpsv2", "hps", "hps")
     if ctx.differentiable:
         bundle = _hps_bundle(ctx)
         return _cosine_fn(bundle, bundle.embed_images, "hps")
@@ -242,7 +153,7 @@ def build_scorers(names: Sequence[str], model: ModelConfig, device: torch.device
     """One function running every named scorer; raises UnknownScorerError / ScorerUnavailableError
     at set-up, not at the first batch. `differentiable=True`: the scores carry autograd back to the
     images (only scorers in DIFFERENTIABLE). `pixels`: "unit" images in [0, 1], "signed" in [−1, 1]."""
-    _check_known(names)
+    check_known(names)
     if pixels not in ("unit", "signed"):
         raise ValueError(f"pixels must be 'unit' ([0, 1]) or 'signed' ([-1, 1]), not {pixels!r}")
     if differentiable:
@@ -282,6 +193,3 @@ def build_scorers(names: Sequence[str], model: ModelConfig, device: torch.device
         return out
 
     return score_all
-
-
-from actors import text_scorers  # noqa: E402,F401 — registers `style` and `relevance_text`

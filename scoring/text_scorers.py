@@ -1,4 +1,4 @@
-"""Text scorers for the offline reward (common/style.py): they judge the rewrite's text, no images.
+"""Text scorers for the offline reward (scoring/style.py): they judge the rewrite's text, no images.
 
 - `style`          → `style`: logit of the engineered-vs-plain classifier on the rewrite's sentence embedding
 - `relevance_text` → `text_cos`: cosine of the rewrite's and the plain prompt's sentence embeddings
@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from actors.scorers import ScoreFn, ScorerContext, ScorerUnavailableError, register_scorer
+from scoring.registry import ScoreFn, ScorerContext, ScorerUnavailableError, register_scorer
 from common.models import TinyTextEncoder
 
 
@@ -45,7 +45,7 @@ def _embed(encoder, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
 
 @register_scorer("style", text=True)
 def style_scorer(ctx: ScorerContext) -> ScoreFn:
-    from common.style import load_or_fit_style
+    from scoring.style import load_or_fit_style
 
     encoder = _encoder(ctx, "style")
     model = load_or_fit_style(encoder.encode, encoder_id(ctx))

@@ -1,8 +1,8 @@
 """`pag sft`: supervised fine-tuning of the reference / initial policy on (plain → engineered) prompt pairs.
 
 The GFlowNet target is p(y | x) ∝ p_ref(y | x)^(1/γ) · exp(r / β): the reference must already write
-prompt-like text, or the sampler explores gibberish. This module builds training pairs from the
-packaged prompt sets and trains the policy with a causal-LM loss on the response tokens only:
+prompt-like text, or the sampler explores gibberish. Pairs come from `sft/pairs.py`;
+this module trains the policy with a causal-LM loss on the response tokens only:
 
     input  = fmt.policy_input(plain)          default "{plain} Rephrase:\\n"
     target = fmt.sft_target(plain, engineered) + EOS     loss = −mean_t log p(target_t | input, target_<t)
@@ -12,30 +12,6 @@ packaged prompt sets and trains the policy with a causal-LM loss on the response
 engineered prompt after the plain one (rule in common/formats.py; pairs with nothing after it are
 skipped). A non-default format is part of the cache key.
 
-How pairs are made (`build_pairs`; deterministic for a seed). Only the *train* split of each set is
-read, through `common.data.load_train_prompts`, so the paper's four evaluation sets (chatgpt, lexica,
-coco, diffusiondb) never contribute; a pair whose plain or target text is in one of them (ignoring
-case, spacing and end punctuation) is dropped as well.
-
-1. Engineered sets (`ENGINEERED_SETS`: diffusiondb_ipgo, pickapic — user prompts with style
-   modifiers). Each prompt is split at its first separator — ``,`` ``;`` ``|`` ``--`` ``. `` or
-   `` by `` — into a *subject* and a *tail*. The plain source is the subject, lower-cased, whitespace
-   collapsed, trailing punctuation stripped; the target is the prompt itself. The pair is skipped if
-   the plain has fewer than two words or equals the target. A prompt with no separator at all is a
-   plain prompt: it joins the plain pool of step 3.
-2. Modifier vocabulary. Each tail is cut at the same separators into modifiers (lower-cased;
-   ``by <artist>`` keeps its ``by``). Modifiers of at most 4 words and 2–40 characters seen in at least two
-   prompts form the vocabulary, weighted by that count (all seen once, if fewer than 10 qualify).
-3. Plain sets (every other set: coco_all and the other COCO captions, user files) plus the
-   modifier-free prompts of step 1. Each plain prompt is paired with itself (trailing period
-   removed) followed by ``, `` and 2–6 modifiers drawn from the vocabulary without replacement,
-   proportionally to their counts, so the policy learns "caption → caption, modifiers".
-
-With the default `sampler.datasets` (diffusiondb_ipgo, pickapic, coco_all) and seed 0 this gives
-770 pairs: 333 stripped from engineered prompts (3 more dropped: their plain is a diffusiondb eval prompt)
-and 437 plain prompts with modifiers appended (252 COCO captions, 185 separator-free engineered-set
-prompts; 137 modifiers).
-
 Training: AdamW with warm-up and cosine decay, grad-norm clip 1, `DEFAULTS` per model kind. The tiny
 policy uses a sampled softmax (the pairs' ~3.8k tokens plus 2048 sampled others) because the full
 50257-way softmax of a 64-d model dominates a CPU step; sft.json's `final_loss` is always the exact NLL.
@@ -44,6 +20,7 @@ The `tiny` preset calls `ensure_sft` at start-up: with no `model.sft_checkpoint`
 caches the checkpoint under ``$PAG_CACHE/sft/tiny-<hash>`` (default ``~/.cache/pag``), the hash
 covering the policy architecture, the pairs and the SFT settings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,11 +29,9 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -66,21 +41,15 @@ import torch.nn.functional as F
 
 from common.config import Config, ConfigError
 from common.formats import PolicyFormat
-from common.data import PAPER_EVAL_SETS, load_prompts, load_train_prompts, normalize
+from sft.pairs import Pair, build_pairs
 
 logger = logging.getLogger(__name__)
 
 #: bump when the pair rule or the training loop changes meaning: it is part of every cache key
 SFT_VERSION = 1
-#: sets whose prompts already carry style modifiers; every other set is treated as plain captions
-ENGINEERED_SETS = frozenset({"diffusiondb_ipgo", "pickapic"})
 SFT_META = "sft.json"
 
-Pair = tuple[str, str]
 Log = Callable[[str], None]
-
-_SEPARATOR = re.compile(r"\s*(?:,|;|\||--|\.\s)\s*|\s+by\s+", re.IGNORECASE)
-_PIECE_SEPARATOR = re.compile(r"\s*(?:,|;|\||--|\.\s)\s*")
 
 
 @dataclass(frozen=True)
@@ -105,104 +74,6 @@ DEFAULTS: dict[str, SFTSettings] = {
 }
 
 
-# ---------------------------------------------------------------- pairs
-
-def split_modifiers(prompt: str) -> tuple[str, str]:
-    """(subject, tail) at the first separator; tail is '' when the prompt has none."""
-    match = _SEPARATOR.search(prompt)
-    if match is None:
-        return prompt, ""
-    return prompt[: match.start()], prompt[match.start():]
-
-
-def plain_of(prompt: str) -> str:
-    """The plain source of an engineered prompt: its subject, lower-cased, tidied."""
-    subject, _ = split_modifiers(prompt)
-    return normalize(subject).lower().strip(" .,;:!-")
-
-
-def modifiers_of(prompt: str) -> list[str]:
-    """The style modifiers in an engineered prompt's tail, lower-cased (``by X`` keeps ``by``)."""
-    _, tail = split_modifiers(prompt)
-    tail = re.sub(r"^\s*(?:,|;|\||--|\.\s)\s*", "", tail).strip()
-    pieces = (normalize(p).lower().strip(" .,;:!-") for p in _PIECE_SEPARATOR.split(tail))
-    return [p for p in pieces if p]
-
-
-def modifier_vocabulary(prompts: Sequence[str], min_count: int = 2) -> list[tuple[str, int]]:
-    """(modifier, number of prompts holding it), most frequent first, ties alphabetical."""
-    counts: dict[str, int] = {}
-    for prompt in prompts:
-        for mod in set(modifiers_of(prompt)):
-            if len(mod.split()) <= 4 and 2 <= len(mod) <= 40 and re.search(r"[a-z]", mod):
-                counts[mod] = counts.get(mod, 0) + 1
-    vocab = sorted(((m, c) for m, c in counts.items() if c >= min_count), key=lambda mc: (-mc[1], mc[0]))
-    if len(vocab) < 10:
-        vocab = sorted(counts.items(), key=lambda mc: (-mc[1], mc[0]))
-    return vocab
-
-
-def _weighted_sample(rng: random.Random, vocab: Sequence[tuple[str, int]], k: int) -> list[str]:
-    """k distinct items with P ∝ count (Efraimidis–Spirakis keys u^(1/w)); deterministic given rng."""
-    keyed = sorted(((rng.random() ** (1.0 / w), m) for m, w in vocab), reverse=True)
-    return [m for _, m in keyed[:k]]
-
-
-def _key(text: str) -> str:
-    """What two prompts share when they are 'the same' for the eval-set ban: case, spaces, end punctuation."""
-    return normalize(text).lower().strip(" .,;:!-")
-
-
-def _set_names(names: Sequence[str | Path]) -> tuple[list[str | Path], list[str | Path]]:
-    engineered = [n for n in names if str(n) in ENGINEERED_SETS]
-    plain = [n for n in names if str(n) not in ENGINEERED_SETS]
-    return engineered, plain
-
-
-def build_pairs(prompt_set_names: Sequence[str | Path], seed: int = 0) -> list[Pair]:
-    """(plain, engineered) training pairs from the train split of the given sets (rule in the module doc)."""
-    names = [n for n in prompt_set_names if str(n) not in PAPER_EVAL_SETS]
-    if len(names) < len(prompt_set_names):
-        logger.warning("SFT never trains on the paper evaluation sets: ignoring %s",
-                       [str(n) for n in prompt_set_names if str(n) in PAPER_EVAL_SETS])
-    engineered_names, plain_names = _set_names(names)
-    banned = {_key(p) for name in PAPER_EVAL_SETS for p in load_prompts(name, "all").prompts}
-    rng = random.Random(seed)
-
-    engineered = load_train_prompts(engineered_names).prompts if engineered_names else []
-    pairs: list[Pair] = []
-    plain_pool: list[str] = []
-    for prompt in engineered:
-        if not split_modifiers(prompt)[1]:
-            plain_pool.append(prompt)  # nothing to strip: it is a plain prompt
-            continue
-        plain = plain_of(prompt)
-        if len(plain.split()) >= 2 and plain != prompt.lower():
-            pairs.append((plain, prompt))
-    n_stripped = len(pairs)
-
-    if plain_names:
-        plain_pool.extend(load_train_prompts(plain_names).prompts)
-    vocab = modifier_vocabulary(engineered)
-    if plain_pool and not vocab:
-        raise ConfigError(f"sampler.datasets = {[str(n) for n in prompt_set_names]}: no style modifiers to append to "
-                          f"plain prompts; include an engineered set ({', '.join(sorted(ENGINEERED_SETS))})")
-    for prompt in plain_pool:
-        mods = _weighted_sample(rng, vocab, rng.randint(2, 6))
-        pairs.append((prompt, prompt.rstrip(" .") + ", " + ", ".join(mods)))
-
-    kept = [(x, y) for x, y in pairs if _key(x) not in banned and _key(y) not in banned and x != y]
-    if len(kept) < len(pairs):
-        logger.info("dropped %d pair(s) touching the paper evaluation sets", len(pairs) - len(kept))
-    logger.info("SFT pairs: %d stripped from engineered prompts, %d plain prompts + modifiers (%d modifiers), "
-                "%d kept", n_stripped, len(pairs) - n_stripped, len(vocab), len(kept))
-    if not kept:
-        raise ConfigError(f"sampler.datasets = {[str(n) for n in prompt_set_names]}: no SFT pairs left after the "
-                          f"train split and the removal of the paper evaluation sets")
-    return kept
-
-
-# ---------------------------------------------------------------- training
 
 def settings_for(cfg: Config, steps: Optional[int] = None, batch_size: Optional[int] = None,
                  lr: Optional[float] = None) -> SFTSettings:
@@ -435,142 +306,3 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.rename(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- cache
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PAG_CACHE") or "~/.cache/pag").expanduser()
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (flock) for the `with` block; without fcntl, rely on the atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def require_sft(cfg: Config) -> None:
-    """Stop before anything starts when a pretrained policy has no SFT checkpoint.
-
-    Falling back to vanilla GPT-2 for the policy *and* the reference changes the target distribution
-    itself (R(y|x) · p_ref(y|x)^(1/γ)), so the run would not be the paper's. `tiny` trains its own;
-    `sd14-arch` (random weights, speed only) needs none."""
-    model = cfg.model
-    if model.sft_checkpoint or model.kind != "pretrained":
-        return
-    raise ConfigError(
-        f"model.sft_checkpoint is not set for preset {cfg.preset!r}: the policy and the frozen reference must start "
-        "from an SFT checkpoint, vanilla GPT-2 changes the target distribution. Get one with "
-        f"`pag sft --preset {cfg.preset}` (trains GPT-2 on the packaged plain -> engineered pairs and prints the "
-        "checkpoint directory), or use a copy of the Promptist SFT model (a Hugging Face directory or hub id; set "
-        "model.input_format=promptist for it), then pass model.sft_checkpoint=DIR.")
-
-
-def ensure_sft(cfg: Config, *, log: Log = logger.info) -> str:
-    """The checkpoint the policy and reference start from.
-
-    `model.sft_checkpoint` set: that. tiny without one: ``$PAG_CACHE/sft/tiny-<hash>``, trained first if
-    missing (a file lock makes concurrent callers wait for one training run). A pretrained policy
-    (sd14) without one: ConfigError (`require_sft`); sd14-arch: `model.policy` (random weights).
-    """
-    model = cfg.model
-    if model.sft_checkpoint:
-        return model.sft_checkpoint
-    require_sft(cfg)
-    if model.kind != "tiny":
-        return model.policy
-    pairs = build_pairs(cfg.sampler.datasets, model.seed)
-    out_dir = default_out_dir(cfg, pairs, settings_for(cfg))
-    done = out_dir / SFT_META
-    if done.is_file():
-        return str(out_dir)
-    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        if not done.is_file():  # another process may have finished while we waited
-            log(f"no cached SFT checkpoint for the tiny policy: training one into {out_dir} (once)")
-            train_sft(cfg, out_dir, log=log, pairs=pairs)
-    return str(out_dir)
-
-
-def default_out_dir(cfg: Config, pairs: Sequence[Pair], settings: SFTSettings) -> Path:
-    return cache_root() / "sft" / f"{cfg.preset}-{sft_hash(cfg, pairs, settings)}"
-
-
-# ---------------------------------------------------------------- CLI
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sft", help="fine-tune the reference / initial policy on (plain → engineered) prompt pairs",
-        description="Supervised fine-tuning of the GPT-2 policy on (plain → engineered) prompt pairs built from the "
-                    "train split of sampler.datasets (never the paper's evaluation sets): engineered prompts with "
-                    "their style modifiers stripped, and plain captions with sampled modifiers appended. "
-                    "The loss covers the response tokens of '{plain} Rephrase:\\n' → '{engineered}<eos>'.",
-        epilog="The tiny preset runs this automatically (cached under $PAG_CACHE/sft, default ~/.cache/pag) when "
-               "model.sft_checkpoint is unset. For the paper: `pag sft --preset sd14 --out ckpt/sft` then "
-               "`pag train --preset sd14 model.sft_checkpoint=ckpt/sft`.",
-    )
-    p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-proxy", "sd14"],
-                   help="tiny (random 2-layer GPT-2, CPU, about a minute) or sd14 (gpt2 from the hub)")
-    p.add_argument("--config", dest="config_file", help="YAML file with sections model/sampler/…")
-    p.add_argument("--out", help="checkpoint directory (default: $PAG_CACHE/sft/<preset>-<hash>, where tiny's "
-                                 "automatic SFT looks)")
-    tiny, sd14 = DEFAULTS["tiny"], DEFAULTS["pretrained"]
-    p.add_argument("--steps", type=int, help=f"optimiser steps (default: tiny {tiny.steps}; sd14 {sd14.epochs:g} "
-                                             "epochs over the pairs)")
-    p.add_argument("--batch-size", type=int, help=f"pairs per step (default: tiny {tiny.batch_size}, "
-                                                  f"sd14 {sd14.batch_size})")
-    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default: tiny {tiny.lr:g}, sd14 {sd14.lr:g})")
-    p.add_argument("--samples", type=int, default=4, help="rewrites to sample and print after training (0: none)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.seed=1 "
-                                                "sampler.datasets=[pickapic,coco_all]")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    from common.config import load_config
-    from common.data import DatasetError
-
-    cfg = load_config(args.preset, args.config_file, args.overrides)
-    settings = settings_for(cfg, args.steps, args.batch_size, args.lr)
-    try:
-        pairs = build_pairs(cfg.sampler.datasets, cfg.model.seed)
-    except DatasetError as exc:
-        raise ConfigError(f"sampler.datasets: {exc}") from exc
-    out = Path(args.out) if args.out else default_out_dir(cfg, pairs, settings)
-    train_sft(cfg, out, args.steps, args.batch_size, args.lr, log=print, pairs=pairs)
-    if args.samples > 0:
-        plains = [x for x, _ in pairs[:: max(1, len(pairs) // args.samples)]][: args.samples]
-        print("sampled rewrites:")
-        for plain, rewrite in sample_rewrites(cfg, str(out), plains):
-            print(f"  {plain!r}\n    → {rewrite!r}")
-    print(f"use it with: model.sft_checkpoint={out}")
-    return 0
-
-
-def sample_rewrites(cfg: Config, checkpoint: Optional[str], plains: Sequence[str], temperature: float = 0.7,
-                    seed: int = 0) -> list[Pair]:
-    """(plain, sampled rewrite) with `common.decoding.sample` (a quick look at what a checkpoint writes)."""
-    from common.models import build_policy, build_tokenizer
-    from common.decoding import encode_prompts, sample
-
-    base = cfg.model.model_copy(update={"sft_checkpoint": None})  # checkpoint None: the untrained policy
-    tokenizer = build_tokenizer(base)
-    model = build_policy(base, tokenizer, checkpoint=checkpoint).eval()
-    fmt = PolicyFormat.from_config(cfg)
-    ids, mask = encode_prompts(tokenizer, list(plains), torch.device("cpu"), fmt)
-    ids, mask = sample(model, ids, mask, max_len=cfg.sampler.max_len,
-                       min_len=cfg.sampler.min_len, temperature=temperature, eos_id=tokenizer.eos_token_id,
-                       generator=torch.Generator().manual_seed(seed))
-    texts = [fmt.rewrite(x, tokenizer.decode(row[m.bool()], skip_special_tokens=True))
-             for x, row, m in zip(plains, ids, mask)]
-    return list(zip(plains, texts))

@@ -1,4 +1,4 @@
-"""Diverse beam search (`common.decoding.diverse_beam_search`) on tiny random GPT-2s, against brute force:
+"""Diverse beam search (`common.beam_search.diverse_beam_search`) on tiny random GPT-2s, against brute force:
 greedy decoding, exhaustive enumeration, the EOS rule, left padding and the Hamming penalty."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from common.decoding import diverse_beam_search
+from common.beam_search import diverse_beam_search
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, load_config
-from learner.cluster import JOB_CONFIG_ENV, driver_env_vars, fit_problems, resolve_runs_dir, role_requests
+from common.cluster import JOB_CONFIG_ENV, driver_env_vars, fit_problems, resolve_runs_dir, role_requests
 
 
 pytestmark = pytest.mark.usefixtures("fresh_root_logging")  # these tests call the CLI's main()
@@ -94,7 +94,7 @@ def test_train_without_the_gpus_it_requests_stops_with_a_clear_error(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", JOB_CONFIG_ENV)}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "train", "--run-name", "nogpu", "learner.num_gpus=1",
+    proc = subprocess.run([sys.executable, "-m", "pag.cli", "train", "--run-name", "nogpu", "learner.num_gpus=1",
                            "reward.num_workers=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == EXIT_CLUSTER, proc.stderr[-3000:]
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("pag train:")]
@@ -109,7 +109,7 @@ def test_hash_layout_hint_names_the_setting(redis_url):
     import redis
 
     from buffer.connection import connect
-    from learner.cluster import hash_layout_hint
+    from common.cluster import hash_layout_hint
 
     client = connect(redis_url)
     try:

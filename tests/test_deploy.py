@@ -50,9 +50,9 @@ def test_images_are_published_rayproject_ray_at_one_version():
 def test_rayjob_runtime_env_and_entrypoint_are_valid():
     from ray.runtime_env import RuntimeEnv
 
-    from common.cli import build_parser
+    from pag.cli import build_parser
     from common.config import load_config
-    from learner.train import _flag_overrides
+    from driver.train import _flag_overrides
 
     job = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])

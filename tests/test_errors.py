@@ -2,7 +2,7 @@
 traceback only with -v; the mapping follows causes, so an error from inside an actor reads the same."""
 import pytest
 
-from common.cli import main
+from pag.cli import main
 from common.config import ConfigError
 from common.data import DatasetError
 from common.errors import (EXIT_CLUSTER, EXIT_REDIS, EXIT_USAGE, ClusterError, command_path, describe,
@@ -89,7 +89,7 @@ def test_unreachable_redis_is_exit_3_naming_the_url(tmp_path, capsys, monkeypatc
 
 
 def test_command_path_follows_nested_subcommands():
-    from common.cli import build_parser
+    from pag.cli import build_parser
 
     parser = build_parser()
     assert command_path(parser, ["buffer", "stats", "--run", "x"]) == ["buffer", "stats"]

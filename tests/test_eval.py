@@ -43,7 +43,7 @@ def workdir(tmp_path_factory):
 
 def pag(args, workdir, timeout=300):
     path, env = workdir
-    return subprocess.run([sys.executable, "-m", "common.cli", "eval", *args], cwd=path, env=env,
+    return subprocess.run([sys.executable, "-m", "pag.cli", "eval", *args], cwd=path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -222,7 +222,7 @@ def test_promptist_method_uses_its_template_and_the_packaged_tokenizer(tmp_path)
 
 
 def test_extra_scorer_judges_against_the_plain_prompt_or_the_rewrite():
-    from actors.scorers import SCORE_KEYS, SCORERS, register_scorer
+    from scoring.scorers import SCORE_KEYS, SCORERS, register_scorer
     from common.config import load_config
     from eval.cache import decode_record
     from eval.worker import EvalWorker, decode_results, encode_items

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from common.cli import main
+from pag.cli import main
 
 
 def _lines(path):

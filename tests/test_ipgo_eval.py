@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import main
+from pag.cli import main
 from common.config import load_config
 from eval.methods.ipgo import build
 from eval.spec import MethodSpec, MethodSpecError, parse_methods
@@ -99,7 +99,7 @@ def test_pag_eval_with_ipgo(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                PAG_CACHE=str(tmp_path / "pag-cache"))
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "eval", "--methods", "plain,ipgo", "--limit", "1",
+    proc = subprocess.run([sys.executable, "-m", "pag.cli", "eval", "--methods", "plain,ipgo", "--limit", "1",
                            "--rewrites", "2", "--datasets", "lexica", "--no-progress", "--name", "i",
                            "--runs-dir", str(tmp_path), "ipgo.iterations=2"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -140,7 +140,7 @@ def test_layouts_shapes_and_truncation(tiny_text, caplog):
 
 @pytest.mark.parametrize("names", [["aesthetic"], ["clip"], ["aesthetic", "clip"]])
 def test_differentiable_scorers_pass_gradient_and_match_no_grad(names):
-    from actors.scorers import build_scorers
+    from scoring.scorers import build_scorers
     from common.config import load_config
 
     model = load_config("tiny").model
@@ -158,7 +158,7 @@ def test_differentiable_scorers_pass_gradient_and_match_no_grad(names):
 
 
 def test_non_differentiable_scorer_is_refused():
-    from actors.scorers import UnknownScorerError, build_scorers
+    from scoring.scorers import UnknownScorerError, build_scorers
     from common.config import load_config
 
     with pytest.raises(UnknownScorerError, match="no differentiable path"):
@@ -178,7 +178,7 @@ def test_same_seed_same_tokens_whatever_the_global_rng():
 def test_differentiable_hps_without_its_package_names_it():
     import importlib.util
 
-    from actors.scorers import ScorerUnavailableError, build_scorers
+    from scoring.scorers import ScorerUnavailableError, build_scorers
     from common.config import load_config
 
     if importlib.util.find_spec("hpsv2") is not None:

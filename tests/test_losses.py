@@ -14,7 +14,7 @@ from learner.losses import (
 from common.schedules import (
     Anneal, Schedules, exponential_anneal, linear_anneal, reward_temperature, sampling_temperature,
 )
-from learner.toy import build_problem
+from bench.toy import build_problem
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 

@@ -58,7 +58,7 @@ def _env(tmp_path):
 
 
 def test_pag_config_shows_a_method(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "common.cli", "config", "--preset", "sd14", "--method", "ppo"],
+    out = subprocess.run([sys.executable, "-m", "pag.cli", "config", "--preset", "sd14", "--method", "ppo"],
                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
@@ -79,7 +79,7 @@ def test_pag_train_method_end_to_end(tmp_path_factory, name):
     path = tmp_path_factory.mktemp(f"method-{name}")
     resets = METHODS[name].overrides.count("learner.reactivation_every=0") == 0
     extra = ["learner.reactivation_every=1"] if resets else []  # every step, so the reset path runs in 2 steps
-    result = subprocess.run([sys.executable, "-m", "common.cli", "train", "--method", name, "--steps", "2",
+    result = subprocess.run([sys.executable, "-m", "pag.cli", "train", "--method", name, "--steps", "2",
                              "--run-name", name, "--no-report", *TINY, *extra], cwd=path, env=_env(path),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -190,7 +190,7 @@ def test_two_nodes_job_scale_stop_resume(cluster_env):
     cluster, env, redis_url, root = cluster_env
     runs = root / "runs"
     sft = root / "sft"
-    _run([sys.executable, "-m", "common.cli", "sft", "--steps", "1", "--samples", "0", "--out", str(sft)], env)
+    _run([sys.executable, "-m", "pag.cli", "sft", "--steps", "1", "--samples", "0", "--out", str(sft)], env)
 
     # the job's runtime env sets variables the driver used to pass again (the merge conflict of item 1),
     # and gives the driver time to checkpoint when `ray job stop` sends SIGTERM
@@ -212,7 +212,7 @@ def test_two_nodes_job_scale_stop_resume(cluster_env):
         time.sleep(2)
 
     # a second driver (not a job) joins with the cluster's token and adds a worker while it trains
-    scaled = _run([sys.executable, "-m", "common.cli", "workers", "scale", "2", "--run", "mn",
+    scaled = _run([sys.executable, "-m", "pag.cli", "workers", "scale", "2", "--run", "mn",
                    "--ray-address", cluster.gcs], env)
     assert json.loads(scaled.stdout.strip().splitlines()[-1])["workers"] == ["pag:mn:reward:0", "pag:mn:reward:1"]
     listed = _run([*submit, "--", "pag", "workers", "list", "--run", "mn"], env)

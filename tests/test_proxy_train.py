@@ -21,7 +21,7 @@ def test_tiny_proxy_trains_end_to_end(tmp_path):
     env.pop("RAY_ADDRESS", None)
 
     def pag(*args):
-        result = subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=tmp_path, env=env,
+        result = subprocess.run([sys.executable, "-m", "pag.cli", *args], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         return result

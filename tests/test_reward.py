@@ -1,8 +1,8 @@
-"""The paper's reward maths (`common.reward`): the relevance hinge per image, then the mean."""
+"""The paper's reward maths (`scoring.reward`): the relevance hinge per image, then the mean."""
 import pytest
 import torch
 
-from common.reward import paper_reward, relevance
+from scoring.reward import paper_reward, relevance
 
 
 def test_relevance_hinges_each_image_before_the_mean():

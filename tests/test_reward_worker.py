@@ -10,9 +10,10 @@ import pytest
 import redis
 import torch
 
-from actors import scorers
-from actors.plain_cache import PlainCache, cache_model_id
-from actors.reward_worker import RewardWorker, build_reward_models, plain_text
+from scoring import scorers
+from scoring.plain_cache import PlainCache, cache_model_id
+from actors.reward_worker import RewardWorker
+from scoring.render import build_reward_models, plain_text
 from buffer.replay import ReplayBuffer
 from common.config import load_config
 from common.constants import SCORERS_GROUP, pending_key, plain_key

@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from actors.scorers import SCORERS, ScorerUnavailableError, UnknownScorerError, build_scorers, score_keys
+from scoring.scorers import SCORERS, ScorerUnavailableError, UnknownScorerError, build_scorers, score_keys
 from common.config import load_config
 from common.models import build_clip
 
@@ -95,7 +95,7 @@ def test_registered_scorer_runs_beside_the_builtins(cfg, monkeypatch):
         return lambda images, prompts: {"const": torch.full((len(prompts),), 7.0)}
 
     monkeypatch.setitem(SCORERS, "const", factory)
-    from actors import scorers
+    from scoring import scorers
 
     monkeypatch.setitem(scorers.SCORE_KEYS, "const", ("const",))
     fn = build_scorers(["aesthetic", "clip", "const"], cfg.model)

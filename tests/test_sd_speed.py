@@ -1,4 +1,4 @@
-"""The `reward.` speed switches (common/sd_speed.py): each one takes effect and leaves the images
+"""The `reward.` speed switches (scoring/sd_speed.py): each one takes effect and leaves the images
 unchanged beyond rounding (fp16 noise for the half-precision VAE), and overlapped scoring gives the
 same scores as scoring after the render."""
 from __future__ import annotations
@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from actors.reward_worker import RewardWorker, build_reward_models
+from actors.reward_worker import RewardWorker
+from scoring.render import build_reward_models
 from common import models as M
 from common.config import ConfigError, load_config
-from common.sd_speed import apply_speed
+from scoring.sd_speed import apply_speed
 from common.trajectory import Trajectory
 
 torch.set_num_threads(1)

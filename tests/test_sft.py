@@ -7,8 +7,11 @@ import threading
 import pytest
 import torch
 
-import learner.sft as sft
-from common.cli import main as pag
+import sft.cache
+import sft.cli
+import sft.pairs
+import sft.train
+from pag.cli import main as pag
 from common.config import ConfigError, load_config
 from common.data import PAPER_EVAL_SETS, load_prompts
 from common.models import build_policy, build_tokenizer
@@ -18,7 +21,7 @@ DATASETS = ["diffusiondb_ipgo", "pickapic", "coco_all"]
 
 @pytest.fixture(scope="module")
 def pairs() -> list[tuple[str, str]]:
-    return sft.build_pairs(DATASETS, seed=0)
+    return sft.pairs.build_pairs(DATASETS, seed=0)
 
 
 def key(text: str) -> str:
@@ -41,25 +44,25 @@ def _two_threads():
 # ---------------------------------------------------------------- pairs
 
 def test_split_rule():
-    assert sft.plain_of("Steve Ballmer as The  Incredible Hulk, artstation, 8k ") == "steve ballmer as the incredible hulk"
-    assert sft.modifiers_of("Steve Ballmer as The Incredible Hulk, artstation, 8k") == ["artstation", "8k"]
-    assert sft.plain_of("a quiet forest by Greg Rutkowski | octane render") == "a quiet forest"
-    assert sft.modifiers_of("a quiet forest by Greg Rutkowski | octane render") == ["by greg rutkowski", "octane render"]
-    assert sft.split_modifiers("a cat on a sofa") == ("a cat on a sofa", "")
+    assert sft.pairs.plain_of("Steve Ballmer as The  Incredible Hulk, artstation, 8k ") == "steve ballmer as the incredible hulk"
+    assert sft.pairs.modifiers_of("Steve Ballmer as The Incredible Hulk, artstation, 8k") == ["artstation", "8k"]
+    assert sft.pairs.plain_of("a quiet forest by Greg Rutkowski | octane render") == "a quiet forest"
+    assert sft.pairs.modifiers_of("a quiet forest by Greg Rutkowski | octane render") == ["by greg rutkowski", "octane render"]
+    assert sft.pairs.split_modifiers("a cat on a sofa") == ("a cat on a sofa", "")
 
 
 def test_pairs_are_deterministic_clean_and_of_both_kinds(pairs, eval_prompts):
     assert len(pairs) > 500
-    assert sft.build_pairs(DATASETS, seed=0) == pairs
-    assert sft.build_pairs(DATASETS, seed=1) != pairs  # the sampled modifiers depend on the seed
+    assert sft.pairs.build_pairs(DATASETS, seed=0) == pairs
+    assert sft.pairs.build_pairs(DATASETS, seed=1) != pairs  # the sampled modifiers depend on the seed
     assert all(plain and target and plain != target for plain, target in pairs)
     assert not [p for p in pairs if key(p[0]) in eval_prompts or key(p[1]) in eval_prompts]
     coco = set(load_prompts("coco_all").prompts)
     appended = [(x, y) for x, y in pairs if x in coco]
-    stripped = [(x, y) for x, y in pairs if x == sft.plain_of(y) and x != y.lower()]
+    stripped = [(x, y) for x, y in pairs if x == sft.pairs.plain_of(y) and x != y.lower()]
     assert len(appended) > 200 and len(stripped) > 200
     assert all(y.startswith(x.rstrip(" .") + ", ") for x, y in appended)
-    vocab = {m for m, _ in sft.modifier_vocabulary(load_prompts("pickapic").prompts + load_prompts("diffusiondb_ipgo").prompts)}
+    vocab = {m for m, _ in sft.pairs.modifier_vocabulary(load_prompts("pickapic").prompts + load_prompts("diffusiondb_ipgo").prompts)}
     for x, y in appended[:50]:
         mods = y[len(x.rstrip(" .")) + 2:].split(", ")
         assert 2 <= len(mods) <= 6 and set(mods) <= vocab
@@ -73,15 +76,15 @@ def test_pairs_drop_eval_prompts_even_when_derived(tmp_path, monkeypatch):
     lines += [f"a red fox number {i} in the snow, {s}" for i in range(5) for s in suffixes[:2]]
     file = tmp_path / "eng.txt"
     file.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(sft, "ENGINEERED_SETS", sft.ENGINEERED_SETS | {str(file)})
+    monkeypatch.setattr(sft.pairs, "ENGINEERED_SETS", sft.pairs.ENGINEERED_SETS | {str(file)})
     engineered = load_prompts(file, "train").prompts
-    assert any(key(sft.plain_of(p)) in chatgpt for p in engineered)  # the filter has work to do
-    pairs = sft.build_pairs([str(file)], seed=0)
+    assert any(key(sft.pairs.plain_of(p)) in chatgpt for p in engineered)  # the filter has work to do
+    pairs = sft.pairs.build_pairs([str(file)], seed=0)
     assert pairs and all(x.startswith("a red fox number") for x, _ in pairs)
 
 
 def test_eval_sets_contribute_nothing(eval_prompts):
-    pairs = sft.build_pairs(["pickapic", "lexica", "chatgpt"], seed=0)
+    pairs = sft.pairs.build_pairs(["pickapic", "lexica", "chatgpt"], seed=0)
     assert pairs and not [p for p in pairs if key(p[0]) in eval_prompts or key(p[1]) in eval_prompts]
 
 
@@ -91,15 +94,15 @@ def test_short_sft_lowers_loss_and_saves_a_loadable_checkpoint(tmp_path, pairs):
     cfg = load_config("tiny")
     subset = pairs[::24][:32]
     tok = build_tokenizer(cfg.model)
-    before = sft.evaluate_nll(build_policy(cfg.model, tok), tok, subset)
+    before = sft.train.evaluate_nll(build_policy(cfg.model, tok), tok, subset)
 
-    out = sft.train_sft(cfg, tmp_path / "ckpt", steps=20, batch_size=8, lr=3e-3, log=lambda _: None, pairs=subset)
+    out = sft.train.train_sft(cfg, tmp_path / "ckpt", steps=20, batch_size=8, lr=3e-3, log=lambda _: None, pairs=subset)
 
     assert out == tmp_path / "ckpt"
     meta = json.loads((out / "sft.json").read_text())
     assert meta["steps"] == 20 and meta["pairs"] == 32 and len(meta["config_hash"]) == 12
     loaded = build_policy(cfg.model, tok, checkpoint=str(out))
-    after = sft.evaluate_nll(loaded, tok, subset)
+    after = sft.train.evaluate_nll(loaded, tok, subset)
     assert after < before - 1.0, (before, after)
     assert meta["final_loss"] == pytest.approx(after, abs=1e-3)
     assert build_tokenizer(cfg.model.model_copy(update={"tokenizer": str(out)})).eos_token_id == tok.eos_token_id
@@ -111,9 +114,9 @@ def test_sampled_softmax_matches_exact_when_it_keeps_every_token():
     states, weight = torch.randn(7, 8), torch.randn(50, 8)
     targets = torch.tensor([1, 3, 3, 9, 0, 49, 1])
     exact = torch.nn.functional.cross_entropy(states @ weight.T, targets)
-    full = sft.SampledSoftmax(targets, 50, negatives=1000, seed=0)  # k clipped to all 45 other tokens
+    full = sft.train.SampledSoftmax(targets, 50, negatives=1000, seed=0)  # k clipped to all 45 other tokens
     assert full(states, targets, weight).item() == pytest.approx(exact.item(), abs=1e-5)
-    sampled = sft.SampledSoftmax(targets, 50, negatives=10, seed=0)
+    sampled = sft.train.SampledSoftmax(targets, 50, negatives=10, seed=0)
     assert torch.isfinite(sampled(states, targets, weight))
 
 
@@ -121,16 +124,16 @@ def test_failed_save_leaves_no_checkpoint(tmp_path, pairs, monkeypatch):
     def broken(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sft, "_replace_dir", broken)
+    monkeypatch.setattr(sft.train, "_replace_dir", broken)
     with pytest.raises(OSError):
-        sft.train_sft(load_config("tiny"), tmp_path / "ckpt", steps=1, batch_size=2, log=lambda _: None, pairs=pairs[:4])
+        sft.train.train_sft(load_config("tiny"), tmp_path / "ckpt", steps=1, batch_size=2, log=lambda _: None, pairs=pairs[:4])
     assert list(tmp_path.iterdir()) == []
 
 
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path, pairs):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not an SFT checkpoint"):
-        sft.train_sft(load_config("tiny"), tmp_path, steps=1, log=lambda _: None, pairs=pairs[:4])
+        sft.train.train_sft(load_config("tiny"), tmp_path, steps=1, log=lambda _: None, pairs=pairs[:4])
 
 
 # ---------------------------------------------------------------- ensure_sft
@@ -139,29 +142,29 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path, pairs):
 def counted_training(tmp_path, monkeypatch):
     """PAG_CACHE in tmp_path, a 2-step tiny default, and a counter of real training runs."""
     monkeypatch.setenv("PAG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(sft.DEFAULTS, "tiny", sft.SFTSettings(steps=2, batch_size=2, lr=1e-3, negatives=64))
+    monkeypatch.setitem(sft.train.DEFAULTS, "tiny", sft.train.SFTSettings(steps=2, batch_size=2, lr=1e-3, negatives=64))
     calls = []
-    real = sft.train_sft
+    real = sft.train.train_sft
 
     def counting(*args, **kwargs):
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "train_sft", counting)
+    monkeypatch.setattr(sft.cache, "train_sft", counting)
     return calls
 
 
 def test_ensure_sft_trains_once_then_uses_the_cache(tmp_path, counted_training):
     cfg = load_config("tiny")
-    first = sft.ensure_sft(cfg)
+    first = sft.cache.ensure_sft(cfg)
     assert first.startswith(str(tmp_path / "cache" / "sft" / "tiny-"))
     stamp = (tmp_path / "cache" / "sft").stat().st_mtime_ns
-    assert sft.ensure_sft(cfg) == first
+    assert sft.cache.ensure_sft(cfg) == first
     assert len(counted_training) == 1
     assert json.loads((tmp_path / "cache" / "sft" / first.split("/")[-1] / "sft.json").read_text())["steps"] == 2
     assert (tmp_path / "cache" / "sft").stat().st_mtime_ns == stamp
 
-    other = sft.ensure_sft(load_config("tiny", overrides=["model.seed=1"]))  # new weights and pairs: a new key
+    other = sft.cache.ensure_sft(load_config("tiny", overrides=["model.seed=1"]))  # new weights and pairs: a new key
     assert other != first and len(counted_training) == 2
 
 
@@ -171,7 +174,7 @@ def test_ensure_sft_concurrent_callers_train_once(counted_training):
 
     def call():
         barrier.wait()
-        results.append(sft.ensure_sft(cfg))
+        results.append(sft.cache.ensure_sft(cfg))
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
@@ -183,16 +186,16 @@ def test_ensure_sft_concurrent_callers_train_once(counted_training):
 
 
 def test_ensure_sft_explicit_checkpoint_and_sd14(counted_training):
-    assert sft.ensure_sft(load_config("tiny", overrides=["model.sft_checkpoint=/ckpt/x"])) == "/ckpt/x"
-    assert sft.ensure_sft(load_config("sd14", overrides=["model.sft_checkpoint=me/sft"])) == "me/sft"
+    assert sft.cache.ensure_sft(load_config("tiny", overrides=["model.sft_checkpoint=/ckpt/x"])) == "/ckpt/x"
+    assert sft.cache.ensure_sft(load_config("sd14", overrides=["model.sft_checkpoint=me/sft"])) == "me/sft"
     with pytest.raises(ConfigError, match=r"model.sft_checkpoint .*`pag sft --preset sd14`.*Promptist"):
-        sft.ensure_sft(load_config("sd14"))  # vanilla GPT-2 as the reference would change the target
-    assert sft.ensure_sft(load_config("sd14-arch")) == "gpt2", "random-weight speed preset: no SFT needed"
+        sft.cache.ensure_sft(load_config("sd14"))  # vanilla GPT-2 as the reference would change the target
+    assert sft.cache.ensure_sft(load_config("sd14-arch")) == "gpt2", "random-weight speed preset: no SFT needed"
     assert counted_training == []
 
 
 def test_pag_train_sd14_without_sft_stops_before_anything_starts(tmp_path, capsys):
-    from common.cli import main
+    from pag.cli import main
 
     code = main(["train", "--preset", "sd14", "--runs-dir", str(tmp_path / "runs")])
     assert code == 2 and "pag sft --preset sd14" in capsys.readouterr().err

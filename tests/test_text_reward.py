@@ -1,4 +1,4 @@
-"""The offline text reward (common/style.py, actors/text_scorers.py): the logistic fit, the cached style
+"""The offline text reward (scoring/style.py, scoring/text_scorers.py): the logistic fit, the cached style
 classifier's held-out accuracy, the relevance hinge, the reward composition, and a reward worker that
 renders nothing (reward.render=false), through Redis like any other."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_config
-from common.reward import paper_reward, reward_parts
-from common.style import fit_logistic, text_relevance
+from scoring.reward import paper_reward, reward_parts
+from scoring.style import fit_logistic, text_relevance
 
 torch.set_num_threads(2)
 
@@ -44,14 +44,14 @@ def test_config_tiny_proxy_and_render_check():
 
 @pytest.fixture(scope="module")
 def text_scorers():
-    from actors.scorers import build_scorers
+    from scoring.scorers import build_scorers
 
     return build_scorers(["style", "relevance_text"], load_config("tiny-proxy").model)
 
 
 def test_style_classifier_held_out_accuracy(text_scorers):
     """From the cached fit: the EVAL split of the same sets, never seen by the fit."""
-    from common.style import style_data
+    from scoring.style import style_data
 
     texts, labels = style_data("eval")
     assert len(texts) > 200 and 0 < labels.mean() < 1
@@ -75,7 +75,8 @@ def test_modifiers_raise_style_and_a_dropped_subject_is_penalised(text_scorers):
 
 
 def test_reward_worker_without_rendering(redis_url, run_name):
-    from actors.reward_worker import RewardWorker, build_reward_models
+    from actors.reward_worker import RewardWorker
+    from scoring.render import build_reward_models
     from common.trajectory import Trajectory
 
     cfg = load_config("tiny-proxy")

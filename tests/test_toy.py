@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner import toy
+from bench import toy
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_ppo_with_the_adaptive_kl_stays_near_the_reference(short_runs):
 
 def test_cli_prints_one_json_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "learner.toy", "--objective", "tb", "--seed", "3", "--steps", "20"],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "toy.py"), "--objective", "tb", "--seed", "3", "--steps", "20"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()

@@ -27,7 +27,7 @@ def workdir(tmp_path_factory):
 
 def pag(args, workdir, timeout=600):
     path, env = workdir
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=path, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pag.cli", *args], cwd=path, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -84,7 +84,7 @@ def test_sigint_stops_cleanly_with_checkpoint(workdir):
     path, env = workdir
     run_dir = path / "runs" / "sig"
     # started as a background job is: SIGINT ignored on entry. `pag train` must install its handler itself
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "train", "--steps", "500", "--run-name", "sig",
+    proc = subprocess.Popen([sys.executable, "-m", "pag.cli", "train", "--steps", "500", "--run-name", "sig",
                              *SMALL], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 400

@@ -18,7 +18,7 @@ from eval.spec import MethodSpec, MethodSpecError
 __all__ = ["Conditioning", "Method", "MethodOutput", "Rewrite", "build_method"]
 
 
-def _run_model_config(run_dir: str | None, default: ModelConfig) -> ModelConfig:
+def run_model_config(run_dir: str | None, default: ModelConfig) -> ModelConfig:
     """The model section of the run's own config.yaml (its tokenizer, its kind); the eval's otherwise."""
     if not run_dir:
         return default
@@ -54,14 +54,14 @@ def build_method(spec: MethodSpec, cfg: Config, device: str = "cpu") -> Method:
 
         path = spec.path
         if path is None:
-            from learner.sft import ensure_sft
+            from sft.cache import ensure_sft
 
             path = ensure_sft(cfg)
         return PolicyMethod("sft", path, cfg.model, cfg.eval, fmt=PolicyFormat.from_config(cfg), device=device)
     if spec.kind == "policy":
         from eval.methods.policy import PolicyMethod
 
-        return PolicyMethod(spec.label, spec.path, _run_model_config(spec.run_dir, cfg.model), cfg.eval,
+        return PolicyMethod(spec.label, spec.path, run_model_config(spec.run_dir, cfg.model), cfg.eval,
                             fmt=run_format(spec.run_dir, cfg), device=device, source=spec.raw)
     if spec.kind in ("promptist", "ipgo"):
         try:

@@ -52,8 +52,7 @@ class IpgoMethod(Method):
     def _tokens(self, prompts: Sequence[str]) -> dict[str, tuple[dict, dict]]:
         """prompt → (tokens, cost): the batch set for every prompt, or each prompt's own (optimised now if missing)."""
         from eval.ipgo_report import cost_of
-        from ipgo.cli import _append
-        from ipgo.jobs import load_tokens, prompt_job, slug
+        from ipgo.jobs import append_result, load_tokens, prompt_job, slug
 
         if self.batch_tokens.is_file():
             tokens = load_tokens(self.batch_tokens)
@@ -65,7 +64,7 @@ class IpgoMethod(Method):
         first = 1 + max((line["index"] for line in lines.values()), default=-1)
         for index, prompt in enumerate(todo, start=first):  # optimised now, in this process, into the run
             line = prompt_job(self.cfg.to_dict(), index, prompt, str(self.run_dir / "prompts" / slug(index, prompt)))
-            _append(self.run_dir, line)
+            append_result(self.run_dir, line)
             lines[prompt] = line
         out = {}
         for prompt in prompts:
@@ -115,12 +114,12 @@ def _read_lines(path: Path) -> list[dict]:
 
 
 def _pag_policy(spec: MethodSpec, cfg, device: str) -> Method:
-    from eval.methods import _run_model_config, run_format
+    from eval.methods import run_model_config, run_format
     from eval.methods.policy import PolicyMethod
     from eval.spec import resolve_policy_dir
 
     weights, run_dir = resolve_policy_dir(spec.path, spec.raw)
-    return PolicyMethod(f"{spec.label}-policy", weights, _run_model_config(run_dir, cfg.model), cfg.eval,
+    return PolicyMethod(f"{spec.label}-policy", weights, run_model_config(run_dir, cfg.model), cfg.eval,
                         fmt=run_format(run_dir, cfg), device=device, source=spec.raw)
 
 

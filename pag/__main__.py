@@ -1,0 +1,5 @@
+import sys
+
+from pag.cli import main
+
+sys.exit(main())
