@@ -16,7 +16,7 @@ from common.config import load_config
 from eval.methods.ipgo import build
 from eval.spec import MethodSpec, MethodSpecError, parse_methods
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_labels_starting_with_ipgo_are_the_ipgo_method(tmp_path):

@@ -12,7 +12,7 @@ import yaml
 from common.config import ConfigError, load_config
 from common.methods import METHODS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "sd14"])

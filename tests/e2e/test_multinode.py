@@ -33,7 +33,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2", "learner.batch_size=8",
          "learner.checkpoint_every=2", "reward.batch_size=4", "run.log_every=2"]
 

@@ -14,7 +14,7 @@ from buffer import ReplayBuffer
 from buffer.cli import main, register
 from buffer.testing import make_trajectory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

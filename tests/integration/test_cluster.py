@@ -93,7 +93,7 @@ def test_train_without_the_gpus_it_requests_stops_with_a_clear_error(tmp_path):
     from common.errors import EXIT_CLUSTER
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", JOB_CONFIG_ENV)}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "pag.cli", "train", "--run-name", "nogpu", "learner.num_gpus=1",
                            "reward.num_workers=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == EXIT_CLUSTER, proc.stderr[-3000:]

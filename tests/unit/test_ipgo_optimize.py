@@ -96,7 +96,7 @@ def test_bench_measures_every_variant():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "ipgo.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "ipgo.py"
     spec = importlib.util.spec_from_file_location("bench_ipgo", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

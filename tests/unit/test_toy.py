@@ -18,7 +18,7 @@ import torch
 from bench import toy
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_problem_is_the_whole_space():

@@ -1,0 +1,1 @@
+"""Scoring shared by the reward workers, `pag eval` and IPGO: rendering with fixed noise, the scorer registry (image and text scorers), the paper's reward combination, the plain-prompt cache and the SD speed switches."""
