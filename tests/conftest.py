@@ -1,8 +1,12 @@
 """Shared fixtures: a real redis-server on a free loopback port (never the machine's 6379),
-offline Hugging Face, and a local Ray cluster for the integration tests."""
+offline Hugging Face, one SFT cache per session, and a local Ray cluster for the integration tests.
+
+Tiers: tests/unit (no server, no subprocess), tests/integration (a real redis-server and/or a local
+Ray), tests/e2e (the `pag` command end to end, in subprocesses)."""
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import pytest
@@ -11,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One cache for the whole session, seen by every test and every `pag` subprocess it starts: the tiny preset's
+# automatic SFT (~40 s on 2 cores) is trained once, by the first test that needs it (sft/cache.py holds a file
+# lock meanwhile), instead of once per test directory. Tests of the cache itself set their own PAG_CACHE.
+os.environ.setdefault("PAG_CACHE", tempfile.mkdtemp(prefix="pag-test-cache-"))
 
 from common.redis_server import RedisServer  # noqa: E402
 

@@ -35,8 +35,7 @@ def workdir(tmp_path_factory):
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     save_checkpoint(path / "runs" / "trained", 3, policy, tok, flow, torch.optim.AdamW(flow.parameters()), {})
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               PAG_CACHE=str(path / "pag-cache"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("RAY_ADDRESS", None)
     return path, env
 

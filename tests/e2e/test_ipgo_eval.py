@@ -96,8 +96,7 @@ def test_prompt_batch_run_applies_to_any_prompt(tmp_path):
 
 @pytest.mark.slow
 def test_pag_eval_with_ipgo(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               PAG_CACHE=str(tmp_path / "pag-cache"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "pag.cli", "eval", "--methods", "plain,ipgo", "--limit", "1",
                            "--rewrites", "2", "--datasets", "lexica", "--no-progress", "--name", "i",

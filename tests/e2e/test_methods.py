@@ -53,8 +53,7 @@ def test_unknown_method_names_the_choices():
 
 def _env(tmp_path):
     # RAY_ADDRESS=local: a private Ray even while another job's `ray start` cluster is up on this machine
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), RAY_DEDUP_LOGS="0", RAY_ADDRESS="local",
-                PAG_CACHE=str(tmp_path.parent / "pag-cache"))
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), RAY_DEDUP_LOGS="0", RAY_ADDRESS="local")
 
 
 def test_pag_config_shows_a_method(tmp_path):

@@ -16,7 +16,7 @@ SMALL = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2"
 
 
 def test_tiny_proxy_trains_end_to_end(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PAG_CACHE=str(tmp_path / "pag-cache"), RAY_DEDUP_LOGS="0",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0",
                PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
 

@@ -19,7 +19,7 @@ SMALL = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("train")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PAG_CACHE=str(tmp_path_factory.getbasetemp() / "pag-cache"),
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
                RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     return path, env
