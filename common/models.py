@@ -174,6 +174,15 @@ def _dpm_solver(config: Optional[dict] = None):
     )
 
 
+def _load_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers' `from_pretrained` keyword for the load dtype: `dtype` from 0.42.1 on, where the older
+    `torch_dtype` warns; before it, `torch_dtype` (an unknown `dtype` would be ignored)."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42.1") else "torch_dtype": dtype}
+
+
 def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """StableDiffusionPipeline with DPM-Solver++ (multistep), no safety checker."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -218,7 +227,7 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                cfg.sd, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                cfg.sd, safety_checker=None, requires_safety_checker=False, **_load_dtype(dtype),
             )
         except Exception as exc:
             raise load_error("Stable Diffusion pipeline", cfg.sd, exc, f"`hf download {cfg.sd}`") from exc
