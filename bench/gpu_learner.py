@@ -45,7 +45,7 @@ def _trajectories(B: int, T: int, min_len: int, vocab: int, eos: int, seed: int 
 
 def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, log_pf (B, T)) computed one response token per forward, like the official trainer."""
-    from common.decoding import eos_forbidden_steps, position_ids_from_mask
+    from common.decoding import eos_forbidden_steps, position_ids_from_mask, trunk_step
     from learner.learner import collate
     from learner.losses import gflownet_loss, temper
 
@@ -55,18 +55,16 @@ def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, 
     T = response_ids.shape[1]
     mask = prompt_mask.long()
     positions = position_ids_from_mask(mask)
-    head = policy.base_model(input_ids=prompt_ids[:, :-1], attention_mask=mask[:, :-1],
-                             position_ids=positions[:, :-1], use_cache=True)
-    past, prompt_states = head.past_key_values, [head.last_hidden_state]
+    head, past = trunk_step(policy, prompt_ids[:, :-1], mask[:, :-1], positions[:, :-1], None)
+    prompt_states = [head]
     token, position, eos = prompt_ids[:, -1:], positions[:, -1:], learner.tokenizer.eos_token_id
     n_forbid = eos_forbidden_steps(True, cfg.sampler.min_len)
     log_pfs, states = [], []
     for t in range(T):
-        out = policy.base_model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=past,
-                                use_cache=True)
-        past, h = out.past_key_values, out.last_hidden_state[:, -1]  # (B, H): state s_t
+        hidden, past = trunk_step(policy, token, mask, position, past)
+        h = hidden[:, -1]  # (B, H): state s_t
         if t == 0:
-            prompt_states.append(out.last_hidden_state)
+            prompt_states.append(hidden)
         logits = policy.get_output_embeddings()(h).float()  # (B, V)
         if t < n_forbid:
             logits[:, eos] = float("-inf")

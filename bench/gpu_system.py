@@ -106,14 +106,14 @@ def _e2e_config(ctx: G.Context):
 
 def generate_with_grad(policy, flow, ids, mask, max_len: int, min_len: int, temperature: float, eos: int, gen):
     """Sampling and log P_F / log F̃ in the same token-by-token loop, with gradients (the official online path)."""
-    from common.decoding import eos_forbidden_steps, position_ids_from_mask
+    from common.decoding import eos_forbidden_steps, position_ids_from_mask, trunk_step
 
     mask = mask.long()
     positions = position_ids_from_mask(mask)
-    out = policy.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    past, h, position = out.past_key_values, out.last_hidden_state[:, -1], positions[:, -1:] + 1
-    pm = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-    prompt_hidden = (out.last_hidden_state * pm).sum(1) / pm.sum(1)
+    hidden, past = trunk_step(policy, ids, mask, positions, None)
+    h, position = hidden[:, -1], positions[:, -1:] + 1
+    pm = mask.unsqueeze(-1).to(hidden.dtype)
+    prompt_hidden = (hidden * pm).sum(1) / pm.sum(1)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens, valid, log_pfs, states = [], [], [], []
     for t in range(max_len):
@@ -131,9 +131,8 @@ def generate_with_grad(policy, flow, ids, mask, max_len: int, min_len: int, temp
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = policy.base_model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=past,
-                                use_cache=True)
-        past, h, position = out.past_key_values, out.last_hidden_state[:, -1], position + 1
+        hidden, past = trunk_step(policy, token[:, None], mask, position, past)
+        h, position = hidden[:, -1], position + 1
     response_mask = torch.stack(valid, 1).long()
     log_pf = torch.where(response_mask.bool(), torch.stack(log_pfs, 1), torch.zeros_like(response_mask, dtype=torch.float32))
     return torch.stack(tokens, 1), response_mask, log_pf, flow(torch.stack(states, 1), prompt_hidden)

@@ -24,6 +24,7 @@ def main() -> None:
     t0 = time.perf_counter()
     import torch
 
+    from common import clip as C
     from common import models as M
     from common.config import load_config
 
@@ -42,8 +43,8 @@ def main() -> None:
     policy = timed("policy", lambda: M.build_policy(cfg, tok))
     timed("reference", lambda: M.build_reference(cfg, tok))
     pipe = timed("sd_pipeline", lambda: M.build_sd_pipeline(cfg))
-    clip = timed("clip", lambda: M.build_clip(cfg))
-    timed("aesthetic", lambda: M.build_aesthetic(cfg))
+    clip = timed("clip", lambda: C.build_clip(cfg))
+    timed("aesthetic", lambda: C.build_aesthetic(cfg))
     timed("sentence_encoder", lambda: M.build_sentence_encoder(cfg, tok))
     params = {"policy": M.count_parameters(policy), "unet": M.count_parameters(pipe.unet),
               "vae": M.count_parameters(pipe.vae), "text_encoder": M.count_parameters(pipe.text_encoder),

@@ -34,7 +34,7 @@ BAND_WIDTH = 0.5
 UNIFORMS_PER_ATTEMPT = 3
 
 # KEYS: prio, meta, fresh, dedup, order
-# ARGV: traj-key prefix, capacity, dedup 0|1, fifo 0|1, fresh maxlen, n,
+# ARGV (buffer/batch.py add_args): traj-key prefix, capacity, dedup 0|1, fifo 0|1, fresh maxlen, n,
 #       then per trajectory: id, score, dedup sha, 2·nfields, field, value, … (blob is the last value)
 # Returns {stored, duplicates, evicted, repeats}.
 ADD = r"""

@@ -15,12 +15,10 @@ batch is all-or-nothing for every reader and in the AOF. Requires Redis ≥ 6.2 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
@@ -28,10 +26,10 @@ import numpy as np
 from common.constants import (LAYOUT_SCHEMA, LEARNER_GROUP, SCORERS_GROUP, TRAJECTORY_SCHEMA, dedup_key,
                               failed_key, fresh_key, meta_key, order_key, pending_key, prio_key,
                               run_key, traj_key)
-from common.trajectory import (Trajectory, TrajectoryDecodeError, decode, encode, from_redis_hash,
-                               to_redis_hash)
+from common.trajectory import Trajectory, TrajectoryDecodeError, decode, encode, from_redis_hash
 
 from buffer import lua
+from buffer.batch import AddResult, add_args
 from buffer.groups import GroupIndex
 from buffer.connection import connect, redact
 from buffer.streams import Entry, WorkStream
@@ -40,19 +38,6 @@ log = logging.getLogger(__name__)
 
 #: counters kept in `pag:{run}:meta`
 COUNTERS = ("added", "duplicates", "evicted", "repeats", "decode_errors", "failed", "fresh_gone")
-
-
-def dedup_sha(prompt: str, response: str) -> str:
-    """The same digest the Lua script computes with redis.sha1hex on eviction."""
-    return hashlib.sha1(prompt.encode() + b"\0" + response.encode()).hexdigest()
-
-
-@dataclass
-class AddResult:
-    stored: int
-    duplicates: int
-    evicted: int
-    repeats: int
 
 
 class BufferNotFoundError(LookupError):
@@ -180,21 +165,8 @@ class ReplayBuffer:
         if not trajs:
             self.last_add = AddResult(0, 0, 0, 0)
             return []
-        argv: list[Any] = [self._traj_prefix, self.capacity, int(self.dedup), int(self.eviction == "fifo"),
-                           self.fresh_maxlen, len(trajs)]
-        for traj in trajs:
-            if not math.isfinite(traj.log_reward):
-                raise ValueError(f"trajectory {traj.id}: log_reward={traj.log_reward!r} is not finite; "
-                                 "only scored trajectories go into the replay buffer (use push_pending)")
-            if not traj.id or ":" in traj.id:
-                raise ValueError(f"trajectory id {traj.id!r} must be non-empty with no ':'")
-            fields = to_redis_hash(traj)
-            blob = fields.pop("blob")
-            argv += [traj.id, repr(float(traj.log_reward)), dedup_sha(traj.prompt, traj.response),
-                     2 * len(fields) + 2]
-            for name, value in fields.items():
-                argv += [name, value]
-            argv += ["blob", blob]
+        argv = add_args(trajs, self._traj_prefix, self.capacity, self.dedup, self.eviction == "fifo",
+                        self.fresh_maxlen)
         k = self._keys
         stored, dup, evicted, repeats = self._add(
             keys=[k["prio"], k["meta"], k["fresh"], k["dedup"], k["order"]], args=argv)

@@ -24,6 +24,8 @@ Deterministic: no sampling; ties resolve by `torch.topk` order.
 """
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -88,14 +90,7 @@ def diverse_beam_search(
     _check_args(num_groups, beams_per_group, min_new_tokens, max_new_tokens)
     B, G, k = prompt_ids.shape[0], num_groups, beams_per_group
     N, device = G * k, prompt_ids.device
-
-    attention_mask = prompt_mask.long()
-    positions = position_ids_from_mask(attention_mask)
-    logits, past = next_logits(model, prompt_ids, attention_mask, positions, None)  # prompt once per row
-    past.batch_repeat_interleave(N)  # then B·N beams share it: row b·N + g·k + j
-    logits = logits.repeat_interleave(N, dim=0)  # (B·N, V)
-    attention_mask = attention_mask.repeat_interleave(N, dim=0)
-    next_position = positions[:, -1:].repeat_interleave(N, dim=0) + 1  # (B·N, 1)
+    logits, past, attention_mask, next_position = _read_prompts(model, prompt_ids, prompt_mask, N)
     V = logits.shape[-1]
     if 2 * k > k * V:
         raise ValueError(f"beams_per_group {k} needs a vocabulary of at least 2 tokens, got {V}")
@@ -107,43 +102,10 @@ def diverse_beam_search(
     done = [[False] * G for _ in range(B)]
     n_forbid = eos_forbidden_steps(True, min_new_tokens)
     batch_offset = (torch.arange(B, device=device) * N)[:, None]  # (B, 1)
-    seq_rows: list[list[int]] = []
 
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        logp = logp.view(B, N, V).to(torch.float64)
-        if t < n_forbid:
-            logp[..., eos_id] = float("-inf")
-        current = torch.zeros(B, N, dtype=torch.long, device=device)  # token each beam chose this step
-        source = torch.zeros(B, N, dtype=torch.long, device=device)  # beam (within the prompt) it extends
-        seq_rows = seqs.tolist()
-        for g in range(G):
-            lo, hi = g * k, (g + 1) * k
-            step = logp[:, lo:hi]  # (B, k, V)
-            if g and diversity_penalty:
-                counts = torch.zeros(B, V, dtype=step.dtype, device=device)
-                counts.scatter_add_(1, current[:, :lo], torch.ones_like(current[:, :lo], dtype=step.dtype))
-                step = step - diversity_penalty * counts[:, None]
-            cand = (step + scores[:, lo:hi, None]).reshape(B, k * V)
-            top, idx = cand.topk(2 * k, dim=1)  # sorted, best first
-            top_l, beam_l, token_l = top.tolist(), (idx // V).tolist(), (idx % V).tolist()
-            group_scores = torch.zeros(B, k, dtype=scores.dtype, device=device)
-            for b in range(B):
-                if done[b][g]:  # 4.x pads a finished group: score 0, pad (= EOS) token, first beam
-                    current[b, lo:hi], source[b, lo:hi] = eos_id, lo
-                    continue
-                j = 0
-                for rank, (value, beam, token) in enumerate(zip(top_l[b], beam_l[b], token_l[b])):
-                    if token == eos_id:
-                        if rank < k:
-                            hyps[b][g].add(seq_rows[b * N + lo + beam] + [eos_id], value, t + 1)
-                    else:
-                        group_scores[b, j], current[b, lo + j], source[b, lo + j] = value, token, lo + beam
-                        j += 1
-                    if j == k:
-                        break
-                done[b][g] = hyps[b][g].is_done(top_l[b][0], t + 1)
-            scores[:, lo:hi] = group_scores
+        logp = _step_logprobs(logits, B, N, eos_id if t < n_forbid else None)  # (B, N, V)
+        current, source = _advance_groups(logp, scores, seqs.tolist(), hyps, done, t, k, diversity_penalty, eos_id)
         order = (batch_offset + source).view(-1)  # (B·N,)
         seqs = torch.cat([seqs[order], current.view(-1, 1)], dim=1)
         if all(all(row) for row in done) or t == max_new_tokens - 1:
@@ -153,13 +115,92 @@ def diverse_beam_search(
         logits, past = next_logits(model, current.view(-1, 1), attention_mask, next_position, past)
         next_position = next_position + 1
 
-    seq_rows, final = seqs.tolist(), scores.tolist()
-    for b in range(B):
-        for g in range(G):
+    _close_open_beams(hyps, done, seqs.tolist(), scores.tolist(), k)
+    return _pack(hyps, eos_id, device)
+
+
+def _read_prompts(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                  N: int) -> tuple[Tensor, Any, Tensor, Tensor]:
+    """One pass over the prompts, then the cache shared by N beams each: row b·N + g·k + j is beam j
+    of group g of prompt b → (logits (B·N, V), cache, attention mask (B·N, P), next position (B·N, 1))."""
+    attention_mask = prompt_mask.long()
+    positions = position_ids_from_mask(attention_mask)
+    logits, past = next_logits(model, prompt_ids, attention_mask, positions, None)  # prompt once per row
+    past.batch_repeat_interleave(N)
+    next_position = positions[:, -1:].repeat_interleave(N, dim=0) + 1
+    return logits.repeat_interleave(N, dim=0), past, attention_mask.repeat_interleave(N, dim=0), next_position
+
+
+def _step_logprobs(logits: Tensor, B: int, N: int, forbid: Optional[int]) -> Tensor:
+    """log softmax of each beam's next-token logits (B·N, V) → (B, N, V) float64; token `forbid`
+    (EOS before min_new_tokens) gets −inf."""
+    V = logits.shape[-1]
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    logp = logp.view(B, N, V).to(torch.float64)
+    if forbid is not None:
+        logp[..., forbid] = float("-inf")
+    return logp
+
+
+def _advance_groups(logp: Tensor, scores: Tensor, seq_rows: list[list[int]], hyps: list[list[_Hypotheses]],
+                    done: list[list[bool]], t: int, k: int, diversity_penalty: float,
+                    eos_id: int) -> tuple[Tensor, Tensor]:
+    """Step t for every group in order, each penalised by the tokens of the groups before it →
+    (token each beam chose (B, N), beam within the prompt it extends (B, N)). Updates `scores`
+    (the new beam scores), `hyps` (hypotheses closed by EOS) and `done` in place."""
+    B, N, V = logp.shape
+    device = logp.device
+    current = torch.zeros(B, N, dtype=torch.long, device=device)
+    source = torch.zeros(B, N, dtype=torch.long, device=device)
+    for g in range(N // k):
+        lo, hi = g * k, (g + 1) * k
+        step = logp[:, lo:hi]  # (B, k, V)
+        if g and diversity_penalty:
+            counts = torch.zeros(B, V, dtype=step.dtype, device=device)  # Hamming: earlier groups' choices
+            counts.scatter_add_(1, current[:, :lo], torch.ones_like(current[:, :lo], dtype=step.dtype))
+            step = step - diversity_penalty * counts[:, None]
+        cand = (step + scores[:, lo:hi, None]).reshape(B, k * V)
+        top, idx = cand.topk(2 * k, dim=1)  # sorted, best first
+        top_l, beam_l, token_l = top.tolist(), (idx // V).tolist(), (idx % V).tolist()
+        group_scores = torch.zeros(B, k, dtype=scores.dtype, device=device)
+        for b in range(B):
+            if done[b][g]:  # 4.x pads a finished group: score 0, pad (= EOS) token, first beam
+                current[b, lo:hi], source[b, lo:hi] = eos_id, lo
+                continue
+            kept = _walk_candidates(top_l[b], beam_l[b], token_l[b], seq_rows[b * N + lo: b * N + hi],
+                                    hyps[b][g], k, t, eos_id)
+            for j, (value, token, beam) in enumerate(kept):
+                group_scores[b, j], current[b, lo + j], source[b, lo + j] = value, token, lo + beam
+            done[b][g] = hyps[b][g].is_done(top_l[b][0], t + 1)
+        scores[:, lo:hi] = group_scores
+    return current, source
+
+
+def _walk_candidates(values: list[float], beams: list[int], tokens: list[int], prefixes: list[list[int]],
+                     hyp: _Hypotheses, k: int, t: int, eos_id: int) -> list[tuple[float, int, int]]:
+    """The 2k best candidates of one (prompt, group), best first: EOS among the first k closes a
+    hypothesis (its length counts the EOS); the first k other tokens continue → [(score, token, beam)]."""
+    kept: list[tuple[float, int, int]] = []
+    for rank, (value, beam, token) in enumerate(zip(values, beams, tokens)):
+        if token == eos_id:
+            if rank < k:
+                hyp.add(prefixes[beam] + [eos_id], value, t + 1)
+        else:
+            kept.append((value, token, beam))
+        if len(kept) == k:
+            break
+    return kept
+
+
+def _close_open_beams(hyps: list[list[_Hypotheses]], done: list[list[bool]], seq_rows: list[list[int]],
+                      final: list[list[float]], k: int) -> None:
+    """After the last step the open beams of every unfinished group join its hypotheses."""
+    N = len(final[0])
+    for b, per_prompt in enumerate(hyps):
+        for g, hyp in enumerate(per_prompt):
             if not done[b][g]:
                 for j in range(g * k, (g + 1) * k):
-                    hyps[b][g].add(seq_rows[b * N + j], final[b][j], len(seq_rows[b * N + j]))
-    return _pack(hyps, eos_id, device)
+                    hyp.add(seq_rows[b * N + j], final[b][j], len(seq_rows[b * N + j]))
 
 
 def _pack(hyps: list[list[_Hypotheses]], eos_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -129,6 +129,11 @@ def reward_worker_name(run: str, index: int) -> str:
     return run_key(run, "reward", str(index))
 
 
+def weight_store_name(run: str) -> str:
+    """`pag:{run}:weights`: the run's WeightStore actor, which the learner and samplers find by name."""
+    return run_key(run, "weights")
+
+
 def reward_worker_index(run: str, name: str) -> Optional[int]:
     match = re.fullmatch(re.escape(run_key(run, "reward", "")) + r"(\d+)", name)
     return int(match.group(1)) if match else None

@@ -8,7 +8,8 @@ A dataset is a packaged name (see ``list_datasets()``) or a path to a user file:
 Blank lines are skipped and counted. Whitespace is normalised (runs collapsed, ends stripped).
 Prompts longer than ``max_tokens`` (GPT-2 tokens by default; 75 = CLIP's 77-token context less its
 start and end tokens) are truncated by tokens and decoded back. Duplicates (after normalisation and
-truncation) are dropped. Each of these is counted in ``PromptSet.stats`` and logged as a warning.
+truncation) are dropped. Each of these is counted in ``PromptSet.stats`` and logged at INFO, once per
+process for each dataset (see ``DatasetNotes``).
 
 Split rule (never overlaps, deterministic, independent of the dataset a prompt came from):
 ``bucket = int.from_bytes(sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2**64`` over the
@@ -56,6 +57,27 @@ _DATASETS: dict[str, tuple[str, str]] = {  # name -> (file under PROMPTS_DIR, de
 
 Split = Literal["all", "train", "eval"]
 TokenCounter = Callable[[str], int]
+
+
+class DatasetNotes:
+    """What cleaning did to a dataset, logged once per process for each (dataset, kind).
+
+    The same packaged files are loaded by the driver's preflight, the SFT pairs, every sampler and
+    the eval sets, often several times in one process; that `coco` repeats a caption is a fact about
+    the file, worth one INFO line with its count, not a warning at every load."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.said: set[tuple[str, str]] = set()
+
+    def note(self, dataset: str, kind: str, msg: str, *args: object, level: int = logging.INFO) -> None:
+        if (dataset, kind) in self.said:
+            return
+        self.said.add((dataset, kind))
+        self.logger.log(level, msg, *args)
+
+
+notes = DatasetNotes(logger)
 
 
 class DatasetError(UsageError, ValueError):
@@ -230,10 +252,12 @@ def load_prompts(name_or_path: str | Path, split: Split = "all", *,
             stats.held_out += 1
             continue
         prompts.append(text)
+    read = stats.lines - stats.blank
     if stats.truncated:
-        logger.warning("%s: truncated %d prompt(s) to %d tokens", name, stats.truncated, max_tokens)
+        notes.note(name, "truncated", "%s: truncated %d of %d prompts to %d tokens", name, stats.truncated, read,
+                   max_tokens)
     if stats.duplicates:
-        logger.warning("%s: dropped %d duplicate prompt(s)", name, stats.duplicates)
+        notes.note(name, "duplicates", "%s: dropped %d duplicate(s) of %d prompts", name, stats.duplicates, read)
     return PromptSet(name, prompts, stats)
 
 
@@ -267,10 +291,13 @@ def load_train_prompts(names: Iterable[str | Path], eval_fraction: float = DEFAU
                 seen.add(prompt)
                 prompts.append(prompt)
                 kept += 1
-        if kept == 0:
-            logger.warning("%s contributes no training prompts (eval split or paper evaluation sets)", name)
+        if kept == 0:  # a warning: listing an eval-only set for training is likely a mistake
+            notes.note(str(name), "no_train", "%s contributes no training prompts (eval split or paper evaluation "
+                       "sets)", name, level=logging.WARNING)
     if stats.in_eval_sets:
-        logger.warning("dropped %d training prompt(s) found in the paper evaluation sets", stats.in_eval_sets)
+        together = "+".join(str(n) for n in names)
+        notes.note(together, "in_eval_sets", "%s: dropped %d training prompt(s) found in the paper evaluation sets "
+                   "(%d kept)", together, stats.in_eval_sets, len(prompts))
     if not prompts:
         raise DatasetError(f"no training prompts left in {[str(n) for n in names]} after the split "
                            f"and the removal of the paper evaluation sets {list(PAPER_EVAL_SETS)}")

@@ -17,7 +17,9 @@ output embeddings map it to logits (GPT-2: `transformer` and `lm_head`).
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import inspect
+from typing import Any, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -181,12 +183,28 @@ def ref_logprobs(
     return log_p
 
 
-def next_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                 past) -> tuple[Tensor, object]:
-    """Run new tokens through the trunk with a KV cache; logits of the last position only (B, V)."""
+@functools.lru_cache(maxsize=None)
+def _cache_argument(trunk: type) -> str:
+    """The trunk's keyword for its KV cache: `cache` since transformers renamed it (where the old
+    `past_key_values` raises a FutureWarning), `past_key_values` in the versions before."""
+    return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+
+
+def trunk_step(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+               cache: Optional[Any]) -> tuple[Tensor, Any]:
+    """Run new tokens (B, n) through the trunk on top of `cache` (None: start one; the trunk makes a
+    transformers `DynamicCache`) → (final-layer hidden states (B, n, H), the grown cache)."""
+    name = _cache_argument(type(model.base_model))
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=past, use_cache=True)
-    return model.get_output_embeddings()(out.last_hidden_state[:, -1]), out.past_key_values
+                           use_cache=True, **{name: cache})
+    return out.last_hidden_state, getattr(out, name)
+
+
+def next_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                cache: Optional[Any]) -> tuple[Tensor, Any]:
+    """Run new tokens through the trunk with a KV cache; logits of the last position only (B, V)."""
+    hidden, cache = trunk_step(model, input_ids, attention_mask, position_ids, cache)
+    return model.get_output_embeddings()(hidden[:, -1]), cache
 
 
 @torch.no_grad()

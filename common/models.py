@@ -1,11 +1,11 @@
-"""Model factory: every network the system uses, built from `ModelConfig`.
+"""Model factory: the policy, Stable Diffusion and the sentence encoder, built from `ModelConfig`
+(CLIP and the aesthetic MLP, built the same way, are in common/clip.py).
 
 `tiny` builds the real classes (GPT2LMHeadModel, UNet2DConditionModel, AutoencoderKL,
 CLIPTextModel, open_clip CLIP) with tiny configs and seeded random weights: offline, CPU,
 seconds. `pretrained` loads with from_pretrained from a hub id or a local directory and, when
 the weights are not available offline, fails with a ModelLoadError naming the model and how to
-pre-download it. The LAION aesthetic MLP is the real one in both presets (the tiny CLIP has a
-768-d embedding so the real weights load).
+pre-download it.
 
 `arch` (preset `sd14-arch`) builds the `sd14` architectures at full size from config files shipped in
 common/assets/ (SD v1.4 UNet / VAE / CLIP text encoder, GPT-2 124M; open_clip ViT-L-14 from open_clip's
@@ -18,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,9 +34,6 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_TOKENIZER_DIR = ASSETS / "tokenizers" / "gpt2"
 SD14_CONFIG_DIR = ASSETS / "sd14"  # CompVis/stable-diffusion-v1-4's unet/vae/text_encoder/scheduler configs
-AESTHETIC_WEIGHTS = ASSETS / "aesthetic" / "sac+logos+ava1-l14-linearMSE.safetensors"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT = 77
 
 
@@ -52,7 +48,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def seeded(seed: int):
     """Seed the global RNG for a model's construction, restoring it afterwards."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -71,7 +67,7 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def _load_error(what: str, name: str, exc: Exception, how: str) -> ModelLoadError:
+def load_error(what: str, name: str, exc: Exception, how: str) -> ModelLoadError:
     where = "a local directory" if Path(name).exists() else "the Hugging Face hub"
     mode = " (HF_HUB_OFFLINE=1: no download is attempted)" if _offline() else ""
     return ModelLoadError(
@@ -95,7 +91,7 @@ def build_tokenizer(cfg: ModelConfig):
         try:
             tok = AutoTokenizer.from_pretrained(name)
         except Exception as exc:  # OSError, LocalEntryNotFoundError, …
-            raise _load_error("tokenizer", name, exc, f"`hf download {name}`") from exc
+            raise load_error("tokenizer", name, exc, f"`hf download {name}`") from exc
     tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
@@ -128,17 +124,17 @@ def build_policy(cfg: ModelConfig, tokenizer, checkpoint: Optional[str] = None,
 
     source = checkpoint or cfg.sft_checkpoint
     if cfg.kind == "arch" and not (source and Path(source).is_dir()):
-        with _seeded(cfg.seed), _building_on(device):
+        with seeded(cfg.seed), _building_on(device):
             model = GPT2LMHeadModel(arch_gpt2_config())
     elif source is None and cfg.kind == "tiny":
-        with _seeded(cfg.seed):
+        with seeded(cfg.seed):
             model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer)))
     else:
         source = source or cfg.policy
         try:
             model = GPT2LMHeadModel.from_pretrained(source)
         except Exception as exc:
-            raise _load_error("policy", source, exc, f"`hf download {source}`") from exc
+            raise load_error("policy", source, exc, f"`hf download {source}`") from exc
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -178,13 +174,22 @@ def _dpm_solver(config: Optional[dict] = None):
     )
 
 
+def _load_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers' `from_pretrained` keyword for the load dtype: `dtype` from 0.42.1 on, where the older
+    `torch_dtype` warns; before it, `torch_dtype` (an unknown `dtype` would be ignored)."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42.1") else "torch_dtype": dtype}
+
+
 def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """StableDiffusionPipeline with DPM-Solver++ (multistep), no safety checker."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if cfg.kind == "tiny" and cfg.sd == "tiny":
-        with _seeded(cfg.seed + 1):
+        with seeded(cfg.seed + 1):
             unet = UNet2DConditionModel(
                 sample_size=cfg.image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
                 block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
@@ -206,7 +211,7 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
         )
     elif cfg.kind == "arch":
         # the published SD v1.4 configs, random weights: the same compute as the real pipeline
-        with _seeded(cfg.seed + 1), _building_on(device):
+        with seeded(cfg.seed + 1), _building_on(device):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD14_CONFIG_DIR / "unet")))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD14_CONFIG_DIR / "vae")))
             text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(SD14_CONFIG_DIR / "text_encoder" / "config.json")))
@@ -222,10 +227,10 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                cfg.sd, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                cfg.sd, safety_checker=None, requires_safety_checker=False, **_load_dtype(dtype),
             )
         except Exception as exc:
-            raise _load_error("Stable Diffusion pipeline", cfg.sd, exc, f"`hf download {cfg.sd}`") from exc
+            raise load_error("Stable Diffusion pipeline", cfg.sd, exc, f"`hf download {cfg.sd}`") from exc
         pipe.scheduler = _dpm_solver(pipe.scheduler.config)
     pipe = pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -234,132 +239,6 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
 
         pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA (flash / memory-efficient kernels)
     return pipe
-
-
-# ------------------------------------------------------------------ CLIP (open_clip) and aesthetic MLP
-
-@dataclass
-class ClipBundle:
-    """open_clip model with its tokenizer and tensor preprocessing (images arrive as (N,3,H,W) in [0,1])."""
-
-    model: nn.Module
-    tokenizer: Callable[[Sequence[str]], torch.Tensor]
-    image_size: int
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize the short side to image_size (bicubic, antialiased), centre-crop, normalise."""
-        images = images.float()
-        h, w = images.shape[-2:]
-        scale = self.image_size / min(h, w)
-        size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
-        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-        images = images[..., top:top + self.image_size, left:left + self.image_size].clamp(0, 1)
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
-
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N,3,H,W) in [0,1] → (N,D) L2-normalised embeddings, float32, differentiable in `images`
-        (IPGO ascends scores through it); `encode_images` is the same under no_grad."""
-        pixels = self.preprocess(images.to(self.device))
-        dtype = next(self.model.parameters()).dtype
-        return F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N,3,H,W) in [0,1] → (N,D) L2-normalised embeddings, float32."""
-        return self.embed_images(images)
-
-    @torch.no_grad()
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-
-
-def build_clip(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ClipBundle:
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    if cfg.kind == "tiny" and cfg.clip_arch == "tiny":
-        size = min(cfg.image_size, 64)
-        with _seeded(cfg.seed + 2):
-            model = open_clip.CLIP(
-                embed_dim=768,  # ViT-L/14's width, so the real aesthetic MLP applies
-                vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=size),
-                text_cfg=CLIPTextCfg(context_length=CLIP_CONTEXT, vocab_size=49408, width=64, heads=2, layers=2),
-            )
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CONTEXT)
-        bundle = ClipBundle(model=model, tokenizer=tokenizer, image_size=size)
-    elif cfg.kind == "arch":
-        # open_clip's own ViT-L-14 config, random weights; QuickGELU like the `openai` weights the paper scores with
-        with _seeded(cfg.seed + 2):
-            model = open_clip.create_model(cfg.clip_arch, pretrained=None, force_quick_gelu=True, device=device)
-        size = model.visual.image_size
-        bundle = ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(cfg.clip_arch),
-                            image_size=int(size[0] if isinstance(size, (tuple, list)) else size))
-        if torch.device(device).type == "meta":
-            return bundle
-    else:
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(cfg.clip_arch, pretrained=cfg.clip_pretrained)
-        except Exception as exc:
-            raise _load_error(
-                "open_clip model", f"{cfg.clip_arch}/{cfg.clip_pretrained}", exc,
-                f"run `python -c \"import open_clip; open_clip.create_model_and_transforms('{cfg.clip_arch}', "
-                f"pretrained='{cfg.clip_pretrained}')\"` once with network (it caches the weights)",
-            ) from exc
-        tokenizer = open_clip.get_tokenizer(cfg.clip_arch)
-        image_size = model.visual.image_size
-        image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-        bundle = ClipBundle(model=model, tokenizer=tokenizer, image_size=int(image_size),
-                            mean=tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN),
-                            std=tuple(getattr(model.visual, "image_std", None) or OPENAI_STD))
-    bundle.model.eval().requires_grad_(False)
-    bundle.model.to(device=device, dtype=dtype)
-    return bundle
-
-
-class AestheticMLP(nn.Module):
-    """LAION improved aesthetic predictor: 768→1024→128→64→16→1 with dropouts, no activations,
-    applied to L2-normalised CLIP ViT-L/14 image embeddings. Keys match the released state dict."""
-
-    def __init__(self, dim: int = 768) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:  # (N, 768) → (N,)
-        return self.layers(embeddings).squeeze(-1)
-
-
-def build_aesthetic(cfg: ModelConfig, device: torch.device | str = "cpu") -> AestheticMLP:
-    path = Path(cfg.aesthetic_weights) if cfg.aesthetic_weights else AESTHETIC_WEIGHTS
-    if not path.is_file():
-        raise ModelLoadError(f"aesthetic MLP weights not found at {path}; set model.aesthetic_weights to the .safetensors or .pth file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    mlp = AestheticMLP()
-    try:
-        mlp.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{path}: not the LAION aesthetic MLP state dict (768→1024→128→64→16→1): {exc}") from exc
-    return mlp.eval().requires_grad_(False).to(device)
 
 
 # ------------------------------------------------------------------ sentence encoder (diversity)
@@ -407,7 +286,7 @@ def build_sentence_encoder(cfg: ModelConfig, tokenizer=None, device: str = "cpu"
 
         return SentenceEncoder(SentenceTransformer(name, device=device))
     except Exception as exc:
-        raise _load_error("sentence encoder", name, exc, f"`hf download {name}`") from exc
+        raise load_error("sentence encoder", name, exc, f"`hf download {name}`") from exc
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -75,9 +75,20 @@ class WeightStore:
 
 
 class WeightsClient:
-    """One interface over a local WeightStore or a Ray actor handle of one."""
+    """One interface over a local WeightStore, a Ray actor handle of one, or the name of a Ray one.
+
+    Actors are given the name (`common.cluster.weight_store_name`), not the handle: a handle among
+    an actor's constructor arguments is an object-store argument, which Ray cannot promise to an actor
+    that restarts (ray-project/ray#53727, logged as an error when the actor is created); a name is a
+    plain string, and a restarted actor looks it up again."""
 
     def __init__(self, store) -> None:
+        if isinstance(store, str):
+            import ray
+
+            from common.cluster import NAMESPACE
+
+            store = ray.get_actor(store, namespace=NAMESPACE)
         self.store = store
         self.is_ray = hasattr(getattr(store, "publish", None), "remote")
 

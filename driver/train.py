@@ -182,15 +182,17 @@ class Trainer:
         from actors.sampler import sampler_actor_class
         from actors.scaling import start_workers
         from learner.learner import learner_actor_class
+        from common.cluster import NAMESPACE, weight_store_name
         from common.weights import WeightStore
 
         cfg_dict = self.cfg.to_dict()
         threads = 1 if self.started_ray and (os.cpu_count() or 2) <= 4 else None
-        self.store = ray.remote(num_cpus=0)(WeightStore).remote()
+        store = weight_store_name(self.run_name)  # by name: a handle argument would not survive an actor restart
+        self.store = ray.remote(num_cpus=0)(WeightStore).options(name=store, namespace=NAMESPACE).remote()
         self.learner = learner_actor_class(self.cfg).remote(cfg_dict, redis_url, self.run_name, str(self.run_dir.resolve()),
-                                                            sft, self.store, True)
+                                                            sft, store, True)
         ray.get(self.learner.ping.remote())  # the first weights are published before samplers start
-        self.samplers = [sampler_actor_class(self.cfg).remote(cfg_dict, redis_url, self.run_name, sft, self.store, i, threads)
+        self.samplers = [sampler_actor_class(self.cfg).remote(cfg_dict, redis_url, self.run_name, sft, store, i, threads)
                          for i in range(self.cfg.sampler.num_samplers)]
         start_workers(self.cfg, redis_url, self.run_name, torch_threads=threads)  # named, detached: `pag workers scale`
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from eval.methods import MethodOutput
 from eval.metrics import prompt_metrics, rewrite_scores, summarize
 from eval.runner import EvalData
 
@@ -27,7 +28,6 @@ COLUMNS = [("reward", "reward"), ("aes_gain", "aesthetic gain"), ("rel", "releva
 def tabulate(data: EvalData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(results dict for results.json, one row per rewrite for rewrites.jsonl)."""
     cfg = data.cfg
-    thr, weight = cfg.reward.clip_threshold, cfg.reward.clip_weight
     encoder = data.stats["text_encoder_obj"]
     all_texts = sorted({r.text for per_set in data.outputs.values() for outs in per_set.values()
                         for o in outs for r in o.rewrites})
@@ -42,27 +42,12 @@ def tabulate(data: EvalData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         for set_name, outs in per_set.items():
             rows = []
             for out in outs:
-                plain = data.records.get((out.prompt, out.prompt))
-                scored, texts, images = [], [], []
-                for rank, rw in enumerate(out.rewrites):
-                    key = (out.prompt, rw.render_key())
-                    rec = data.records.get(key)
-                    line: dict[str, Any] = {"set": set_name, "method": label, "prompt": out.prompt, "rank": rank,
-                                            "text": rw.text}
-                    if rec is None or plain is None:
-                        line["error"] = data.errors.get(key) or data.errors.get((out.prompt, out.prompt)) or "not scored"
-                        failures[label] = failures.get(label, 0) + 1
-                    else:
-                        s = rewrite_scores(plain, rec, thr, weight)
-                        line.update(s)
-                        scored.append(s)
-                        texts.append(rw.text)
-                        images.append(rec["emb"])
-                    rows_out.append(line)
-                if not scored:
-                    continue
-                m = prompt_metrics(scored, np.stack([text_emb[t] for t in texts]), np.concatenate(images))
-                rows.append({"prompt": out.prompt, "rewrites": len(scored), **m})
+                row, lines, failed = _score_prompt(data, label, set_name, out, text_emb)
+                rows_out += lines
+                if failed:
+                    failures[label] = failures.get(label, 0) + failed
+                if row is not None:
+                    rows.append(row)
             per_prompt[label][set_name] = rows
             table[label][set_name] = summarize([{k: v for k, v in r.items() if isinstance(v, float)} for r in rows])
     ev = cfg.eval
@@ -72,7 +57,7 @@ def tabulate(data: EvalData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "sets": {name: len(p) for name, p in data.sets.items()},
         "text_encoder": data.text_encoder, "image_encoder": f"open_clip {cfg.model.clip_arch}/{cfg.model.clip_pretrained}",
         "render_id": data.render_id, "eval": ev.model_dump(mode="json"),
-        "reward": {"clip_threshold": thr, "clip_weight": weight},
+        "reward": {"clip_threshold": cfg.reward.clip_threshold, "clip_weight": cfg.reward.clip_weight},
         "stats": {k: v for k, v in data.stats.items() if k != "text_encoder_obj"},
         "failures": failures, "table": table, "per_prompt": per_prompt,
     }
@@ -86,6 +71,33 @@ def tabulate(data: EvalData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if ref:
         results["paper"] = ref
     return results, rows_out
+
+
+def _score_prompt(data: EvalData, label: str, set_name: str, out: MethodOutput,
+                  text_emb: dict[str, np.ndarray]) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]], int]:
+    """One prompt's rewrites by one method → (its metrics row, None when no rewrite was scored;
+    one line per rewrite for rewrites.jsonl, with `error` where it was not scored; how many were not)."""
+    thr, weight = data.cfg.reward.clip_threshold, data.cfg.reward.clip_weight
+    plain = data.records.get((out.prompt, out.prompt))
+    scored, texts, images, lines = [], [], [], []
+    for rank, rw in enumerate(out.rewrites):
+        key = (out.prompt, rw.render_key())
+        rec = data.records.get(key)
+        line: dict[str, Any] = {"set": set_name, "method": label, "prompt": out.prompt, "rank": rank, "text": rw.text}
+        if rec is None or plain is None:
+            line["error"] = data.errors.get(key) or data.errors.get((out.prompt, out.prompt)) or "not scored"
+        else:
+            s = rewrite_scores(plain, rec, thr, weight)
+            line.update(s)
+            scored.append(s)
+            texts.append(rw.text)
+            images.append(rec["emb"])
+        lines.append(line)
+    failed = len(lines) - len(scored)
+    if not scored:
+        return None, lines, failed
+    m = prompt_metrics(scored, np.stack([text_emb[t] for t in texts]), np.concatenate(images))
+    return {"prompt": out.prompt, "rewrites": len(scored), **m}, lines, failed
 
 
 def _fmt(cell: Optional[dict[str, float]]) -> str:
@@ -161,6 +173,27 @@ def write_scatter(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _preamble(data: EvalData, results: dict[str, Any]) -> list[str]:
+    """report.md's title and how the numbers were made: sets, decoding, images, relevance, cache, methods."""
+    cfg, ev, st = data.cfg, data.cfg.eval, data.stats
+    decode = (f"diverse beam search ({ev.rewrites} groups × {ev.beams_per_group} beam, diversity penalty "
+              f"{ev.diversity_penalty}, length penalty {ev.length_penalty})" if ev.decode == "beam" else
+              f"{ev.rewrites} i.i.d. samples at temperature {ev.temperature}")
+    return [f"# Evaluation `{cfg.run.name}`", "",
+            f"Preset `{cfg.preset}`; sets: " + ", ".join(f"`{s}` ({n})" for s, n in results["sets"].items())
+            + f"; rewrites: {decode}, {ev.min_new_tokens}–{ev.max_new_tokens} new tokens.",
+            f"Images: {ev.images_per_prompt} per text, {ev.steps} DPM-Solver++ steps, guidance {ev.guidance}, "
+            f"{cfg.model.image_size}², image i from the noise of seed {ev.seed} + i for every text "
+            "(the plain prompt is rendered as written, without the policy's template).",
+            f"Relevance: mean over images of {cfg.reward.clip_weight:g}·min(0, max(0, cos) − {cfg.reward.clip_threshold:g}). "
+            f"Text diversity encoder: **{data.text_encoder}**; image diversity: CLIP image embeddings "
+            f"({results['image_encoder']}).",
+            f"Cache: {st.get('cache_hits', 0)} of {st.get('items', 0)} texts from the cache, {st.get('rendered', 0)} "
+            f"rendered on {st.get('workers', 1)} worker(s)"
+            + (f" at {st['images_per_s']:.2f} images/s" if st.get("images_per_s") else "") + ".", "",
+            "Methods: " + ", ".join(f"`{m['label']}` ({m['source']})" for m in results["methods"]), ""]
+
+
 def write_report(data: EvalData, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     results, rows = tabulate(data)
@@ -171,27 +204,11 @@ def write_report(data: EvalData, out_dir: Path) -> Path:
     write_scatter(results, out_dir / "scatter.png")
     grids = write_grids(data, out_dir)
 
-    cfg, ev, st = data.cfg, data.cfg.eval, data.stats
-    decode = (f"diverse beam search ({ev.rewrites} groups × {ev.beams_per_group} beam, diversity penalty "
-              f"{ev.diversity_penalty}, length penalty {ev.length_penalty})" if ev.decode == "beam" else
-              f"{ev.rewrites} i.i.d. samples at temperature {ev.temperature}")
+    ev = data.cfg.eval
     extra = [name for name in ev.scorers]
     extra_keys = sorted({k for per_set in results["table"].values() for cell in per_set.values() for k in cell}
                         - {c for c, _ in COLUMNS} - {"aes", "clip"})
-    lines = [f"# Evaluation `{cfg.run.name}`", "",
-             f"Preset `{cfg.preset}`; sets: " + ", ".join(f"`{s}` ({n})" for s, n in results["sets"].items())
-             + f"; rewrites: {decode}, {ev.min_new_tokens}–{ev.max_new_tokens} new tokens.",
-             f"Images: {ev.images_per_prompt} per text, {ev.steps} DPM-Solver++ steps, guidance {ev.guidance}, "
-             f"{cfg.model.image_size}², image i from the noise of seed {ev.seed} + i for every text "
-             "(the plain prompt is rendered as written, without the policy's template).",
-             f"Relevance: mean over images of {cfg.reward.clip_weight:g}·min(0, max(0, cos) − {cfg.reward.clip_threshold:g}). "
-             f"Text diversity encoder: **{data.text_encoder}**; image diversity: CLIP image embeddings "
-             f"({results['image_encoder']}).",
-             f"Cache: {st.get('cache_hits', 0)} of {st.get('items', 0)} texts from the cache, {st.get('rendered', 0)} "
-             f"rendered on {st.get('workers', 1)} worker(s)"
-             + (f" at {st['images_per_s']:.2f} images/s" if st.get("images_per_s") else "") + ".", "",
-             "Methods: " + ", ".join(f"`{m['label']}` ({m['source']})" for m in results["methods"]), "",
-             "## Results (mean ± 95 % CI over prompts)", "",
+    lines = [*_preamble(data, results), "## Results (mean ± 95 % CI over prompts)", "",
              "| method | set | " + " | ".join(h for _, h in COLUMNS) + "".join(f" | {k}" for k in extra_keys) + " |",
              "|---|---|" + "---|" * (len(COLUMNS) + len(extra_keys))]
     for set_name in results["sets"]:

@@ -175,7 +175,7 @@ def build_text_encoder(cfg: Config) -> tuple[Any, str]:
 
 def run_eval(cfg: Config, specs: list[MethodSpec], out_dir: Path, *, workers: Optional[int] = None,
              progress: bool = True, log_fn: Callable[[str], None] = log.info) -> EvalData:
-    """Steps 1–3 of the module doc; `eval.report.compute` and `write_report` do 4 and 5."""
+    """Steps 1–3 of the module doc; `eval.report.tabulate` and `write_report` do 4 and 5."""
     from common.models import resolve_device
     from eval.pool import make_pool
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from common.config import ModelConfig
-from common.models import ClipBundle, build_clip
+from common.clip import ClipBundle, build_clip
 
 ScoreFn = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
 

@@ -34,7 +34,8 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 
 from common.config import ModelConfig
-from common.models import ClipBundle, ModelLoadError, build_aesthetic
+from common.clip import ClipBundle, build_aesthetic
+from common.models import ModelLoadError
 # the registry's names are part of this module's interface (`from scoring.scorers import SCORERS, …`)
 from scoring.registry import (DIFFERENTIABLE, SCORE_KEYS, SCORERS, TEXT, Factory, ScoreFn,  # noqa: F401
                               ScorerContext, ScorerUnavailableError, UnknownScorerError, check_known,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import clip as C
 from common import models as M
 from common.config import load_config
 
@@ -26,7 +27,7 @@ def arch():
     cfg = load_config("sd14-arch").model
     tok = M.build_tokenizer(cfg)
     return {"cfg": cfg, "tok": tok, "policy": M.build_policy(cfg, tok, device="meta"),
-            "pipe": M.build_sd_pipeline(cfg, device="meta"), "clip": M.build_clip(cfg, device="meta")}
+            "pipe": M.build_sd_pipeline(cfg, device="meta"), "clip": C.build_clip(cfg, device="meta")}
 
 
 def test_preset_is_the_paper_at_full_size():

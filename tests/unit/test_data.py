@@ -125,14 +125,14 @@ def test_unknown_name_lists_known_names(tmp_path):
 
 # ---------------------------------------------------------------- truncation
 
-def test_truncation_counted_and_warned(tmp_path, caplog):
+def test_truncation_counted_and_logged(tmp_path, caplog):
     f = tmp_path / "long.txt"
     f.write_text("one two three four five\nshort one\nsix seven eight nine\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.INFO, logger="common.data"):
         ps = load_prompts(f, max_tokens=3, token_counter=words)
     assert ps.prompts == ["one two three", "short one", "six seven eight"]
     assert ps.stats.truncated == 2
-    assert "truncated 2 prompt(s)" in caplog.text
+    assert "truncated 2 of 3 prompts to 3 tokens" in caplog.text
 
 
 def test_truncation_with_counter_lacking_truncate(tmp_path):

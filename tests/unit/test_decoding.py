@@ -14,7 +14,7 @@ from learner.losses import check_finite, fl_db_loss, temper
 from learner.plasticity import (
     DormantProbe, dormant_metrics, dormant_ratio, policy_mlp_activations, should_reactivate,
 )
-from common.decoding import ref_logprobs, sample, teacher_forced
+from common.decoding import ref_logprobs, sample, teacher_forced, trunk_step
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 V, EOS, PAD = 100, 99, 0
@@ -49,11 +49,13 @@ def batch():
 def _kv_cache_reference(model, prompt, response, forbid_before: int):
     """One unpadded example, token by token with a KV cache: (log P_F (n,), state hidden (n, H))."""
     with torch.no_grad():
-        out = model.transformer(input_ids=prompt[None], use_cache=True)
-        hidden = [out.last_hidden_state[0, -1]]
-        for token in response[:-1]:
-            out = model.transformer(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
-            hidden.append(out.last_hidden_state[0, -1])
+        ones = torch.ones(1, len(prompt), dtype=torch.long)
+        states, cache = trunk_step(model, prompt[None], ones, torch.arange(len(prompt))[None], None)
+        hidden = [states[0, -1]]
+        for t, token in enumerate(response[:-1]):
+            ones = torch.ones(1, len(prompt) + t + 1, dtype=torch.long)
+            states, cache = trunk_step(model, token.view(1, 1), ones, torch.tensor([[len(prompt) + t]]), cache)
+            hidden.append(states[0, -1])
         hidden = torch.stack(hidden)  # (n, H)
         logits = model.lm_head(hidden).float()
         logits[:forbid_before, EOS] = float("-inf")

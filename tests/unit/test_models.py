@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from common.config import load_config
+from common import clip as C
 from common import models as M
 
 
@@ -35,12 +36,12 @@ def test_tiny_builds_every_model_and_runs_forward(tiny):
                   width=tiny.image_size, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (1, 3, tiny.image_size, tiny.image_size) and torch.isfinite(images).all()
 
-    clip = M.build_clip(tiny)
+    clip = C.build_clip(tiny)
     img_emb = clip.encode_images(images)
     txt_emb = clip.encode_text(["a cat"])
     assert img_emb.shape == txt_emb.shape == (1, 768)
     assert torch.allclose(img_emb.norm(dim=-1), torch.ones(1), atol=1e-5)
-    aes = M.build_aesthetic(tiny)
+    aes = C.build_aesthetic(tiny)
     assert aes(img_emb).shape == (1,) and torch.isfinite(aes(img_emb)).all()
 
     enc = M.build_sentence_encoder(tiny, tok)
@@ -58,7 +59,7 @@ def test_tiny_weights_are_seeded(tiny):
 
 
 def test_real_aesthetic_weights_load_and_differ_from_random(tiny):
-    mlp = M.build_aesthetic(tiny)
+    mlp = C.build_aesthetic(tiny)
     assert mlp.layers[0].weight.shape == (1024, 768)
     # the released weights, not an init: a known input gives a fixed, non-trivial score
     emb = torch.nn.functional.normalize(torch.ones(1, 768), dim=-1)
@@ -71,16 +72,16 @@ def test_aesthetic_bad_weights_file(tmp_path, tiny):
 
     save_file({"x": torch.zeros(2)}, str(bad))
     with pytest.raises(M.ModelLoadError, match="not the LAION aesthetic MLP"):
-        M.build_aesthetic(tiny.model_copy(update={"aesthetic_weights": str(bad)}))
+        C.build_aesthetic(tiny.model_copy(update={"aesthetic_weights": str(bad)}))
     with pytest.raises(M.ModelLoadError, match="not found"):
-        M.build_aesthetic(tiny.model_copy(update={"aesthetic_weights": str(tmp_path / "none.pth")}))
+        C.build_aesthetic(tiny.model_copy(update={"aesthetic_weights": str(tmp_path / "none.pth")}))
 
 
 @pytest.mark.parametrize("builder, needle", [
     (lambda c: M.build_sd_pipeline(c), "CompVis/stable-diffusion-v1-4"),
     (lambda c: M.build_policy(c, M.build_tokenizer(c.model_copy(update={"tokenizer": str(M.GPT2_TOKENIZER_DIR)}))), "gpt2"),
     (lambda c: M.build_tokenizer(c), "gpt2"),
-    (lambda c: M.build_clip(c), "ViT-L-14/openai"),
+    (lambda c: C.build_clip(c), "ViT-L-14/openai"),
 ])
 def test_sd14_fails_cleanly_offline(monkeypatch, tmp_path, builder, needle):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

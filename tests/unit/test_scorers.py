@@ -8,7 +8,7 @@ import torch
 
 from scoring.scorers import SCORERS, ScorerUnavailableError, UnknownScorerError, build_scorers, score_keys
 from common.config import load_config
-from common.models import build_clip
+from common.clip import build_clip
 
 torch.set_num_threads(1)
 
@@ -74,7 +74,7 @@ def test_clip_is_raw_cosine_with_each_images_own_prompt(cfg, score):
 
 
 def test_aesthetic_is_the_mlp_on_normalised_embeddings(cfg, score):
-    from common.models import build_aesthetic
+    from common.clip import build_aesthetic
 
     images = _images(2, seed=2)
     emb = build_clip(cfg.model).encode_images(images)

@@ -1,0 +1,147 @@
+"""CLIP (open_clip) and the LAION aesthetic MLP on its image embeddings: what the image scorers see.
+
+Built from `ModelConfig` like every model (common/models.py): `tiny` is a seeded random open_clip CLIP
+with ViT-L/14's 768-d embedding, so the real aesthetic MLP applies to it; `arch` is open_clip's own
+ViT-L-14 config with random weights; `pretrained` loads `clip_arch`/`clip_pretrained` through open_clip.
+The aesthetic MLP is the real one in every preset (its weights ship in common/assets/aesthetic/).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.config import ModelConfig
+from common.models import ASSETS, CLIP_CONTEXT, ModelLoadError, load_error, seeded
+
+AESTHETIC_WEIGHTS = ASSETS / "aesthetic" / "sac+logos+ava1-l14-linearMSE.safetensors"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ClipBundle:
+    """open_clip model with its tokenizer and tensor preprocessing (images arrive as (N,3,H,W) in [0,1])."""
+
+    model: nn.Module
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize the short side to image_size (bicubic, antialiased), centre-crop, normalise."""
+        images = images.float()
+        h, w = images.shape[-2:]
+        scale = self.image_size / min(h, w)
+        size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
+        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
+        images = images[..., top:top + self.image_size, left:left + self.image_size].clamp(0, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) in [0,1] → (N,D) L2-normalised embeddings, float32, differentiable in `images`
+        (IPGO ascends scores through it); `encode_images` is the same under no_grad."""
+        pixels = self.preprocess(images.to(self.device))
+        dtype = next(self.model.parameters()).dtype
+        return F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) in [0,1] → (N,D) L2-normalised embeddings, float32."""
+        return self.embed_images(images)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def build_clip(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ClipBundle:
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    if cfg.kind == "tiny" and cfg.clip_arch == "tiny":
+        size = min(cfg.image_size, 64)
+        with seeded(cfg.seed + 2):
+            model = open_clip.CLIP(
+                embed_dim=768,  # ViT-L/14's width, so the real aesthetic MLP applies
+                vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=size),
+                text_cfg=CLIPTextCfg(context_length=CLIP_CONTEXT, vocab_size=49408, width=64, heads=2, layers=2),
+            )
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CONTEXT)
+        bundle = ClipBundle(model=model, tokenizer=tokenizer, image_size=size)
+    elif cfg.kind == "arch":
+        # open_clip's own ViT-L-14 config, random weights; QuickGELU like the `openai` weights the paper scores with
+        with seeded(cfg.seed + 2):
+            model = open_clip.create_model(cfg.clip_arch, pretrained=None, force_quick_gelu=True, device=device)
+        size = model.visual.image_size
+        bundle = ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(cfg.clip_arch),
+                            image_size=int(size[0] if isinstance(size, (tuple, list)) else size))
+        if torch.device(device).type == "meta":
+            return bundle
+    else:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(cfg.clip_arch, pretrained=cfg.clip_pretrained)
+        except Exception as exc:
+            raise load_error(
+                "open_clip model", f"{cfg.clip_arch}/{cfg.clip_pretrained}", exc,
+                f"run `python -c \"import open_clip; open_clip.create_model_and_transforms('{cfg.clip_arch}', "
+                f"pretrained='{cfg.clip_pretrained}')\"` once with network (it caches the weights)",
+            ) from exc
+        tokenizer = open_clip.get_tokenizer(cfg.clip_arch)
+        image_size = model.visual.image_size
+        image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+        bundle = ClipBundle(model=model, tokenizer=tokenizer, image_size=int(image_size),
+                            mean=tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN),
+                            std=tuple(getattr(model.visual, "image_std", None) or OPENAI_STD))
+    bundle.model.eval().requires_grad_(False)
+    bundle.model.to(device=device, dtype=dtype)
+    return bundle
+
+
+class AestheticMLP(nn.Module):
+    """LAION improved aesthetic predictor: 768→1024→128→64→16→1 with dropouts, no activations,
+    applied to L2-normalised CLIP ViT-L/14 image embeddings. Keys match the released state dict."""
+
+    def __init__(self, dim: int = 768) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2),
+            nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:  # (N, 768) → (N,)
+        return self.layers(embeddings).squeeze(-1)
+
+
+def build_aesthetic(cfg: ModelConfig, device: torch.device | str = "cpu") -> AestheticMLP:
+    path = Path(cfg.aesthetic_weights) if cfg.aesthetic_weights else AESTHETIC_WEIGHTS
+    if not path.is_file():
+        raise ModelLoadError(f"aesthetic MLP weights not found at {path}; set model.aesthetic_weights to the .safetensors or .pth file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    mlp = AestheticMLP()
+    try:
+        mlp.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{path}: not the LAION aesthetic MLP state dict (768→1024→128→64→16→1): {exc}") from exc
+    return mlp.eval().requires_grad_(False).to(device)
