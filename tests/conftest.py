@@ -41,6 +41,16 @@ def redis_url(redis_server) -> str:
     return redis_server.url
 
 
+@pytest.fixture(scope="session")
+def tiny_sft() -> str:
+    """The tiny preset's automatic SFT checkpoint in the session cache, trained here once (~40 s on 2 cores)
+    so that the `pag train` subprocesses of the e2e tests find it and their timeouts measure only the run."""
+    from common.config import load_config
+    from sft.cache import ensure_sft
+
+    return ensure_sft(load_config("tiny"))
+
+
 @pytest.fixture
 def run_name() -> str:
     return "t" + uuid.uuid4().hex[:8]

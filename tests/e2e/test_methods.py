@@ -71,7 +71,7 @@ TINY = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2",
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("name", ["ppo", "gfn-tb", "pag-no-reset", "pag-no-prt", "pag-no-fl"])
-def test_pag_train_method_end_to_end(tmp_path_factory, name):
+def test_pag_train_method_end_to_end(tmp_path_factory, name, tiny_sft):
     """Two learner steps through the real entry point (Ray, redis-server, actors) for ppo and every ablation
     (issue 10), one image per prompt at 2 denoising steps to keep each run short; the SFT cache (PAG_CACHE)
     is shared across the parameters. `pag` itself is the ablations' common path and is checked as a config."""

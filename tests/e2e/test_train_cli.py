@@ -17,7 +17,7 @@ SMALL = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_sft):
     path = tmp_path_factory.mktemp("train")
     env = dict(os.environ, HF_HUB_OFFLINE="1",
                RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
