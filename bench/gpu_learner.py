@@ -46,7 +46,7 @@ def _trajectories(B: int, T: int, min_len: int, vocab: int, eos: int, seed: int 
 def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, log_pf (B, T)) computed one response token per forward, like the official trainer."""
     from common.decoding import eos_forbidden_steps, position_ids_from_mask
-    from learner.learner import collate
+    from learner.batch import collate
     from learner.losses import gflownet_loss, temper
 
     cfg, policy = learner.cfg, learner.policy
@@ -86,7 +86,7 @@ def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, 
 
 def teacher_forced_log_pf(learner, trajs: list) -> torch.Tensor:
     from common.decoding import teacher_forced
-    from learner.learner import collate
+    from learner.batch import collate
 
     b = collate(trajs, learner.tokenizer.pad_token_id, learner.device)
     return teacher_forced(learner.policy, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"],
