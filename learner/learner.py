@@ -25,8 +25,9 @@ from common.models import build_policy, build_tokenizer, resolve_device
 from common.trajectory import Trajectory
 from learner.batch import collate
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.collect import MicroBatch, on_policy, read_micro_batch, replay_mix
 from learner.flow import FlowHead
-from learner.fresh import FreshTimeoutError, fresh_fraction, fresh_required, timeout_message
+from learner.fresh import fresh_fraction
 from learner.losses import check_finite, gflownet_loss, temper
 from learner.plasticity import dormant_metrics, should_reactivate
 from learner.ppo import ValueHead, freeze_lower_blocks
@@ -98,51 +99,14 @@ class Learner:
 
     # ------------------------------------------------------------------ data
 
-    def collect(self, n: int, wait_s: Optional[float] = None) -> tuple[list[Trajectory], list[str], dict[str, int]]:
-        """n trajectories: n·(1−replay_ratio) fresh from the stream, the rest prioritised replay.
-
-        `learner.fresh_policy=wait` blocks until the fresh half is there (at most `wait_s`, default
-        `learner.fresh_timeout_s`, then FreshTimeoutError naming the reward workers); `fill` takes the
-        fresh ones there are and fills the rest from replay (counted), waiting only for what
-        `learner.max_updates_per_fresh` requires, or while the buffer is empty."""
-        lc = self.cfg.learner
-        n_replay = int(round(n * lc.replay_ratio))
-        n_fresh = n - n_replay
-        timeout = lc.fresh_timeout_s if wait_s is None else wait_s
-        required = fresh_required(lc.fresh_policy, n_fresh, self.counters["micro_batches"],
-                                  self.counters["fresh_total"], lc.max_updates_per_fresh)
-        start = time.monotonic()
-        fresh: list[Trajectory] = []
-        entry_ids: list[str] = []
-        dropped = 0
-        while len(fresh) < n_fresh:
-            short = len(fresh) < required or (len(self.buffer) == 0 and not fresh)
-            got = self.buffer.read_fresh(self.consumer, n_fresh - len(fresh), block_ms=200 if short else 0)
-            entry_ids += [e for e, _ in got]
-            valid = [t for _, t in got if self._valid(t)]
-            dropped += len(got) - len(valid)
-            fresh += valid
-            if len(fresh) >= required and (fresh or len(self.buffer) > 0) and (not got or len(fresh) >= n_fresh):
-                break
-            if short and time.monotonic() - start > timeout:
-                if required:
-                    raise FreshTimeoutError(timeout_message(self.buffer.run, len(fresh), required,
-                                                            time.monotonic() - start, self.buffer.pending_len()))
-                raise TimeoutError(f"no scored trajectories arrived in {timeout:.0f}s: are the reward workers running?")
-        filled = n_fresh - len(fresh)
-        while n_fresh == 0 and len(self.buffer) == 0:  # replay only: wait for a first scored trajectory
-            if time.monotonic() - start > timeout:
-                raise TimeoutError(f"no scored trajectories arrived in {timeout:.0f}s: are the reward workers running?")
-            time.sleep(0.2)
-        drawn = self.buffer.sample(n_replay + filled) if n_replay + filled > 0 else []
-        replay = [t for t in drawn if self._valid(t)]
-        self.counters["dropped_invalid"] += dropped + len(drawn) - len(replay)
-        if not fresh and not replay:
-            raise RuntimeError("every collected trajectory breaks the sampler's EOS rule (sampler.min_len changed?)")
-        self.counters["micro_batches"] += 1
-        self.counters["fresh_total"] += len(fresh)
-        self.counters["replay_total"] += len(replay)
-        return fresh + replay, entry_ids, {"fresh": len(fresh), "replay": len(replay), "filled": filled}
+    def collect(self, n: int, wait_s: Optional[float] = None) -> MicroBatch:
+        """n trajectories: n·(1−replay_ratio) fresh from the stream, the rest prioritised replay
+        (learner/collect.py). `learner.fresh_policy=wait` blocks until the fresh half is there (at most
+        `wait_s`, default `learner.fresh_timeout_s`, then FreshTimeoutError naming the reward workers);
+        `fill` fills missing fresh slots from replay (counted)."""
+        timeout = self.cfg.learner.fresh_timeout_s if wait_s is None else wait_s
+        plan = replay_mix(self.cfg.learner, n, self.counters)
+        return read_micro_batch(self.buffer, self.consumer, plan, timeout, self._valid, self.counters)
 
     def _valid(self, t: Trajectory) -> bool:
         """A trajectory the current policy could have sampled: no EOS before sampler.min_len (an item
@@ -183,12 +147,12 @@ class Learner:
         batches, fresh, entries = [], [], []
         counts: dict[str, int] = defaultdict(int)
         for _ in range(lc.grad_accum):
-            trajs, fresh_ids, c = (self.collect_on_policy if self.ppo else self.collect)(lc.batch_size, wait_s)
-            for k, v in c.items():
+            micro = (self.collect_on_policy if self.ppo else self.collect)(lc.batch_size, wait_s)
+            for k, v in micro.counts().items():
                 counts[k] += v
-            batches.append(trajs)
-            fresh += trajs[:c["fresh"]]
-            entries += fresh_ids
+            batches.append(micro.trajectories)
+            fresh += micro.trajectories[:micro.fresh]
+            entries += micro.entry_ids
         try:
             return self.update(batches, fresh, counts)
         finally:
@@ -251,26 +215,12 @@ class Learner:
         self.optimizer.step()
         return losses, infos, float(grad_norm)
 
-    def collect_on_policy(self, n: int, wait_s: Optional[float] = None) -> tuple[list[Trajectory], list[str], dict[str, int]]:
+    def collect_on_policy(self, n: int, wait_s: Optional[float] = None) -> MicroBatch:
         """objective=ppo: n fresh trajectories and nothing else (never replay, whatever learner.fresh_policy
-        says); blocks until they are scored, FreshTimeoutError naming the reward workers after `wait_s`
-        (default learner.fresh_timeout_s)."""
+        says), through the same reader as `collect`."""
         timeout = self.cfg.learner.fresh_timeout_s if wait_s is None else wait_s
-        start = time.monotonic()
-        fresh: list[Trajectory] = []
-        entries: list[str] = []
-        while len(fresh) < n:
-            got = self.buffer.read_fresh(self.consumer, n - len(fresh), block_ms=200)
-            entries += [e for e, _ in got]
-            valid = [t for _, t in got if self._valid(t)]
-            self.counters["dropped_invalid"] += len(got) - len(valid)
-            fresh += valid
-            if len(fresh) < n and time.monotonic() - start > timeout:
-                raise FreshTimeoutError("objective=ppo (on-policy): " + timeout_message(
-                    self.buffer.run, len(fresh), n, time.monotonic() - start, self.buffer.pending_len()))
-        self.counters["micro_batches"] += 1
-        self.counters["fresh_total"] += len(fresh)
-        return fresh, entries, {"fresh": len(fresh), "replay": 0, "filled": 0}
+        plan = on_policy(n, label="objective=ppo (on-policy)")
+        return read_micro_batch(self.buffer, self.consumer, plan, timeout, self._valid, self.counters)
 
     def _heads(self) -> dict[str, torch.nn.Module]:
         """Modules checkpointed beside the policy and the flow head."""
