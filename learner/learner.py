@@ -1,11 +1,17 @@
-"""The central learner: half fresh trajectories, half prioritised replay, one FL-DB step.
+"""The central learner: one loop for every objective, the objective an object the loop calls.
 
-Reads top to bottom: `collect` (data) → `loss_on` (one teacher-forced pass, the objective) →
-`train_step` (accumulate, clip, step, reactivate, acknowledge, publish, checkpoint, metrics).
+Reads top to bottom: `collect` (a micro-batch, as the objective plans it: learner/collect.py) →
+`train_step` (grad_accum micro-batches, acknowledged after the step) → `update` (the objective's
+step, then what every objective shares: metrics, plasticity, reactivation, publishing, checkpoints).
+
+    learner.objective   trains                    reads                          learner/
+    fl-db, db, tb       policy + flow head        fresh + prioritised replay     balance_objective.py
+    ppo                 policy + value head       fresh only (on-policy)         ppo_objective.py
 
 The policy runs without dropout (eval mode, gradients on): log P_F must be the probability of
-the sampler's own policy, and dropout would make the balance residuals noisy.
-`Learner` is a plain class; `learner_actor_class` wraps it as a Ray actor.
+the sampler's own policy, and dropout would make the balance residuals noisy. The flow head is
+built and checkpointed whatever the objective (it is part of every checkpoint), and reactivation
+resets it. `Learner` is a plain class; `learner_actor_class` wraps it as a Ray actor.
 """
 from __future__ import annotations
 
@@ -13,34 +19,44 @@ import logging
 import math
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from common.config import Config
-from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_PPO, NS_REWARD, NS_THROUGHPUT, NS_WEIGHTS
+from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_PLASTICITY, NS_REWARD, NS_THROUGHPUT, NS_WEIGHTS
 from common.models import build_policy, build_tokenizer, resolve_device
+from common.schedules import Schedules
 from common.trajectory import Trajectory
+from common.weights import WeightsClient
+from learner.balance_objective import BalanceObjective
 from learner.batch import collate
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from learner.collect import MicroBatch, on_policy, read_micro_batch, replay_mix
+from learner.collect import MicroBatch, read_micro_batch
 from learner.flow import FlowHead
 from learner.fresh import fresh_fraction
-from learner.losses import check_finite, gflownet_loss, temper
+from learner.objective import Objective, StepResult
 from learner.plasticity import dormant_metrics, should_reactivate
-from learner.ppo import ValueHead, freeze_lower_blocks
-from learner.ppo_step import PPOStep
-from common.decoding import teacher_forced
-from common.schedules import Schedules
-from common.weights import WeightsClient
+from learner.ppo import freeze_lower_blocks
+from learner.ppo_objective import PPOObjective
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def build_objective(cfg: Config, policy: torch.nn.Module, flow: FlowHead, eos_id: int,
+                    collate_fn: Callable[[list[Trajectory]], dict[str, torch.Tensor]], device: torch.device,
+                    schedules: Schedules) -> Objective:
+    """`learner.objective` → the object the loop calls; the only place the objectives are told apart."""
+    if cfg.learner.objective == "ppo":
+        return PPOObjective(cfg, policy, eos_id, collate_fn, device)
+    return BalanceObjective(cfg, policy, flow, eos_id, collate_fn, schedules, loss=cfg.learner.objective)
 
 
 def text_diversity(trajs: list[Trajectory], encoder) -> float:
@@ -68,19 +84,13 @@ class Learner:
         self.tokenizer = build_tokenizer(cfg.model)
         self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
         self.flow = FlowHead(self.policy.config.hidden_size, cfg.learner.flow_hidden).to(self.device)
-        lc = cfg.learner
-        groups = [{"params": freeze_lower_blocks(self.policy, lc.trainable_blocks), "lr": lc.lr, "name": "policy"}]
-        self.value: Optional[ValueHead] = None  # objective=ppo: V(s_t); the flow head then stays untrained
-        if lc.objective == "ppo":
-            self.value = ValueHead(self.policy.config.hidden_size).to(self.device)
-            groups.append({"params": list(self.value.parameters()), "lr": lc.lr, "name": "value"})
-        else:
-            groups.append({"params": list(self.flow.parameters()), "lr": lc.flow_lr, "name": "flow"})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=lc.weight_decay)
-        self.ppo = None if self.value is None else PPOStep(
-            cfg, self.policy, self.value, self.optimizer, self.tokenizer.eos_token_id,
-            lambda trajs: collate(trajs, self.tokenizer.pad_token_id, self.device))
+        self.collate = partial(collate, pad_id=self.tokenizer.pad_token_id, device=self.device)
         self.schedules = Schedules.from_config(cfg)
+        self.objective = build_objective(cfg, self.policy, self.flow, self.tokenizer.eos_token_id, self.collate,
+                                         self.device, self.schedules)
+        lc = cfg.learner
+        policy_group = {"params": freeze_lower_blocks(self.policy, lc.trainable_blocks), "lr": lc.lr, "name": "policy"}
+        self.optimizer = torch.optim.AdamW([policy_group, *self.objective.param_groups()], weight_decay=lc.weight_decay)
         self.weights = WeightsClient(weights) if weights is not None else None
         self.consumer = "learner-0"  # one learner: a restarted one re-reads its own unacknowledged entries
         self.encoder = sentence_encoder
@@ -89,9 +99,8 @@ class Learner:
         self._nonfinite_run = 0
         self._last_time = self._last_save = time.monotonic()
         if resume and (path := latest_checkpoint(self.run_dir)) is not None:
-            state = load_checkpoint(path, self.policy, self.flow, self.optimizer, heads=self._heads())
-            if self.ppo is not None:
-                self.ppo.load_state_dict(state["extra"]["ppo"])
+            state = load_checkpoint(path, self.policy, self.flow, self.optimizer, heads=self.objective.heads)
+            self.objective.load_state_dict(state["extra"])
             self.step = int(state["step"])
             self.counters.update(state["counters"])
             log.info("learner resumed from %s (step %d)", path, self.step)
@@ -100,12 +109,11 @@ class Learner:
     # ------------------------------------------------------------------ data
 
     def collect(self, n: int, wait_s: Optional[float] = None) -> MicroBatch:
-        """n trajectories: n·(1−replay_ratio) fresh from the stream, the rest prioritised replay
-        (learner/collect.py). `learner.fresh_policy=wait` blocks until the fresh half is there (at most
-        `wait_s`, default `learner.fresh_timeout_s`, then FreshTimeoutError naming the reward workers);
-        `fill` fills missing fresh slots from replay (counted)."""
+        """n trajectories as the objective plans them: a replay mix (balance objectives, per
+        `learner.fresh_policy`) or fresh only (ppo). Waits for fresh ones at most `wait_s` (default
+        `learner.fresh_timeout_s`), then FreshTimeoutError naming the reward workers."""
         timeout = self.cfg.learner.fresh_timeout_s if wait_s is None else wait_s
-        plan = replay_mix(self.cfg.learner, n, self.counters)
+        plan = self.objective.plan(n, self.counters)
         return read_micro_batch(self.buffer, self.consumer, plan, timeout, self._valid, self.counters)
 
     def _valid(self, t: Trajectory) -> bool:
@@ -114,40 +122,14 @@ class Learner:
         eos = self.tokenizer.eos_token_id
         return eos not in t.response_ids[: max(1, self.cfg.sampler.min_len)]
 
-    # ------------------------------------------------------------------ objective
-
-    def loss_on(self, trajs: list[Trajectory], step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        step = self.step if step is None else step
-        batch = collate(trajs, self.tokenizer.pad_token_id, self.device)
-        tau = self.schedules.reward_temperature(step)
-        gamma = self.schedules.reference_temperature(step)
-        out = teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                             batch["response_mask"], self.tokenizer.eos_token_id,
-                             min_len=self.cfg.sampler.min_len)  # log P_F of what the sampler can draw
-        log_flow = self.flow(out["state_hidden"], out["prompt_hidden"])  # (B, T)
-        ref, terminal = temper(batch["ref_logprobs"], batch["log_reward"], batch["response_mask"], gamma=gamma,
-                               tau=tau, min_len=self.cfg.sampler.min_len, len_penalty=self.cfg.learner.min_len_penalty)
-        loss = gflownet_loss(self.cfg.learner.objective, out["log_pf"], log_flow, ref, terminal, batch["response_mask"])
-        mask = batch["response_mask"].bool()
-        with torch.no_grad():
-            info = {
-                "log_pf_mean": float((out["log_pf"] * mask).sum() / mask.sum()),
-                "entropy": float((out["entropy"] * mask).sum() / mask.sum()),
-                "log_z": float(log_flow[:, 0].mean()),
-                "length": float(mask.sum(-1).float().mean()),
-                "tau": tau,
-            }
-        return loss, info
-
-    # ------------------------------------------------------------------ one optimiser step
+    # ------------------------------------------------------------------ one update
 
     def train_step(self, wait_s: Optional[float] = None) -> dict[str, float]:
-        """Collect grad_accum micro-batches (fresh + replay), update, acknowledge the fresh entries."""
-        lc = self.cfg.learner
+        """Collect grad_accum micro-batches, update, acknowledge the fresh entries."""
         batches, fresh, entries = [], [], []
         counts: dict[str, int] = defaultdict(int)
-        for _ in range(lc.grad_accum):
-            micro = (self.collect_on_policy if self.ppo else self.collect)(lc.batch_size, wait_s)
+        for _ in range(self.cfg.learner.grad_accum):
+            micro = self.collect(self.cfg.learner.batch_size, wait_s)
             for k, v in micro.counts().items():
                 counts[k] += v
             batches.append(micro.trajectories)
@@ -161,70 +143,32 @@ class Learner:
 
     def update(self, batches: list[list[Trajectory]], fresh: Optional[list[Trajectory]] = None,
                counts: Optional[dict[str, int]] = None) -> dict[str, float]:
-        """One optimiser step over micro-batches; reactivation, publishing, checkpoints, metrics."""
+        """The objective's update over micro-batches; then reactivation, publishing, checkpoints, metrics."""
         lc = self.cfg.learner
         fresh = fresh if fresh is not None else [t for b in batches for t in b]
         counts = counts or {"fresh": len(fresh), "replay": 0, "filled": 0}
-        ppo_metrics: dict[str, float] = {}
-        if self.ppo is not None:  # objective=ppo: ppo_epochs optimiser steps on this batch (learner/ppo_step.py)
-            result = self.ppo.update(batches)
-            if result is None:
-                return self._skip_nonfinite()
-            losses, infos, grad_norm, ppo_metrics = result
-        else:
-            balance = self._balance_step(batches)
-            if balance is None:
-                return self._skip_nonfinite()
-            losses, infos, grad_norm = balance
+        result = self.objective.update(batches, self.optimizer, self.step)
+        if result is None:
+            return self._skip_nonfinite()
         self._nonfinite_run = 0
         self.step += 1
 
-        all_trajs = [t for b in batches for t in b]
-        metrics = self._metrics(losses, infos, all_trajs, fresh, counts, float(grad_norm))
-        metrics.update({f"{NS_PPO}/{k}": v for k, v in ppo_metrics.items()})
-        flow_dormant = None
+        metrics = self._metrics(result, [t for b in batches for t in b], fresh, counts)
+        metrics.update(result.metrics)
         if self.step % self.cfg.run.log_every == 0 or self.step == 1:
             metrics.update(self.plasticity(batches[0]))
-            flow_dormant = metrics.get("plasticity/flow_dormant")
             if self.encoder is not None and fresh:
                 metrics[f"{NS_DIVERSITY}/text"] = text_diversity(fresh, self.encoder)
+        flow_dormant = metrics.get(f"{NS_PLASTICITY}/flow_dormant")  # None unless probed at this step
         if should_reactivate(self.step, lc.reactivation_every, flow_dormant, lc.reactivation_dormant):
             self.flow.reinit_last_layer(self.optimizer, init=lc.reactivation_init)
             self.counters["reactivations"] += 1
-        metrics["plasticity/reactivations"] = float(self.counters["reactivations"])
+        metrics[f"{NS_PLASTICITY}/reactivations"] = float(self.counters["reactivations"])
         if self.step % lc.publish_every == 0:
             self.publish()
         if self._checkpoint_due():
             self.save()
         return metrics
-
-    def _balance_step(self, batches: list[list[Trajectory]]) -> Optional[tuple[list[float], list[dict], float]]:
-        """One optimiser step of the balance objective over the micro-batches; None if a loss is non-finite."""
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, infos = [], []
-        for trajs in batches:
-            loss, info = self.loss_on(trajs)
-            if not check_finite(loss):
-                return None
-            (loss / len(batches)).backward()
-            losses.append(float(loss.detach()))
-            infos.append(info)
-        # the policy's gradient norm is clipped, the flow head's is not (the official trainer clips
-        # model.parameters() only; the head has its own optimiser there)
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), self.cfg.learner.grad_clip)
-        self.optimizer.step()
-        return losses, infos, float(grad_norm)
-
-    def collect_on_policy(self, n: int, wait_s: Optional[float] = None) -> MicroBatch:
-        """objective=ppo: n fresh trajectories and nothing else (never replay, whatever learner.fresh_policy
-        says), through the same reader as `collect`."""
-        timeout = self.cfg.learner.fresh_timeout_s if wait_s is None else wait_s
-        plan = on_policy(n, label="objective=ppo (on-policy)")
-        return read_micro_batch(self.buffer, self.consumer, plan, timeout, self._valid, self.counters)
-
-    def _heads(self) -> dict[str, torch.nn.Module]:
-        """Modules checkpointed beside the policy and the flow head."""
-        return {} if self.value is None else {"value": self.value}
 
     def _skip_nonfinite(self) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,13 +180,14 @@ class Learner:
                 "Check the rewards in the buffer (`pag buffer top`) and lower learner.lr / learner.flow_lr.")
         return {f"{NS_LOSS}/nonfinite_steps": float(self.counters["nonfinite_steps"]), "step": float(self.step)}
 
-    def _metrics(self, losses, infos, trajs, fresh, counts, grad_norm) -> dict[str, float]:
+    def _metrics(self, result: StepResult, trajs: list[Trajectory], fresh: list[Trajectory],
+                 counts: dict[str, int]) -> dict[str, float]:
         now = time.monotonic()
         elapsed, self._last_time = now - self._last_time, now
-        m: dict[str, float] = {"step": float(self.step), f"{NS_LOSS}/total": float(np.mean(losses)),
-                               f"{NS_LOSS}/grad_norm": grad_norm}
-        for key in infos[0]:
-            m[f"{NS_LOSS}/{key}"] = float(np.mean([i[key] for i in infos]))
+        m: dict[str, float] = {"step": float(self.step), f"{NS_LOSS}/total": float(np.mean(result.losses)),
+                               f"{NS_LOSS}/grad_norm": float(result.grad_norm)}
+        for key in result.infos[0]:
+            m[f"{NS_LOSS}/{key}"] = float(np.mean([i[key] for i in result.infos]))
         # rewards of what the policy samples now: fresh trajectories only (replay is biased to the best)
         names = sorted({k for t in fresh for k in t.scores})
         for name in names:
@@ -268,20 +213,12 @@ class Learner:
         return m
 
     def plasticity(self, trajs: list[Trajectory]) -> dict[str, float]:
-        batch = collate(trajs, self.tokenizer.pad_token_id, self.device)
-
-        def forward() -> None:
-            with torch.no_grad():
-                out = teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                                     batch["response_mask"], self.tokenizer.eos_token_id)
-                self.flow(out["state_hidden"], out["prompt_hidden"])
-
+        """Dormant ratios of the units the objective's forward runs (policy MLPs, the flow head if it trains)."""
+        batch = self.collate(trajs)
         policy_mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1)
-        metrics = dormant_metrics(self.policy, self.flow, forward, tau=self.cfg.learner.dormant_tau,
-                                  policy_mask=policy_mask, flow_mask=batch["response_mask"])
-        if self.ppo is not None:  # the flow head is not trained under PPO: its ratio would mean nothing
-            metrics = {k: v for k, v in metrics.items() if "flow" not in k}
-        return metrics
+        return dormant_metrics(self.policy, self.flow, lambda: self.objective.probe(batch),
+                               tau=self.cfg.learner.dormant_tau, policy_mask=policy_mask,
+                               flow_mask=batch["response_mask"])
 
     # ------------------------------------------------------------------ weights and checkpoints
 
@@ -297,10 +234,10 @@ class Learner:
         return self.step % lc.checkpoint_every == 0 or self.step == lc.steps or timed
 
     def save(self) -> Path:
+        """Policy and flow head always; the objective's heads (value.safetensors) and its state (the KL controller)."""
         self._last_save = time.monotonic()
         return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.flow, self.optimizer,
-                               dict(self.counters), heads=self._heads(),
-                               extra={} if self.ppo is None else {"ppo": self.ppo.state_dict()})
+                               dict(self.counters), heads=self.objective.heads, extra=self.objective.state_dict())
 
     def get_step(self) -> int:
         return self.step
@@ -334,5 +271,3 @@ def learner_actor_class(cfg: Config):
 
     return ray.remote(num_cpus=1, num_gpus=cfg.learner.num_gpus, max_restarts=cfg.run.max_restarts,
                       max_task_retries=0)(_LearnerActor)
-
-
