@@ -1,6 +1,6 @@
 """Parts `learner` and `sampler` of bench/gpu.py: the policy's two hot loops.
 
-learner: one FL-DB micro-batch (B × T = 64 × 75 in `sd14-arch`) through `Learner.loss_on` — one
+learner: one FL-DB micro-batch (B × T = 64 × 75 in `sd14-arch`) through `BalanceObjective.loss_on` — one
 teacher-forced pass over [x; y] — against a token-by-token loop written the way the official code's
 `get_logpf_and_logf` works (prompt through the model with a KV cache, then one response token per
 forward, a log-softmax and the flow head per step), both followed by backward and the optimiser step.
@@ -46,7 +46,7 @@ def _trajectories(B: int, T: int, min_len: int, vocab: int, eos: int, seed: int 
 def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, log_pf (B, T)) computed one response token per forward, like the official trainer."""
     from common.decoding import eos_forbidden_steps, position_ids_from_mask, trunk_step
-    from learner.learner import collate
+    from learner.batch import collate
     from learner.losses import gflownet_loss, temper
 
     cfg, policy = learner.cfg, learner.policy
@@ -84,7 +84,7 @@ def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, 
 
 def teacher_forced_log_pf(learner, trajs: list) -> torch.Tensor:
     from common.decoding import teacher_forced
-    from learner.learner import collate
+    from learner.batch import collate
 
     b = collate(trajs, learner.tokenizer.pad_token_id, learner.device)
     return teacher_forced(learner.policy, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"],
@@ -119,14 +119,14 @@ def run_learner(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
         learner.cfg.sampler.min_len = min(cfg.sampler.min_len, T - 2)
         tokens = sum(len(t.response_ids) for t in trajs)
         with torch.no_grad():  # the same function, computed both ways, before any update
-            ours_loss, _ = learner.loss_on(trajs)
+            ours_loss, _ = learner.objective.loss_on(trajs)
             ours_pf = teacher_forced_log_pf(learner, trajs)
             loop_loss, loop_pf = token_loop_loss(learner, trajs)
         agree = {"max_abs_log_pf_diff": float((ours_pf - loop_pf).abs().max()),
                  "loss_rel_diff": float(abs(ours_loss - loop_loss) / abs(loop_loss))}
         agree["equal_to_1e-5"] = agree["max_abs_log_pf_diff"] <= 1e-5 and agree["loss_rel_diff"] <= 1e-5
         reps = 2 if ctx.quick else 5
-        ours = _measure(learner, lambda: learner.loss_on(trajs)[0], ctx.device, deadline, reps)
+        ours = _measure(learner, lambda: learner.objective.loss_on(trajs)[0], ctx.device, deadline, reps)
         loop = _measure(learner, lambda: token_loop_loss(learner, trajs)[0], ctx.device, deadline, max(1, reps - 2))
         amp_dtype = torch.bfloat16
         with torch.no_grad(), torch.autocast(ctx.device.type, dtype=amp_dtype):
@@ -136,7 +136,7 @@ def run_learner(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
 
         def amp_loss():
             with torch.autocast(ctx.device.type, dtype=amp_dtype):
-                return learner.loss_on(trajs)[0]
+                return learner.objective.loss_on(trajs)[0]
 
         amp = _measure(learner, amp_loss, ctx.device, deadline, reps)
     mask = torch.tensor([[1] * len(t.response_ids) + [0] * (T - len(t.response_ids)) for t in trajs], device=fp32_pf.device).bool()

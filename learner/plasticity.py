@@ -107,7 +107,8 @@ def dormant_metrics(
 ) -> dict[str, float]:
     """Run `forward()` under a probe and return metrics keyed `plasticity/…`:
 
-    `flow_dormant`, `policy_dormant` (mean over MLP layers) and `policy_dormant/layer{i}`.
+    `flow_dormant` (when `forward` ran the flow head: an objective that does not train it, PPO, does
+    not run it), `policy_dormant` (mean over MLP layers) and `policy_dormant/layer{i}`.
     `policy_mask` (B, P+T) is the attention mask of [x; y]; `flow_mask` (B, T) the response mask.
     """
     modules = {"flow": flow_head.act, **policy_mlp_activations(policy)}
@@ -120,7 +121,7 @@ def dormant_metrics(
         forward()
     ratios = probe.ratios(tau)
     layers = [ratios[name] for name in modules if name != "flow" and name in ratios]
-    metrics = {f"{NS_PLASTICITY}/flow_dormant": ratios.get("flow", float("nan"))}
+    metrics = {f"{NS_PLASTICITY}/flow_dormant": ratios["flow"]} if "flow" in ratios else {}
     if layers:
         metrics[f"{NS_PLASTICITY}/policy_dormant"] = sum(layers) / len(layers)
     for i, value in enumerate(layers):

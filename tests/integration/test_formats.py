@@ -8,7 +8,7 @@ import torch
 from common.config import ConfigError, load_config
 from common.decoding import ref_logprobs, teacher_forced
 from common.formats import PolicyFormat, stem
-from learner.learner import collate
+from learner.batch import collate
 from sft.train import encode_pairs, format_pairs, sft_hash, settings_for
 
 from actors.sampler import Sampler

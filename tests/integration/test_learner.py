@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from actors.sampler import Sampler
-from learner.learner import Learner, NonFiniteLossError, collate
+from learner.batch import collate
+from learner.learner import Learner, NonFiniteLossError
 from common.weights import WeightStore
 
 

@@ -35,7 +35,7 @@ def test_ppo_needs_no_replay():
 def test_ppo_step_is_on_policy_and_trains_the_top_block_and_the_value_head(cfg, buffer, tmp_path, trajectories):
     learner = Learner(cfg, buffer, tmp_path, resume=False)
     before = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
-    value_before = [p.detach().clone() for p in learner.value.parameters()]
+    value_before = [p.detach().clone() for p in learner.objective.value.parameters()]
     buffer.add(trajectories[:8])
     m = learner.train_step(wait_s=5)
     assert m["step"] == 1 and m["buffer/fresh"] == 8 and m["buffer/filled_from_replay"] == 0
@@ -47,7 +47,7 @@ def test_ppo_step_is_on_policy_and_trains_the_top_block_and_the_value_head(cfg, 
     for name, p in learner.policy.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == (name.startswith(top) or name.startswith("transformer.ln_f.")), name
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(value_before, learner.value.parameters()))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(value_before, learner.objective.value.parameters()))
     assert len(learner.optimizer.state) > 0 and all(s["step"] == 4 for s in learner.optimizer.state.values()), \
         "4 epochs: 4 optimiser steps"
 
@@ -63,12 +63,12 @@ def test_checkpoint_holds_the_value_head_and_the_kl_controller(cfg, buffer, tmp_
     a = Learner(cfg, buffer, tmp_path, resume=False)
     buffer.add(trajectories[:8])
     a.train_step(wait_s=5)
-    a.ppo.kl.value = 0.37  # as if the controller had moved
+    a.objective.kl.value = 0.37  # as if the controller had moved
     path = a.save()
     assert (path / "value.safetensors").is_file()
     b = Learner(cfg, buffer, tmp_path, resume=True)
-    assert b.step == 1 and b.ppo.kl.value == pytest.approx(0.37)
-    for p, q in zip(a.value.parameters(), b.value.parameters()):
+    assert b.step == 1 and b.objective.kl.value == pytest.approx(0.37)
+    for p, q in zip(a.objective.value.parameters(), b.objective.value.parameters()):
         assert torch.equal(p, q)
     fl_db = load_config("tiny", overrides=["learner.batch_size=8", "learner.grad_accum=1"])
     c = Learner(fl_db, buffer, tmp_path / "other", resume=False)

@@ -1,0 +1,109 @@
+"""Every objective plugs into the same Learner loop (RLlib's new stack: one loop, an objective per
+family). An FL-DB learner and a PPO learner both run `Learner.train_step` — collect, update,
+metrics, plasticity, publish, checkpoint, resume — on the small config, each reading the buffer the
+way its objective plans it (replay mix or on-policy) through the one reader, learner/collect.py.
+The buffer is an in-memory stand-in for the part of ReplayBuffer the learner reads: no server."""
+import math
+
+import pytest
+
+from actors.sampler import Sampler
+from common.trajectory import Trajectory
+from learner.balance_objective import BalanceObjective
+from learner.collect import ReadPlan, on_policy, read_micro_batch
+from learner.fresh import FreshTimeoutError
+from learner.learner import Learner
+from learner.ppo_objective import PPOObjective
+
+PPO = ("learner.objective=ppo", "learner.replay_ratio=0", "learner.ppo_epochs=2")
+
+
+class ListBuffer:
+    """A fresh stream and a replay pool in memory; `add` puts a trajectory in both, as ReplayBuffer does."""
+
+    run = "unit"
+
+    def __init__(self) -> None:
+        self.stream: list[tuple[str, Trajectory]] = []
+        self.pool: list[Trajectory] = []
+        self.sampled = 0
+        self.acked: list[str] = []
+
+    def add(self, trajs: list[Trajectory]) -> None:
+        self.stream += [(f"{len(self.pool) + i}-0", t) for i, t in enumerate(trajs)]
+        self.pool += trajs
+
+    def read_fresh(self, consumer: str, count: int, block_ms: int = 0) -> list[tuple[str, Trajectory]]:
+        got, self.stream = self.stream[:count], self.stream[count:]
+        return got
+
+    def sample(self, n: int) -> list[Trajectory]:
+        self.sampled += n
+        return [self.pool[i % len(self.pool)] for i in range(n)] if self.pool else []
+
+    def ack_fresh(self, entry_ids: list[str]) -> int:
+        self.acked += entry_ids
+        return len(entry_ids)
+
+    def pending_len(self) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+
+@pytest.fixture(scope="module")
+def trajectories(small_learner_config):
+    sampler = Sampler(small_learner_config(), buffer=None)
+    trajs = sampler.sample_batch() + sampler.sample_batch()
+    return [t.replace(scores={"reward": len(t.response_ids) / 8}, log_reward=len(t.response_ids) / 8 / 0.05)
+            for t in trajs]
+
+
+@pytest.mark.parametrize("overrides, objective_class, fresh, replay", [
+    ((), BalanceObjective, 4, 4),  # fl-db: half fresh, half prioritised replay
+    (PPO, PPOObjective, 8, 0),  # ppo: on-policy, never replay
+], ids=["fl-db", "ppo"])
+def test_each_objective_steps_through_the_same_loop(small_learner_config, tmp_path, trajectories, overrides,
+                                                    objective_class, fresh, replay):
+    cfg = small_learner_config("run.log_every=1", "learner.checkpoint_every=1", *overrides)
+    buffer = ListBuffer()
+    buffer.add(trajectories[:8])
+    learner = Learner(cfg, buffer, tmp_path, resume=False)
+    assert type(learner) is Learner and isinstance(learner.objective, objective_class)
+    m = learner.train_step(wait_s=5)
+    assert m["step"] == 1 and learner.step == 1
+    for key in ("loss/total", "loss/grad_norm", "loss/entropy", "reward/reward", "weights/lag_mean",
+                "plasticity/policy_dormant", "plasticity/reactivations", "buffer/fresh_fraction"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["buffer/fresh"] == fresh and buffer.sampled == replay
+    assert len(buffer.acked) == fresh, "every fresh entry read is acknowledged"
+    saved = tmp_path / "checkpoints" / "step_000001"
+    assert (saved / "flow.safetensors").is_file()
+    assert (saved / "value.safetensors").is_file() == (objective_class is PPOObjective)
+    resumed = Learner(cfg, buffer, tmp_path, resume=True)
+    assert resumed.step == 1 and type(resumed.objective) is objective_class
+
+
+@pytest.mark.parametrize("name", ["fl-db", "db", "tb"])
+def test_the_balance_objectives_are_one_class_parameterised_by_the_loss(small_learner_config, tmp_path,
+                                                                         trajectories, name):
+    learner = Learner(small_learner_config(f"learner.objective={name}"), None, tmp_path, resume=False)
+    assert type(learner.objective) is BalanceObjective and learner.objective.loss == name
+    loss, info = learner.objective.loss_on(trajectories[:8])
+    assert math.isfinite(float(loss.detach())) and "log_z" in info
+
+
+def test_one_reader_serves_both_plans(trajectories):
+    valid = lambda t: True  # noqa: E731
+    counters: dict[str, int] = {"dropped_invalid": 0, "micro_batches": 0, "fresh_total": 0, "replay_total": 0}
+    buffer = ListBuffer()
+    buffer.add(trajectories[:4])
+    buffer.stream = buffer.stream[:2]  # two of the four still unread
+    mixed = read_micro_batch(buffer, "learner-0", ReadPlan(fresh=4, replay=4, required=0), 5, valid, counters)
+    assert (mixed.fresh, mixed.replay, mixed.filled) == (2, 6, 2), "fill: the missing fresh slots from replay"
+    assert counters == {"dropped_invalid": 0, "micro_batches": 1, "fresh_total": 2, "replay_total": 6}
+    drawn = buffer.sampled
+    with pytest.raises(FreshTimeoutError, match=r"objective=ppo \(on-policy\): .*only 0 of the 4 fresh"):
+        read_micro_batch(buffer, "learner-0", on_policy(4, "objective=ppo (on-policy)"), 0.01, valid, counters)
+    assert buffer.sampled == drawn, "on-policy never draws replay"
