@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from common.errors import RunFailedError
 
-class FreshTimeoutError(RuntimeError):
+
+class FreshTimeoutError(RunFailedError):
     """The fresh half of a batch did not arrive in time: the reward workers are down or too slow."""
 
 

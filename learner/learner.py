@@ -28,6 +28,7 @@ import torch
 
 from common.config import Config
 from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_PLASTICITY, NS_REWARD, NS_THROUGHPUT, NS_WEIGHTS
+from common.errors import RunFailedError
 from common.models import build_policy, build_tokenizer, resolve_device
 from common.schedules import Schedules
 from common.trajectory import Trajectory
@@ -46,7 +47,7 @@ from learner.ppo_objective import PPOObjective
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailedError):
     pass
 
 
