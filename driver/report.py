@@ -156,7 +156,7 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     plot_curves(history, run_dir / "curves.png")
 
-    from sft.pairs import ENGINEERED_SETS
+    from common.data import ENGINEERED_SETS
 
     held_out: list[str] = []
     plain_first = sorted(cfg.sampler.datasets, key=lambda name: str(name) in ENGINEERED_SETS)
