@@ -63,9 +63,6 @@ def plain_key(model: str, seed: int, sha: str) -> str:
 SCORERS_GROUP = "scorers"
 LEARNER_GROUP = "learner"
 
-#: the policy's input template (docs/design.md)
-REPHRASE_TEMPLATE = "{prompt} Rephrase:\n"
-
 #: metric namespaces (CleanRL style)
 NS_LOSS = "loss"
 NS_REWARD = "reward"

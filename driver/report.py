@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from common.config import Config
+from common.config import Config, read_saved
 from common.constants import (BUFFER_SIZE, FLOW_DORMANT, FRESH_FRACTION, FRESH_FRACTION_RUN, FRESH_PER_S, LAG_MAX,
                               LAG_MEAN, LOG_REWARD, LOSS_ENTROPY, LOSS_TOTAL, NS_REWARD, POLICY_DORMANT, REWARD,
                               TEXT_DIVERSITY, metric)
@@ -223,7 +223,7 @@ def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: i
             raise SystemExit(f"pag adapt: {path} has no checkpoint (expected {path}/checkpoints/latest)")
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"pag adapt: {run_dir}/config.yaml not found; pass a run directory (runs/<name>)")
-    cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = Config.model_validate(read_saved(run_dir / "config.yaml"))
     tok, policy = load_run_policy(cfg, ckpt)
     trajs = sample_rewrites(cfg, tok, policy, [prompt], n, temperature, seed)
     if not score:

@@ -34,7 +34,7 @@ class PPOStep:
         lc = cfg.learner
         self.cfg, self.policy, self.value, self.optimizer = cfg, policy, value, optimizer
         self.eos_id, self.collate = eos_id, collate_fn
-        self.kl = AdaptiveKLController(lc.ppo_kl_init, lc.ppo_kl_target, lc.ppo_kl_horizon)
+        self.kl = AdaptiveKLController(lc.ppo.kl_coef, lc.ppo.kl_target, lc.ppo.kl_horizon)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out = teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
@@ -49,12 +49,12 @@ class PPOStep:
         mask = batch["response_mask"].bool()
         score = batch["log_reward"] * self.cfg.reward.beta  # r = β · log R
         rewards, kl = token_rewards(score, out["log_pf"], batch["ref_logprobs"], mask, self.kl.value)
-        advantages, returns = gae(rewards, values, mask, self.cfg.learner.ppo_gamma, self.cfg.learner.ppo_lambda)
+        advantages, returns = gae(rewards, values, mask, self.cfg.learner.ppo.gamma, self.cfg.learner.ppo.gae_lambda)
         return {"batch": batch, "mask": mask, "log_pf_old": out["log_pf"], "values_old": values,
                 "advantages": whiten(advantages, mask), "returns": returns, "kl": kl.sum(-1), "score": score}
 
     def update(self, batches: list[list[Trajectory]]) -> Optional[tuple[list[float], list[dict], float, dict]]:
-        """ppo_epochs optimiser steps over the batch (its micro-batches accumulated into each step).
+        """learner.ppo.epochs optimiser steps over the batch (its micro-batches accumulated into each step).
         Returns (losses, infos, grad_norm, ppo metrics), or None when a loss is non-finite (nothing stepped
         after it; the caller counts and skips)."""
         lc = self.cfg.learner
@@ -62,14 +62,14 @@ class PPOStep:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         losses, infos, diag = [], [], []
         grad_norm = 0.0
-        for _ in range(lc.ppo_epochs):
+        for _ in range(lc.ppo.epochs):
             self.optimizer.zero_grad(set_to_none=True)
             epoch_loss = 0.0
             for p in prepared:
                 out, values = self._forward(p["batch"])
                 loss, d = ppo_loss(out["log_pf"], values, p["log_pf_old"], p["values_old"], p["advantages"],
-                                   p["returns"], p["mask"], clip=lc.ppo_clip, value_clip=lc.ppo_value_clip,
-                                   value_coef=lc.ppo_value_coef)
+                                   p["returns"], p["mask"], clip=lc.ppo.clip, value_clip=lc.ppo.value_clip,
+                                   value_coef=lc.ppo.value_coef)
                 if not check_finite(loss):
                     self.optimizer.zero_grad(set_to_none=True)
                     return None
