@@ -73,9 +73,10 @@ class RewardWorker:
             buffer = ReplayBuffer.from_config(cfg.buffer, run, redis_url=redis_url)
         self.buffer = buffer
         self._redis = connect(redis_url)
-        self.cache = PlainCache(self._redis, cache_model_id(cfg, str(self.dtype).removeprefix("torch.")), cfg.reward.seed)
+        self.cache = PlainCache(self._redis, cache_model_id(cfg, str(self.dtype).removeprefix("torch.")),
+                                 cfg.reward.images.seed)
         self.stats = WorkerStats()
-        self._scoring_pool: Any = None  # reward.overlap_scoring: one scorer thread, made on first use
+        self._scoring_pool: Any = None  # reward.speed.overlap_scoring: one scorer thread, made on first use
         self._scoring_stream: Any = None
 
     # ------------------------------------------------------------------ one batch
@@ -134,8 +135,9 @@ class RewardWorker:
                 result.pop("rel", None)  # the plain prompt's own relevance is not part of any reward
                 result.pop("rel_text", None)
             if isinstance(result, dict) and _bad(result) is None:
-                self.cache.put(prompt, result, {"images": k, "steps": r.steps, "guidance": r.guidance,
-                                                "image_size": self.renderer.size if k else 0})
+                info = {"images": k, "steps": r.images.steps, "guidance": self.cfg.render.guidance,
+                        "image_size": self.renderer.size if k else 0}
+                self.cache.put(prompt, result, info)
             plain_scores[prompt] = result
 
         scored, failed = [], []
@@ -177,7 +179,7 @@ class RewardWorker:
             k = self.renderer.k
             judged = [p for p in prompts for _ in range(k)]
             rewrites = [t for t in texts for _ in range(k)]  # for text scorers, if any
-            if r.overlap_scoring:
+            if r.speed.overlap_scoring:
                 per_image = self._render_and_score_overlapped(texts, judged, rewrites)
             else:
                 t0 = time.perf_counter()
@@ -196,7 +198,7 @@ class RewardWorker:
 
     def _render_and_score_overlapped(self, texts: list[str], judged: list[str],
                                      rewrites: list[str]) -> dict[str, torch.Tensor]:
-        """`reward.overlap_scoring`: chunk i is scored in a side thread (its own CUDA stream) while chunk
+        """`reward.speed.overlap_scoring`: chunk i is scored in a side thread (its own CUDA stream) while chunk
         i+1 denoises; the same scores as rendering everything first (tests/test_sd_speed.py)."""
         if self._scoring_pool is None:
             from concurrent.futures import ThreadPoolExecutor

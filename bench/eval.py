@@ -94,7 +94,8 @@ def main() -> None:
     ray.shutdown()
     print(json.dumps({
         "bench": "eval_render_score", "preset": args.preset, "texts": args.texts,
-        "images_per_text": cfg.eval.images_per_prompt, "steps": cfg.eval.steps, "image_size": cfg.model.image_size,
+        "images_per_text": cfg.eval.images.per_prompt, "steps": cfg.eval.images.steps,
+        "image_size": cfg.model.image_size,
         "cores": cores, "gpus": gpus, "machine": platform.processor() or platform.machine(),
         "images_per_s_median": median, "images_per_s_runs": runs, "startup_s": startup,
         "ratio_vs_" + base: {name: v / median[base] for name, v in median.items()},

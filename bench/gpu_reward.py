@@ -1,8 +1,9 @@
 """Part `reward` of bench/gpu.py: the reward worker against a bare diffusers loop, a batch sweep, MFU,
-and each `reward.` speed switch against the defaults, all on one pipeline in this process.
+and each `reward.speed` switch against the defaults, all on one pipeline in this process.
 
 The bare loop calls the worker's own StableDiffusionPipeline with the worker's settings (DPM-Solver++,
-`reward.steps`, guidance, `images_per_prompt` fixed latents per prompt, fp16 on GPU, output_type="pt").
+`reward.images.steps`, `render.guidance`, `reward.images.per_prompt` fixed latents per prompt, fp16 on GPU,
+output_type="pt").
 Classifier-free guidance is already one UNet batch of 2·N latents in diffusers, so it has no switch.
 """
 from __future__ import annotations
@@ -25,11 +26,12 @@ SUFFIX = ", highly detailed, digital painting, artstation, sharp focus"
 #: (name, overrides, CUDA only, compiles), most informative first: the budget may not reach the end.
 #: One compile covers UNet + VAE decoder (compiling the UNet alone would cost another minute of compile).
 SWITCHES = [
-    ("compile_unet+vae", ["reward.compile_unet=true", "reward.compile_vae=true"], False, True),
-    ("cuda_graphs", ["reward.compile_unet=true", "reward.compile_vae=true", "reward.cuda_graphs=true"], True, True),
-    ("channels_last", ["reward.channels_last=true"], False, False),
-    ("vae_fp16=false", ["reward.vae_fp16=false"], True, False),
-    ("attention=classic", ["reward.attention=classic"], False, False),
+    ("compile_unet+vae", ["reward.speed.compile_unet=true", "reward.speed.compile_vae=true"], False, True),
+    ("cuda_graphs", ["reward.speed.compile_unet=true", "reward.speed.compile_vae=true",
+                     "reward.speed.cuda_graphs=true"], True, True),
+    ("channels_last", ["reward.speed.channels_last=true"], False, False),
+    ("vae_fp16=false", ["reward.speed.vae_fp16=false"], True, False),
+    ("attention=classic", ["reward.speed.attention=classic"], False, False),
 ]
 
 
@@ -56,10 +58,10 @@ def flops_per_image(models, cfg) -> dict[str, float]:
         with FlopCounterMode(display=False) as c:
             pipe.vae.decode(latent.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor)
         counts["vae_decode"] = c.get_total_flops()
-    r = cfg.reward
-    cfg_factor = 2 if r.guidance > 1 else 1
-    counts["per_image"] = (r.steps * cfg_factor * counts["unet_forward"] + counts["vae_decode"]
-                           + cfg_factor * counts["text_encoder"] / r.images_per_prompt)
+    images = cfg.reward.images
+    cfg_factor = 2 if cfg.render.guidance > 1 else 1
+    counts["per_image"] = (images.steps * cfg_factor * counts["unet_forward"] + counts["vae_decode"]
+                           + cfg_factor * counts["text_encoder"] / images.per_prompt)
     return counts
 
 
@@ -71,9 +73,9 @@ class Bare:
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        r, size = self.cfg.reward, self.cfg.model.image_size
-        return self.pipe(texts, num_inference_steps=r.steps, guidance_scale=r.guidance,
-                         num_images_per_prompt=r.images_per_prompt, latents=self.noise.repeat(len(texts), 1, 1, 1),
+        images, size = self.cfg.reward.images, self.cfg.model.image_size
+        return self.pipe(texts, num_inference_steps=images.steps, guidance_scale=self.cfg.render.guidance,
+                         num_images_per_prompt=images.per_prompt, latents=self.noise.repeat(len(texts), 1, 1, 1),
                          height=size, width=size, output_type="pt").images
 
 
@@ -99,8 +101,8 @@ def sweep(bare: Bare, batches: list[int], k: int, device, deadline: G.Deadline) 
 
 def breakdown(models, cfg, b: int, device) -> dict[str, float]:
     """Seconds of one pipeline call's pieces at batch b, measured alone: UNet × steps, VAE decode, text."""
-    pipe, r = models.renderer.pipe, cfg.reward
-    k = r.images_per_prompt
+    pipe, images = models.renderer.pipe, cfg.reward.images
+    k = images.per_prompt
     latents = models.renderer.noise.repeat(b, 1, 1, 1)  # (b·k, C, h, w)
     cond = torch.zeros(2 * b * k, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=latents.dtype)
     with torch.no_grad():
@@ -111,7 +113,7 @@ def breakdown(models, cfg, b: int, device) -> dict[str, float]:
                                             encoder_hidden_states=cond), device)
         vae, _ = G.timed(lambda: pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor), device)
         text, _ = G.timed(lambda: pipe.text_encoder(torch.cat([tokens] * 2)), device)
-    return {"unet_all_steps_s": unet * r.steps, "vae_decode_s": vae, "text_encoder_s": text}
+    return {"unet_all_steps_s": unet * images.steps, "vae_decode_s": vae, "text_encoder_s": text}
 
 
 def run(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
@@ -119,14 +121,15 @@ def run(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
     from scoring.sd_speed import apply_speed, reset_speed
 
     cfg = ctx.cfg()
-    r = cfg.reward
+    images = cfg.reward.images
     t0 = time.perf_counter()
     models = build_reward_models(cfg, str(ctx.device))
     out: dict[str, Any] = {"build_s": time.perf_counter() - t0, "settings": {
-        "steps": r.steps, "guidance": r.guidance, "images_per_prompt": r.images_per_prompt, "image_size": cfg.model.image_size,
+        "steps": images.steps, "guidance": cfg.render.guidance, "images_per_prompt": images.per_prompt,
+        "image_size": cfg.model.image_size,
         "dtype": str(models.dtype).removeprefix("torch."), "scheduler": type(models.renderer.pipe.scheduler).__name__,
         "speed": models.speed}}
-    device, k, pipe = models.device, r.images_per_prompt, models.renderer.pipe
+    device, k, pipe = models.device, images.per_prompt, models.renderer.pipe
     counts = flops_per_image(models, cfg)
     ceiling = G.matmul_ceiling(device, ctx.quick)
     out.update(flops=counts, matmul_ceiling=ceiling)
@@ -174,7 +177,7 @@ def run(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
         if not deadline.allows(estimate):
             out["switches"][name] = {"skipped": f"budget ({deadline.left():.0f}s left, needs ~{estimate:.0f}s)"}
             continue
-        variant = ctx.cfg(overrides).reward
+        variant = ctx.cfg(overrides).reward.speed
         applied = apply_speed(pipe, variant)
         try:
             first, images = G.timed(lambda: bare(texts), device)
@@ -269,11 +272,12 @@ def worker_vs_bare(ctx, cfg, models, bare: Bare, b: int, deadline: G.Deadline) -
 
 
 def overlap(ctx, cfg, models, b: int, deadline: G.Deadline) -> dict[str, Any]:
-    """The worker with reward.overlap_scoring on and off, render_batch = b/2 (two chunks per step)."""
+    """The worker with reward.speed.overlap_scoring on and off, render_batch = b/2 (two chunks per step)."""
     if b < 2:
         return {"skipped": "needs a batch of at least 2"}
     chunk = b // 2
-    variant = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"batch_size": b, "render_batch": chunk})})
+    speed = cfg.reward.speed.model_copy(update={"render_batch": chunk})
+    variant = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"batch_size": b, "speed": speed})})
     try:
         worker, server, tmp = _worker(ctx, variant, models)
     except G.Skip as exc:
@@ -289,7 +293,7 @@ def overlap(ctx, cfg, models, b: int, deadline: G.Deadline) -> dict[str, Any]:
             for on in (False, True):
                 if rep and not deadline.allows(4 * b * models.renderer.k / min(runs[False])):
                     break
-                worker.cfg.reward.overlap_scoring = on
+                worker.cfg.reward.speed.overlap_scoring = on
                 trajs = _trajs(plain, f"o{rep}")
                 runs[on].append(_pass(worker, trajs if not on else _trajs(plain, f"o{rep}x"), models.device))
                 if rep == 0:

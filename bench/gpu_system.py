@@ -98,8 +98,9 @@ def run_broadcast(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
 def _e2e_config(ctx: G.Context):
     B = 8 if ctx.quick else 16  # the paper's micro-batch is 64; both loops scale linearly, 16 fits the budget
     k = 4
-    return ctx.cfg([f"learner.batch_size={B}", "learner.grad_accum=1", "learner.replay_ratio=0.5", "reward.render_batch=8",
-                    "learner.checkpoint_every=1000000", "learner.reactivation_every=0", "run.log_every=1000000",
+    return ctx.cfg([f"learner.batch_size={B}", "learner.grad_accum=1", "learner.replay_ratio=0.5",
+                    "reward.speed.render_batch=8", "learner.checkpoint_every=1000000",
+                    "learner.reactivation_every=0", "run.log_every=1000000",
                     f"sampler.samples_per_prompt={k}", f"sampler.prompts_per_batch={B // 2 // k}",
                     f"reward.batch_size={B // 2}", "sampler.max_pending=100000"])
 

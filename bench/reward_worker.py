@@ -77,8 +77,8 @@ def flops(models, cfg) -> dict[str, float]:
         with FlopCounterMode(display=False) as counter:
             pipe.vae.decode(latent / pipe.vae.config.scaling_factor)
         counts["vae_decode"] = counter.get_total_flops()
-    k, steps = cfg.reward.images_per_prompt, cfg.reward.steps
-    cfg_factor = 2 if cfg.reward.guidance > 1 else 1
+    k, steps = cfg.reward.images.per_prompt, cfg.reward.images.steps
+    cfg_factor = 2 if cfg.render.guidance > 1 else 1
     counts["per_image"] = steps * cfg_factor * counts["unet_forward"] + counts["vae_decode"] + cfg_factor * counts["text_encoder"] / k
     counts["per_image_unet_only"] = steps * cfg_factor * counts["unet_forward"]
     return counts
@@ -92,10 +92,11 @@ def bare_loop(models, cfg, texts: list[str], calls: int) -> float:
     with torch.no_grad():
         for c in range(calls):
             part = texts[c * b:(c + 1) * b]
-            pipe(part, num_inference_steps=r.steps, guidance_scale=r.guidance, num_images_per_prompt=r.images_per_prompt,
+            pipe(part, num_inference_steps=r.images.steps, guidance_scale=cfg.render.guidance,
+                 num_images_per_prompt=r.images.per_prompt,
                  latents=noise.repeat(len(part), 1, 1, 1), height=cfg.model.image_size, width=cfg.model.image_size,
                  output_type="pt")
-    return calls * b * r.images_per_prompt / (time.perf_counter() - start)
+    return calls * b * r.images.per_prompt / (time.perf_counter() - start)
 
 
 def worker_pass(worker: RewardWorker, trajs: list[Trajectory]) -> dict[str, float]:
@@ -165,8 +166,8 @@ def main() -> None:
         "device": args.device, "cpu": platform.processor() or platform.machine(), "torch_threads": args.threads,
         "torch": torch.__version__, "gpu_lent": False,
         "preset": args.preset, "overrides": args.overrides,
-        "settings": {"steps": cfg.reward.steps, "guidance": cfg.reward.guidance,
-                     "images_per_prompt": cfg.reward.images_per_prompt, "batch_size": cfg.reward.batch_size,
+        "settings": {"steps": cfg.reward.images.steps, "guidance": cfg.render.guidance,
+                     "images_per_prompt": cfg.reward.images.per_prompt, "batch_size": cfg.reward.batch_size,
                      "image_size": cfg.model.image_size, "scorers": cfg.reward.scorers,
                      "dtype": str(models.dtype).removeprefix("torch.")},
         "model_build_s": build_s,

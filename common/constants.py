@@ -1,4 +1,4 @@
-"""Names shared by every role: Redis keys, schema versions, metric namespaces.
+"""Names shared by every role: Redis keys, schema versions, metric namespaces and keys.
 
 Keys are the user-facing contract of docs/design.md: a person reads them with redis-cli,
 so they change only with a schema bump.
@@ -63,9 +63,6 @@ def plain_key(model: str, seed: int, sha: str) -> str:
 SCORERS_GROUP = "scorers"
 LEARNER_GROUP = "learner"
 
-#: the policy's input template (docs/design.md)
-REPHRASE_TEMPLATE = "{prompt} Rephrase:\n"
-
 #: metric namespaces (CleanRL style)
 NS_LOSS = "loss"
 NS_REWARD = "reward"
@@ -75,3 +72,25 @@ NS_BUFFER = "buffer"
 NS_WEIGHTS = "weights"
 NS_THROUGHPUT = "throughput"
 NS_PPO = "ppo"  # objective=ppo: kl, kl_coef, clipfrac, value_loss, ...
+
+
+def metric(namespace: str, name: str) -> str:
+    """`namespace/name`: the key of a learner metric in metrics.jsonl (CleanRL's `charts/…`, `losses/…`)."""
+    return f"{namespace}/{name}"
+
+
+#: metric keys read outside the learner (learner/learner.py writes them under the NS_ namespaces; the driver's
+#: progress line and the run report read them)
+LOSS_TOTAL = metric(NS_LOSS, "total")
+LOSS_ENTROPY = metric(NS_LOSS, "entropy")
+REWARD = metric(NS_REWARD, "reward")
+LOG_REWARD = metric(NS_REWARD, "log_reward")
+TEXT_DIVERSITY = metric(NS_DIVERSITY, "text")
+FLOW_DORMANT = metric(NS_PLASTICITY, "flow_dormant")
+POLICY_DORMANT = metric(NS_PLASTICITY, "policy_dormant")
+LAG_MEAN = metric(NS_WEIGHTS, "lag_mean")
+LAG_MAX = metric(NS_WEIGHTS, "lag_max")
+BUFFER_SIZE = metric(NS_BUFFER, "size")
+FRESH_FRACTION = metric(NS_BUFFER, "fresh_fraction")
+FRESH_FRACTION_RUN = metric(NS_BUFFER, "fresh_fraction_run")
+FRESH_PER_S = metric(NS_THROUGHPUT, "fresh_per_s")

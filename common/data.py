@@ -38,7 +38,13 @@ PROMPTS_DIR = ASSETS_DIR / "prompts"
 TOKENIZER_DIR = ASSETS_DIR / "tokenizers" / "gpt2"
 MAX_PROMPT_TOKENS = 75  # CLIP's 77-token context less its start/end tokens
 DEFAULT_EVAL_FRACTION = 0.2
-PAPER_EVAL_SETS = ("chatgpt", "lexica", "coco", "diffusiondb")
+#: the PAG paper's four evaluation sets, in its tables' order: eval-only, training never sees them
+PAPER_EVAL_SETS = ("lexica", "diffusiondb", "coco", "chatgpt")
+#: sets of users' prompts that already carry style modifiers; every other set is read as plain captions
+#: (SFT builds its plain → engineered pairs from these, less the eval sets: sft/pairs.py)
+ENGINEERED_SETS = ("lexica", "diffusiondb", "pickapic", "diffusiondb_ipgo")
+#: plain MS-COCO captions: the style classifier's negatives (scoring/style.py)
+PLAIN_SETS = ("coco", "coco_all")
 
 _DATASETS: dict[str, tuple[str, str]] = {  # name -> (file under PROMPTS_DIR, description)
     "chatgpt": ("chatgpt.jsonl", "PAG paper eval set: 64 short ChatGPT-written prompts (eval-only)"),

@@ -31,6 +31,8 @@ from typing import Literal, Optional
 InputFormat = Literal["pag", "promptist"]
 ResponseMode = Literal["full", "suffix"]
 
+#: the policy's input templates, defined only here (sampler, learner, SFT, `pag eval`'s Promptist method and
+#: the reward's `plain_text` read them)
 TEMPLATES: dict[str, str] = {"pag": "{prompt} Rephrase:\n", "promptist": "{prompt} Rephrase:"}
 _LEADING_SEPARATORS = re.compile(r"^[\s,;|.\-]+")
 _FIRST_SEPARATOR = re.compile(r"\s*(?:,|;|\||--|\.\s)\s*|\s+by\s+", re.IGNORECASE)

@@ -18,14 +18,17 @@ import numpy as np
 import torch
 import yaml
 
-from common.config import Config
+from common.config import Config, read_saved
+from common.constants import (BUFFER_SIZE, FLOW_DORMANT, FRESH_FRACTION, FRESH_FRACTION_RUN, FRESH_PER_S, LAG_MAX,
+                              LAG_MEAN, LOG_REWARD, LOSS_ENTROPY, LOSS_TOTAL, NS_REWARD, POLICY_DORMANT, REWARD,
+                              TEXT_DIVERSITY, metric)
 from common.images import image_grid
 
 log = logging.getLogger(__name__)
 
 N_PROMPTS, N_REWRITES = 8, 4
-CURVES = [("reward/reward", "reward r (fresh)"), ("reward/aes_gain", "aesthetic gain"),
-          ("diversity/text", "text diversity"), ("loss/total", "FL-DB loss")]
+CURVES = [(REWARD, "reward r (fresh)"), (metric(NS_REWARD, "aes_gain"), "aesthetic gain"),
+          (TEXT_DIVERSITY, "text diversity"), (LOSS_TOTAL, "FL-DB loss")]
 
 
 # ---------------------------------------------------------------------- policy side
@@ -132,8 +135,8 @@ def reward_columns(cfg: Config) -> list[str]:
 
 def _balance_line(cfg: Config, history: list[dict[str, float]]) -> str:
     """The realised online/replay balance over the whole run (the last step's run-long counter)."""
-    runs = [m["buffer/fresh_fraction_run"] for m in history if "buffer/fresh_fraction_run" in m]
-    lags = [m["weights/lag_max"] for m in history if "weights/lag_max" in m]
+    runs = [m[FRESH_FRACTION_RUN] for m in history if FRESH_FRACTION_RUN in m]
+    lags = [m[LAG_MAX] for m in history if LAG_MAX in m]
     target = 1 - cfg.learner.replay_ratio
     realised = f"{runs[-1]:.3f}" if runs and math.isfinite(runs[-1]) else "n/a"
     lag = f"{max(lags):.0f}" if lags else "n/a"
@@ -156,7 +159,7 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     plot_curves(history, run_dir / "curves.png")
 
-    from sft.pairs import ENGINEERED_SETS
+    from common.data import ENGINEERED_SETS
 
     held_out: list[str] = []
     plain_first = sorted(cfg.sampler.datasets, key=lambda name: str(name) in ENGINEERED_SETS)
@@ -171,9 +174,8 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
 
     parts = reward_columns(cfg)
     reward_keys = ["aes", "aes_gain", "clip"] if cfg.reward.render else ["style", "style_gain", "text_cos", "rel_text"]
-    keys = ["loss/total", "reward/reward", *(f"reward/{k}" for k in reward_keys), "reward/log_reward",
-            "diversity/text", "loss/entropy", "plasticity/flow_dormant", "plasticity/policy_dormant",
-            "weights/lag_mean", "weights/lag_max", "buffer/fresh_fraction", "buffer/size", "throughput/fresh_per_s"]
+    keys = [LOSS_TOTAL, REWARD, *(metric(NS_REWARD, k) for k in reward_keys), LOG_REWARD, TEXT_DIVERSITY,
+            LOSS_ENTROPY, FLOW_DORMANT, POLICY_DORMANT, LAG_MEAN, LAG_MAX, FRESH_FRACTION, BUFFER_SIZE, FRESH_PER_S]
     lines = [f"# Run `{cfg.run.name}`", "",
              f"Preset `{cfg.preset}`, {len(history)} learner steps recorded, checkpoint `{ckpt}`, "
              f"starting policy `{sft}`.", "", _balance_line(cfg, history), "", "![curves](curves.png)", "",
@@ -221,7 +223,7 @@ def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: i
             raise SystemExit(f"pag adapt: {path} has no checkpoint (expected {path}/checkpoints/latest)")
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"pag adapt: {run_dir}/config.yaml not found; pass a run directory (runs/<name>)")
-    cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = Config.model_validate(read_saved(run_dir / "config.yaml"))
     tok, policy = load_run_policy(cfg, ckpt)
     trajs = sample_rewrites(cfg, tok, policy, [prompt], n, temperature, seed)
     if not score:

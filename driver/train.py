@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from common.config import Config, ConfigError, load_config
+from common.constants import BUFFER_SIZE, FRESH_PER_S, LAG_MEAN, LOSS_TOTAL, REWARD, TEXT_DIVERSITY
 from common.errors import RunFailedError
 from common.methods import METHODS
 
@@ -346,14 +347,14 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def _postfix(m: dict[str, float]) -> str:
-    parts = [f"loss={m.get('loss/total', float('nan')):.3g}"]
-    if "reward/reward" in m:
-        parts.append(f"r={m['reward/reward']:.3g}")
-    if "diversity/text" in m:
-        parts.append(f"div={m['diversity/text']:.3f}")
-    parts.append(f"buf={int(m.get('buffer/size', 0))}")
-    parts.append(f"lag={m.get('weights/lag_mean', 0):.1f}")
-    parts.append(f"traj/s={m.get('throughput/fresh_per_s', 0):.1f}")
+    parts = [f"loss={m.get(LOSS_TOTAL, float('nan')):.3g}"]
+    if REWARD in m:
+        parts.append(f"r={m[REWARD]:.3g}")
+    if TEXT_DIVERSITY in m:
+        parts.append(f"div={m[TEXT_DIVERSITY]:.3f}")
+    parts.append(f"buf={int(m.get(BUFFER_SIZE, 0))}")
+    parts.append(f"lag={m.get(LAG_MEAN, 0):.1f}")
+    parts.append(f"traj/s={m.get(FRESH_PER_S, 0):.1f}")
     return " ".join(parts)
 
 

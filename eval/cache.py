@@ -3,7 +3,7 @@
     results(model, seed, against, key) → record
         model    render/score identity: SD name + hash of model, render settings, precision, scorers
                  (`worker.render_id`); two evals share a row exactly when they would compute the same thing
-        seed     eval.seed (image i starts from randn(seed + i))
+        seed     eval.images.seed (image i starts from randn(seed + i))
         against  the plain prompt the CLIP relevance is measured against (the text itself for a plain prompt)
         key      the rendered text, or `embeds:<sha>` for conditioning (IPGO)
     rewrites(method, prompt) → the method's rewrites of that prompt, as JSON text (method: hash of

@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--runs-dir", help="where eval-<name>/ goes (run.runs_dir)")
     p.add_argument("--ray-address", help="Ray cluster to fan out on (run.ray_address; 'auto' for the current one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.seed=42")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.images.seed=42")
     p.set_defaults(func=cmd_eval)
 
 

@@ -5,7 +5,8 @@ Per evaluated prompt the IPGO method (eval/methods/ipgo.py) calls `measure`: wit
 training reward (`ipgo.reward`, summed), for the text with its learned tokens and for the plain text,
 
     train_reward,   train_plain      on the fixed noise of `ipgo.seed` (the one the tokens were optimised on)
-    heldout_reward, heldout_plain    mean over `eval.images_per_prompt` held-out seeds (eval.seed + i, skipping ipgo.seed)
+    heldout_reward, heldout_plain    mean over `eval.images.per_prompt` held-out seeds (eval.images.seed + i,
+                                     skipping ipgo.seed)
     train_gain, heldout_gain         reward − plain on each
 
 so the two differ only in the noise: train_gain − heldout_gain is what is fitted to that one noise (the

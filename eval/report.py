@@ -182,8 +182,8 @@ def _preamble(data: EvalData, results: dict[str, Any]) -> list[str]:
     return [f"# Evaluation `{cfg.run.name}`", "",
             f"Preset `{cfg.preset}`; sets: " + ", ".join(f"`{s}` ({n})" for s, n in results["sets"].items())
             + f"; rewrites: {decode}, {ev.min_new_tokens}–{ev.max_new_tokens} new tokens.",
-            f"Images: {ev.images_per_prompt} per text, {ev.steps} DPM-Solver++ steps, guidance {ev.guidance}, "
-            f"{cfg.model.image_size}², image i from the noise of seed {ev.seed} + i for every text "
+            f"Images: {ev.images.per_prompt} per text, {ev.images.steps} DPM-Solver++ steps, guidance {cfg.render.guidance}, "
+            f"{cfg.model.image_size}², image i from the noise of seed {ev.images.seed} + i for every text "
             "(the plain prompt is rendered as written, without the policy's template).",
             f"Relevance: mean over images of {cfg.reward.clip_weight:g}·min(0, max(0, cos) − {cfg.reward.clip_threshold:g}). "
             f"Text diversity encoder: **{data.text_encoder}**; image diversity: CLIP image embeddings "

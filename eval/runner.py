@@ -121,7 +121,7 @@ def render_missing(cfg: Config, items: list[dict[str, Any]], cache: ResultsCache
 
     from eval.worker import decode_results, encode_items
 
-    seed = cfg.eval.seed
+    seed = cfg.eval.images.seed
     keys = [(it["against"], it["key"]) for it in items]
     records = cache.get_many(render_id, seed, keys, [it["thumb"] for it in items])
     todo = [it for it, key in zip(items, keys) if key not in records]
@@ -132,7 +132,7 @@ def render_missing(cfg: Config, items: list[dict[str, Any]], cache: ResultsCache
         return records, errors, stats
     bs = cfg.eval.batch_size
     works = [encode_items(todo[i:i + bs]) for i in range(0, len(todo), bs)]
-    k = cfg.eval.images_per_prompt
+    k = cfg.eval.images.per_prompt
     t0 = time.perf_counter()
     with tqdm(total=len(todo) * k, unit="img", desc="render+score", disable=not progress, smoothing=0.1) as bar:
         for blob in pool.map(works):

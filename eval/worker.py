@@ -1,5 +1,5 @@
 """Render and score texts (or conditioning) for `pag eval` with the reward workers' code: the same
-`Renderer` (image i of every text starts from randn(eval.seed + i)), the same scorer registry
+`Renderer` (image i of every text starts from randn(eval.images.seed + i)), the same scorer registry
 (aesthetic + clip, plus `eval.scorers`). A plain class; `ray_worker_class` wraps it as a Ray actor
 with one GPU, so `pag eval` fans out over a cluster while the driver only gathers small records.
 
@@ -31,10 +31,8 @@ WORK_SCHEMA = 1
 
 
 def render_config(cfg: Config) -> Config:
-    """The config the Renderer and the plain-cache id see: the eval's render settings in the reward section."""
-    ev = cfg.eval
-    reward = cfg.reward.model_copy(update={"images_per_prompt": ev.images_per_prompt, "steps": ev.steps,
-                                           "guidance": ev.guidance, "seed": ev.seed, "scorers": ["aesthetic", "clip"]})
+    """The config the plain-cache id sees: the eval's images (`eval.images`) in the reward section."""
+    reward = cfg.reward.model_copy(update={"images": cfg.eval.images, "scorers": ["aesthetic", "clip"]})
     return cfg.model_copy(update={"reward": reward})
 
 
@@ -86,15 +84,15 @@ class EvalWorker:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.cfg = Config.model_validate(cfg)
-        ev, rc = self.cfg.eval, render_config(self.cfg)
+        ev, images = self.cfg.eval, self.cfg.eval.images
         if device is None:
             device = "cuda" if torch.cuda.is_available() and self.cfg.reward.num_gpus > 0 else self.cfg.run.device
         self.device = resolve_device(device)
-        self.dtype = torch.float16 if (self.cfg.reward.fp16 and self.device.type == "cuda") else torch.float32
+        self.dtype = torch.float16 if (self.cfg.render.fp16 and self.device.type == "cuda") else torch.float32
         pipe = build_sd_pipeline(self.cfg.model, self.device, self.dtype)
-        apply_speed(pipe, rc.reward)
-        self.renderer = Renderer(pipe, ev.images_per_prompt, ev.steps, ev.guidance, ev.seed, self.cfg.model.image_size,
-                                 ev.batch_size)
+        apply_speed(pipe, self.cfg.reward.speed)
+        self.renderer = Renderer(pipe, images.per_prompt, images.steps, self.cfg.render.guidance, images.seed,
+                                 self.cfg.model.image_size, ev.batch_size)
         self.ctx = ScorerContext(model=self.cfg.model, device=self.device, dtype=self.dtype)
         self.aesthetic, self.clip = SCORERS["aesthetic"](self.ctx), SCORERS["clip"](self.ctx)
         self.extra = build_scorers(ev.scorers, self.cfg.model, self.device, self.dtype) if ev.scorers else None

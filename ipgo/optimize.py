@@ -2,7 +2,7 @@
 
 One iteration: tokens → C = [prefix; H; suffix] → DRaFT-K image from the fixed noise → reward r (the sum
 of the `ipgo.reward` scorers, differentiable) → loss = −r + w·c (c the conformity) → Adam step with the
-gradient norm clipped, StepLR, and the angles wrapped back into [−π, π). On a GPU with `ipgo.fp16` the
+gradient norm clipped, StepLR, and the angles wrapped back into [−π, π). On a GPU with `render.fp16` the
 frozen models are half precision, the forward runs under autocast and a GradScaler scales the loss; the
 tokens themselves stay float32.
 
@@ -55,14 +55,14 @@ def build_models(cfg, device: torch.device | str = "cpu") -> IpgoModels:
     from common.models import build_sd_pipeline
 
     device = torch.device(device)
-    half = device.type == "cuda" and cfg.ipgo.fp16
+    half = device.type == "cuda" and cfg.render.fp16
     dtype = torch.float16 if half else torch.float32
     pipe = build_sd_pipeline(cfg.model, device, dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     ic = cfg.ipgo
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, ic.layout, ic.prefix_tokens, ic.suffix_tokens)
-    sampler = DraftSampler(pipe.unet, pipe.vae, pipe.scheduler.config, ic.steps, ic.grad_steps, ic.guidance,
+    sampler = DraftSampler(pipe.unet, pipe.vae, pipe.scheduler.config, ic.steps, ic.grad_steps, cfg.render.guidance,
                            ic.checkpointing)
     score = build_scorers(ic.reward, cfg.model, device, dtype, differentiable=True, pixels="signed")
     return IpgoModels(cfg, encoder, sampler, score, device, half)

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from common.constants import NS_PLASTICITY
+from common.constants import FLOW_DORMANT, POLICY_DORMANT
 
 
 def dormant_ratio(activations: Tensor, tau: float = 0.1, mask: Optional[Tensor] = None) -> float:
@@ -121,11 +121,11 @@ def dormant_metrics(
         forward()
     ratios = probe.ratios(tau)
     layers = [ratios[name] for name in modules if name != "flow" and name in ratios]
-    metrics = {f"{NS_PLASTICITY}/flow_dormant": ratios["flow"]} if "flow" in ratios else {}
+    metrics = {FLOW_DORMANT: ratios["flow"]} if "flow" in ratios else {}
     if layers:
-        metrics[f"{NS_PLASTICITY}/policy_dormant"] = sum(layers) / len(layers)
+        metrics[POLICY_DORMANT] = sum(layers) / len(layers)
     for i, value in enumerate(layers):
-        metrics[f"{NS_PLASTICITY}/policy_dormant/layer{i}"] = value
+        metrics[f"{POLICY_DORMANT}/layer{i}"] = value
     return metrics
 
 

@@ -44,7 +44,7 @@ class PPOObjective:
         lc = cfg.learner
         self.cfg, self.policy, self.eos_id, self.collate = cfg, policy, eos_id, collate_fn
         self.value = ValueHead(policy.config.hidden_size).to(device)
-        self.kl = AdaptiveKLController(lc.ppo_kl_init, lc.ppo_kl_target, lc.ppo_kl_horizon)
+        self.kl = AdaptiveKLController(lc.ppo.kl_coef, lc.ppo.kl_target, lc.ppo.kl_horizon)
         self.heads: dict[str, torch.nn.Module] = {"value": self.value}
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -66,27 +66,27 @@ class PPOObjective:
         mask = batch["response_mask"].bool()
         score = batch["log_reward"] * self.cfg.reward.beta  # r = β · log R
         rewards, kl = token_rewards(score, out["log_pf"], batch["ref_logprobs"], mask, self.kl.value)
-        advantages, returns = gae(rewards, values, mask, self.cfg.learner.ppo_gamma, self.cfg.learner.ppo_lambda)
+        advantages, returns = gae(rewards, values, mask, self.cfg.learner.ppo.gamma, self.cfg.learner.ppo.gae_lambda)
         return {"batch": batch, "mask": mask, "log_pf_old": out["log_pf"], "values_old": values,
                 "advantages": whiten(advantages, mask), "returns": returns, "kl": kl.sum(-1), "score": score}
 
     def update(self, batches: list[list[Trajectory]], optimizer: torch.optim.Optimizer,
                step: int) -> Optional[StepResult]:
-        """ppo_epochs optimiser steps over the batch (its micro-batches accumulated into each step), then the
+        """learner.ppo.epochs optimiser steps over the batch (its micro-batches accumulated into each step), then the
         KL controller; None when a loss is non-finite (nothing stepped after it; the loop counts and skips)."""
         lc = self.cfg.learner
         prepared = [self.prepare(trajs) for trajs in batches]
         params = [p for p in self.policy.parameters() if p.requires_grad]
         losses, infos, diag = [], [], []
         grad_norm = 0.0
-        for _ in range(lc.ppo_epochs):
+        for _ in range(lc.ppo.epochs):
             optimizer.zero_grad(set_to_none=True)
             epoch_loss = 0.0
             for p in prepared:
                 out, values = self._forward(p["batch"])
                 loss, d = ppo_loss(out["log_pf"], values, p["log_pf_old"], p["values_old"], p["advantages"],
-                                   p["returns"], p["mask"], clip=lc.ppo_clip, value_clip=lc.ppo_value_clip,
-                                   value_coef=lc.ppo_value_coef)
+                                   p["returns"], p["mask"], clip=lc.ppo.clip, value_clip=lc.ppo.value_clip,
+                                   value_coef=lc.ppo.value_coef)
                 if not check_finite(loss):
                     optimizer.zero_grad(set_to_none=True)
                     return None

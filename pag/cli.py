@@ -35,7 +35,7 @@ def _config_command(sub) -> None:
                        description="Resolve and print a config exactly as `pag train` would use it.")
     p.add_argument("--preset", default="tiny", help="tiny (CPU, offline, minutes) or sd14 (the paper)")
     p.add_argument("--method", help="a named method or ablation (pag, gfn-tb, ppo, pag-no-reset, pag-no-prt, pag-no-fl)")
-    p.add_argument("--config", dest="config_file", help="YAML file with sections model/sampler/reward/buffer/learner/run")
+    p.add_argument("--config", dest="config_file", help="YAML file of config sections")
     p.add_argument("--list", action="store_true", help="list every key with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=3e-5")
 

@@ -40,8 +40,8 @@ def cache_model_id(cfg: Config, dtype_name: str = "float32") -> str:
     settings = {
         "sd": cfg.model.sd, "kind": cfg.model.kind, "tiny_seed": cfg.model.seed if cfg.model.kind == "tiny" else None,
         "clip": [cfg.model.clip_arch, cfg.model.clip_pretrained], "aesthetic": cfg.model.aesthetic_weights,
-        "size": cfg.model.image_size, "steps": cfg.reward.steps, "guidance": cfg.reward.guidance,
-        "images": cfg.reward.images_per_prompt, "dtype": dtype_name,
+        "size": cfg.model.image_size, "steps": cfg.reward.images.steps, "guidance": cfg.render.guidance,
+        "images": cfg.reward.images.per_prompt, "dtype": dtype_name,
     }
     text_scorers = sorted(s for s in cfg.reward.scorers if s in ("style", "relevance_text"))
     if text_scorers or not cfg.reward.render:  # only then, so image-only runs keep their keys

@@ -1,5 +1,5 @@
 """Rendering for the reward: text → images with fixed per-index noise, and the reward models a
-worker builds once (SD pipeline with the `reward.` speed switches, the configured scorers).
+worker builds once (SD pipeline with the `reward.speed` switches, the configured scorers).
 
 Shared by the reward workers (actors/reward_worker.py), `pag eval`'s workers and the run report.
 Image i of *every* text starts from the same noise, randn(seed + i), so a rewrite and its plain prompt
@@ -13,14 +13,15 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from common.config import Config
-from common.constants import REPHRASE_TEMPLATE
+from common.formats import TEMPLATES
 
-_TEMPLATE_SUFFIX = REPHRASE_TEMPLATE.replace("{prompt}", "")  # " Rephrase:\n"
+#: what the policy's input templates add after the prompt: " Rephrase:\n" (pag) and " Rephrase:" (promptist)
+_TEMPLATE_SUFFIXES = tuple(TEMPLATES[name].replace("{prompt}", "") for name in ("pag", "promptist"))
 
 
 def plain_text(prompt: str) -> str:
     """The user's prompt x, without the policy's " Rephrase:" template if a sampler left it on."""
-    for suffix in (_TEMPLATE_SUFFIX, _TEMPLATE_SUFFIX.rstrip()):
+    for suffix in _TEMPLATE_SUFFIXES:
         if prompt.endswith(suffix):
             return prompt[: -len(suffix)]
     return prompt
@@ -79,17 +80,17 @@ class RewardModels:
     score_keys: list[str]  # what a plain-cache entry must hold to be a hit
     device: torch.device
     dtype: torch.dtype
-    speed: dict[str, Any] = field(default_factory=dict)  # the `reward.` speed switches applied (scoring.sd_speed)
+    speed: dict[str, Any] = field(default_factory=dict)  # the `reward.speed` switches applied (scoring.sd_speed)
 
 
 def build_reward_models(cfg: Config, device: Optional[str] = None) -> RewardModels:
-    """SD pipeline (fp16 on GPU when reward.fp16, then the reward.* speed switches) and the configured scorers."""
+    """SD pipeline (fp16 on GPU when render.fp16, then the reward.speed switches) and the configured scorers."""
     from scoring.scorers import TEXT, build_scorers, score_keys
     from common.models import build_sd_pipeline, resolve_device
     from scoring.sd_speed import apply_speed
 
     dev = resolve_device(device or cfg.run.device)
-    dtype = torch.float16 if (cfg.reward.fp16 and dev.type == "cuda") else torch.float32
+    dtype = torch.float16 if (cfg.render.fp16 and dev.type == "cuda") else torch.float32
     r = cfg.reward
     if not r.render:
         score_keys(r.scorers)  # unknown names fail here, naming the known ones
@@ -103,8 +104,8 @@ def build_reward_models(cfg: Config, device: Optional[str] = None) -> RewardMode
         raise ValueError(f"reward.scorers = {r.scorers}: the paper's reward needs {sorted(missing)} too "
                          f"(or reward.render=false with text scorers only)")
     pipe = build_sd_pipeline(cfg.model, dev, dtype)
-    speed = apply_speed(pipe, r)
-    renderer = Renderer(pipe, r.images_per_prompt, r.steps, r.guidance, r.seed, cfg.model.image_size,
-                        r.render_batch or r.batch_size)
+    speed = apply_speed(pipe, r.speed)
+    renderer = Renderer(pipe, r.images.per_prompt, r.images.steps, cfg.render.guidance, r.images.seed,
+                        cfg.model.image_size, r.speed.render_batch or r.batch_size)
     return RewardModels(renderer, build_scorers(r.scorers, cfg.model, dev, dtype), score_keys(r.scorers), dev, dtype,
                         speed)

@@ -1,7 +1,7 @@
-"""Speed switches for a Stable Diffusion pipeline, each a `reward.` config key (issue 12).
+"""Speed switches for a Stable Diffusion pipeline, each a `reward.speed.` config key (issue 12).
 
     pipe = build_sd_pipeline(cfg.model, "cuda", torch.float16)
-    info = apply_speed(pipe, cfg.reward)        # after building, before the first render
+    info = apply_speed(pipe, cfg.reward.speed)  # after building, before the first render
 
 | key | what it changes | images |
 |---|---|---|
@@ -9,7 +9,7 @@
 | `channels_last` | UNet and VAE weights and activations in NHWC, which cuDNN's tensor-core convolutions prefer | same maths, rounding differs |
 | `compile_unet`, `compile_vae` | `torch.compile` of the UNet's and the VAE decoder's `forward` (the first call of each shape compiles) | fused kernels, rounding differs |
 | `cuda_graphs` | compile with mode `reduce-overhead`: each shape is replayed as one CUDA graph, no launch gaps | as compile |
-| `vae_fp16` | with `reward.fp16`: decode in half precision (True, today's behaviour) or keep the VAE float32 | float32 decode is the reference |
+| `vae_fp16` | with `render.fp16`: decode in half precision (True, today's behaviour) or keep the VAE float32 | float32 decode is the reference |
 
 Classifier-free guidance already runs as one batch of 2·N latents in diffusers' pipeline, so there is no
 switch for it. Defaults are today's behaviour; a switch becomes a default of `sd14` only when a GPU
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from common.config import SpeedConfig
+
 log = logging.getLogger(__name__)
 
 #: compile mode per `cuda_graphs`
@@ -35,7 +37,7 @@ def set_attention(pipe, kind: str) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if kind not in ("sdpa", "classic"):
-        raise ValueError(f"reward.attention = {kind!r}: choose sdpa or classic")
+        raise ValueError(f"reward.speed.attention = {kind!r}: choose sdpa or classic")
     processor = AttnProcessor2_0 if kind == "sdpa" else AttnProcessor
     pipe.unet.set_attn_processor(processor())
     pipe.vae.set_attn_processor(processor())
@@ -63,18 +65,18 @@ def _compile_forward(module: torch.nn.Module, mode: str | None) -> None:
                                    dynamic=False)
 
 
-def apply_speed(pipe, reward_cfg) -> dict[str, Any]:
-    """Apply the `reward.` speed switches to `pipe` in place; returns what was applied (for bench JSON)."""
-    r = reward_cfg
+def apply_speed(pipe, speed: SpeedConfig) -> dict[str, Any]:
+    """Apply the `reward.speed` switches to `pipe` in place; returns what was applied (for bench JSON)."""
+    r = speed
     cuda = pipe.unet.device.type == "cuda"
     set_attention(pipe, r.attention)
-    if r.fp16 and not r.vae_fp16 and pipe.vae.dtype == torch.float16:
+    if not r.vae_fp16 and pipe.vae.dtype == torch.float16:  # a half-precision pipeline (render.fp16 on GPU)
         keep_vae_float32(pipe)
     if r.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if r.cuda_graphs and not cuda:
-        log.warning("reward.cuda_graphs is CUDA only: compiling without CUDA graphs on %s", pipe.unet.device)
+        log.warning("reward.speed.cuda_graphs is CUDA only: compiling without CUDA graphs on %s", pipe.unet.device)
     mode = COMPILE_MODES[bool(r.cuda_graphs and cuda)]
     if r.compile_unet:
         _compile_forward(pipe.unet, mode)

@@ -33,14 +33,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from common.data import load_prompts
+from common.data import ENGINEERED_SETS, PLAIN_SETS, load_prompts
 
 log = logging.getLogger(__name__)
 
 #: bump when the data rule or the fit changes meaning: it is part of the cache key
 STYLE_VERSION = 1
-ENGINEERED_SETS = ("lexica", "diffusiondb", "pickapic", "diffusiondb_ipgo")
-PLAIN_SETS = ("coco", "coco_all")
 L2 = 1e-3
 #: calibrated with bench/text_reward.py (docs/benchmarks.md)
 TEXT_THRESHOLD = 0.45

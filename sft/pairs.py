@@ -5,8 +5,8 @@ read, through `common.data.load_train_prompts`, so the paper's four evaluation s
 coco, diffusiondb) never contribute; a pair whose plain or target text is in one of them (ignoring
 case, spacing and end punctuation) is dropped as well.
 
-1. Engineered sets (`ENGINEERED_SETS`: diffusiondb_ipgo, pickapic — user prompts with style
-   modifiers). Each prompt is split at its first separator — ``,`` ``;`` ``|`` ``--`` ``. `` or
+1. Engineered sets (`common.data.ENGINEERED_SETS` less the eval sets: diffusiondb_ipgo, pickapic — user
+   prompts with style modifiers). Each prompt is split at its first separator — ``,`` ``;`` ``|`` ``--`` ``. `` or
    `` by `` — into a *subject* and a *tail*. The plain source is the subject, lower-cased, whitespace
    collapsed, trailing punctuation stripped; the target is the prompt itself. The pair is skipped if
    the plain has fewer than two words or equals the target. A prompt with no separator at all is a
@@ -33,10 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.config import ConfigError
-from common.data import PAPER_EVAL_SETS, load_prompts, load_train_prompts, normalize
-
-#: sets whose prompts already carry style modifiers; every other set is treated as plain captions
-ENGINEERED_SETS = frozenset({"diffusiondb_ipgo", "pickapic"})
+from common.data import ENGINEERED_SETS, PAPER_EVAL_SETS, load_prompts, load_train_prompts, normalize
 
 Pair = tuple[str, str]
 
@@ -125,7 +122,8 @@ def build_pairs(prompt_set_names: Sequence[str | Path], seed: int = 0) -> list[P
     vocab = modifier_vocabulary(engineered)
     if plain_pool and not vocab:
         raise ConfigError(f"sampler.datasets = {[str(n) for n in prompt_set_names]}: no style modifiers to append to "
-                          f"plain prompts; include an engineered set ({', '.join(sorted(ENGINEERED_SETS))})")
+                          f"plain prompts; include an engineered set "
+                          f"({', '.join(sorted(set(ENGINEERED_SETS) - set(PAPER_EVAL_SETS)))})")
     for prompt in plain_pool:
         mods = _weighted_sample(rng, vocab, rng.randint(2, 6))
         pairs.append((prompt, prompt.rstrip(" .") + ", " + ", ".join(mods)))

@@ -8,9 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import yaml
-
-from common.config import Config, ModelConfig
+from common.config import Config, ModelConfig, read_saved
 from common.formats import PolicyFormat
 from eval.methods.base import Conditioning, Method, MethodOutput, Rewrite
 from eval.spec import MethodSpec, MethodSpecError
@@ -22,7 +20,7 @@ def run_model_config(run_dir: str | None, default: ModelConfig) -> ModelConfig:
     """The model section of the run's own config.yaml (its tokenizer, its kind); the eval's otherwise."""
     if not run_dir:
         return default
-    raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    raw = read_saved(Path(run_dir) / "config.yaml")  # keys of an older layout mapped
     return ModelConfig.model_validate(raw.get("model") or {}) if raw.get("model") else default
 
 
@@ -31,7 +29,7 @@ def run_format(run_dir: str | None, default: Config) -> PolicyFormat:
     sampler.response), so a `suffix` run is evaluated the way it was trained; the eval config's otherwise."""
     if not run_dir:
         return PolicyFormat.from_config(default)
-    raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    raw = read_saved(Path(run_dir) / "config.yaml")
     model, sampler = raw.get("model") or {}, raw.get("sampler") or {}
     try:
         return PolicyFormat(model.get("input_format", "pag"), sampler.get("response", "full"))

@@ -9,7 +9,7 @@
 
 Each prompt gets one rewrite: text = the prompt (IPGO does not change words), conditioning =
 [prefix; H; suffix] and the empty prompt's states at the same length. The harness renders it from its own
-seeds (eval.seed + i), which IPGO never trained on, and scores it with every configured scorer (the
+seeds (eval.images.seed + i), which IPGO never trained on, and scores it with every configured scorer (the
 reward-hacking check). Each output's `info` also carries IPGO's own reward on the noise it was optimised with
 and on held-out seeds (same sampler and reward) and the cost per prompt, from the run's results.jsonl: the
 report's IPGO section (eval/ipgo_report.py). With no path the run directory is runs/ipgo-eval__<config hash>,
@@ -87,7 +87,7 @@ class IpgoMethod(Method):
             texts = [(o.rewrites[0].text if o.rewrites else o.prompt) for o in self.policy.rewrite(prompts, 1)]
         tokens = self._tokens(texts)
         ev = self.cfg.eval
-        seeds = heldout_seeds(ev.seed, ev.images_per_prompt, self.cfg.ipgo.seed)
+        seeds = heldout_seeds(ev.images.seed, ev.images.per_prompt, self.cfg.ipgo.seed)
         outputs = []
         for prompt, text in zip(prompts, texts):
             enc = models.encoder.encode(text)

@@ -72,7 +72,7 @@ class PolicyMethod(Method):
         if ev.decode == "beam":
             decoding.update(beams=ev.beams_per_group, diversity=ev.diversity_penalty, length=ev.length_penalty)
         else:
-            decoding.update(temperature=ev.temperature, seed=ev.seed)
+            decoding.update(temperature=ev.temperature, seed=ev.images.seed)
         return {"name": self.name, "policy": str(Path(self.policy_dir).resolve()), "template": self.template,
                 "response": self.fmt.response,
                 "weights": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files], **decoding}
@@ -107,7 +107,7 @@ class PolicyMethod(Method):
 
         ids, mask = self._encode([p for p in prompts for _ in range(n)])
         # one generator per batch, seeded by the batch's position: the same prompts give the same rewrites
-        gen = torch.Generator(self.device).manual_seed(self.ev.seed + offset)
+        gen = torch.Generator(self.device).manual_seed(self.ev.images.seed + offset)  # the eval's one seed
         resp, rmask = sample(self.model, ids, mask, self.ev.max_new_tokens, self.ev.min_new_tokens,
                              self.ev.temperature, self.tokenizer.eos_token_id, generator=gen)
         texts = self._texts(resp, rmask)

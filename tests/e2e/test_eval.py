@@ -110,7 +110,7 @@ def test_resume_after_interrupt_renders_only_the_rest(tmp_path):
     from eval.pool import LocalPool
     from eval.runner import render_missing, work_items
 
-    cfg = load_config("tiny", overrides=["eval.batch_size=2", "eval.steps=2"])
+    cfg = load_config("tiny", overrides=["eval.batch_size=2", "eval.images.steps=2"])
     sets = {"s": ["a red car", "a blue boat", "a green tree"]}
     outputs = {"rule": {"s": [MethodOutput(p, [Rewrite(p + ", 8k")]) for p in sets["s"]]}}
     items = work_items(cfg, sets, outputs)
@@ -143,7 +143,7 @@ def test_ray_pool_of_two_workers_matches_the_local_worker(ray_local):
     from eval.pool import LocalPool, RayPool
     from eval.worker import decode_results, encode_items
 
-    cfg = load_config("tiny", overrides=["eval.steps=2"])
+    cfg = load_config("tiny", overrides=["eval.images.steps=2"])
     items = [{"against": "a red car", "key": t, "text": t, "thumb": False}
              for t in ("a red car", "a red car, 8k", "a red car, oil painting", "a red car at night")]
     works = [encode_items(items[i:i + 1]) for i in range(len(items))]
@@ -233,10 +233,10 @@ def test_extra_scorer_judges_against_the_plain_prompt_or_the_rewrite():
     item = {"against": "a red car", "key": "a red car, 8k", "text": "a red car, 8k", "thumb": False}
     try:
         for against, expected in (("plain", len("a red car")), ("rewrite", len("a red car, 8k"))):
-            cfg = load_config("tiny", overrides=["eval.steps=1", "eval.scorers=[textlen]",
+            cfg = load_config("tiny", overrides=["eval.images.steps=1", "eval.scorers=[textlen]",
                                                  f"eval.score_against={against}"])
             (result,) = decode_results(EvalWorker(cfg.to_dict()).process(encode_items([item])))
-            assert decode_record(result["record"])["extra"]["textlen"] == [expected] * cfg.eval.images_per_prompt
+            assert decode_record(result["record"])["extra"]["textlen"] == [expected] * cfg.eval.images.per_prompt
     finally:
         SCORERS.pop("textlen")
         SCORE_KEYS.pop("textlen")
@@ -267,7 +267,7 @@ def test_conditioning_renders_like_the_text_it_encodes():
     from eval.runner import work_items
     from eval.worker import EvalWorker, decode_results, encode_items
 
-    cfg = load_config("tiny", overrides=["eval.steps=2"])
+    cfg = load_config("tiny", overrides=["eval.images.steps=2"])
     worker = EvalWorker(cfg.to_dict())
     pipe = worker.renderer.pipe
     with torch.no_grad():

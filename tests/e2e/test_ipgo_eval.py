@@ -58,7 +58,7 @@ def test_ipgo_report_section(tmp_path):
     from eval.methods.base import MethodOutput
 
     assert heldout_seeds(0, 3, 1) == [0, 2, 3] and heldout_seeds(42, 2, 0) == [42, 43]
-    cfg = load_config("tiny", overrides=["ipgo.iterations=2", f"run.runs_dir={tmp_path}", "eval.images_per_prompt=2"])
+    cfg = load_config("tiny", overrides=["ipgo.iterations=2", f"run.runs_dir={tmp_path}", "eval.images.per_prompt=2"])
     out = build(MethodSpec("ipgo", "ipgo", None, raw="ipgo"), cfg).rewrite(["a red car", "a bowl of fruit"], n=1)
     outputs = {"plain": {"lexica": [MethodOutput(o.prompt) for o in out]}, "ipgo": {"lexica": out}}
     ipgo = collect(outputs)

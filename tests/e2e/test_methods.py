@@ -32,7 +32,7 @@ def test_methods_set_their_documented_switches():
     assert (tb.learner.objective, tb.learner.reactivation_every, tb.buffer.prioritization) == ("tb", 0, "uniform")
     ppo = load_config("sd14", method="ppo")
     assert (ppo.learner.objective, ppo.learner.replay_ratio, ppo.learner.lr) == ("ppo", 0, 5e-5)
-    assert (ppo.learner.ppo_epochs, ppo.learner.ppo_clip, ppo.learner.ppo_value_coef) == (4, 0.2, 2.3)
+    assert (ppo.learner.ppo.epochs, ppo.learner.ppo.clip, ppo.learner.ppo.value_coef) == (4, 0.2, 2.3)
     assert ppo.sampler.temp_start == ppo.sampler.temp_end == 1.0
 
 
@@ -65,7 +65,7 @@ def test_pag_config_shows_a_method(tmp_path):
 
 
 TINY = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2", "learner.batch_size=8",
-        "reward.batch_size=4", "reward.images_per_prompt=1", "reward.steps=2", "run.log_every=1"]
+        "reward.batch_size=4", "reward.images.per_prompt=1", "reward.images.steps=2", "run.log_every=1"]
 
 
 @pytest.mark.slow
@@ -76,7 +76,7 @@ def test_pag_train_method_end_to_end(tmp_path_factory, name, tiny_sft):
     (issue 10), one image per prompt at 2 denoising steps to keep each run short; the SFT cache (PAG_CACHE)
     is shared across the parameters. `pag` itself is the ablations' common path and is checked as a config."""
     path = tmp_path_factory.mktemp(f"method-{name}")
-    resets = METHODS[name].overrides.count("learner.reactivation_every=0") == 0
+    resets = METHODS[name].overrides.get("learner", {}).get("reactivation_every") != 0
     extra = ["learner.reactivation_every=1"] if resets else []  # every step, so the reset path runs in 2 steps
     result = subprocess.run([sys.executable, "-m", "pag.cli", "train", "--method", name, "--steps", "2",
                              "--run-name", name, "--no-report", *TINY, *extra], cwd=path, env=_env(path),

@@ -22,7 +22,7 @@ from common.trajectory import Trajectory
 torch.set_num_threads(1)
 
 COMPONENTS = {"aes", "aes_plain", "aes_gain", "clip", "clip_plain", "rel", "reward"}
-TINY = ["reward.steps=2", "reward.images_per_prompt=2", "reward.batch_size=4"]
+TINY = ["reward.images.steps=2", "reward.images.per_prompt=2", "reward.batch_size=4"]
 
 
 def _traj(prompt: str, response: str, run: str = "") -> Trajectory:
@@ -90,7 +90,7 @@ def test_step_scores_stores_and_acks(worker, cfg):
         assert s["reward"] == pytest.approx(s["aes_gain"] + s["rel"])
         assert stored.log_reward == pytest.approx(s["reward"] / cfg.reward.beta)
     # both rewrites of "a cat" share one plain render: 3 rewrites + 2 plain prompts
-    assert worker.stats.plain_cache_misses == 2 and worker.stats.images == 5 * cfg.reward.images_per_prompt
+    assert worker.stats.plain_cache_misses == 2 and worker.stats.images == 5 * cfg.reward.images.per_prompt
     # readable for a person
     fields = worker.buffer.client.hgetall(f"pag:{worker.run_name}:traj:{trajs[0].id}")
     assert float(fields[b"aes_gain"]) == pytest.approx(worker.buffer.get(trajs[0].id).scores["aes_gain"], abs=1e-5)
@@ -118,7 +118,7 @@ def test_plain_cache_hits_on_second_sighting_and_is_shared(worker, cfg, models, 
     meta = worker.buffer.meta()
     assert (int(meta["plain_cache_misses"]), int(meta["plain_cache_hits"])) == (1, 1)
     assert warm * 2 == cold  # the plain prompt is not rendered again
-    assert warm == cfg.reward.images_per_prompt * cfg.reward.steps * 2  # ×2: classifier-free guidance
+    assert warm == cfg.reward.images.per_prompt * cfg.reward.images.steps * 2  # ×2: classifier-free guidance
 
     other = RewardWorker(cfg, redis_url, "another_run", "w0", models=models, block_ms=50)
     other.buffer.push_pending([_traj("a bowl of fruit", "a bowl of fruit, watercolor")])
@@ -140,7 +140,8 @@ def test_plain_cache_entries_are_readable_and_finite(redis_url, cfg):
     assert cache.get_many(["a cat"], ["aes", "hps"]) == {}  # a run with another scorer misses
     with pytest.raises(ValueError, match="non-finite"):
         cache.put("a dog", {"aes": float("nan"), "clip": 0.3})
-    assert cache_model_id(load_config("tiny", overrides=["reward.steps=3"])) != cache_model_id(load_config("tiny"))
+    other = load_config("tiny", overrides=["reward.images.steps=3"])
+    assert cache_model_id(other) != cache_model_id(load_config("tiny"))
     client.close()
 
 
@@ -229,7 +230,7 @@ def test_ray_workers_kill_one_mid_batch_and_scale(ray_local, redis_url, run_name
 
     from actors.scaling import list_workers, scale_workers, start_workers, stop_workers
 
-    cfg = load_config("tiny", overrides=["reward.steps=4", "reward.images_per_prompt=2", "reward.batch_size=4",
+    cfg = load_config("tiny", overrides=["reward.images.steps=4", "reward.images.per_prompt=2", "reward.batch_size=4",
                                          "reward.num_workers=2"])
     names = start_workers(cfg, redis_url, run_name, reclaim_idle_ms=1500, torch_threads=1)
     try:

@@ -33,8 +33,8 @@ def arch():
 def test_preset_is_the_paper_at_full_size():
     cfg = load_config("sd14-arch")
     assert cfg.model.kind == "arch" and cfg.model.image_size == 512
-    r = cfg.reward
-    assert (r.steps, r.guidance, r.images_per_prompt, r.fp16) == (20, 7.5, 3, True)
+    r = cfg.reward.images
+    assert (r.steps, cfg.render.guidance, r.per_prompt, cfg.render.fp16) == (20, 7.5, 3, True)
     assert (cfg.learner.batch_size, cfg.sampler.max_len) == (64, 75)
 
 

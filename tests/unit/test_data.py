@@ -58,7 +58,7 @@ def test_packaged_counts(name):
 
 
 def test_paper_sets_as_published_without_dedup():
-    assert [len(load_prompts(n, dedup=False).prompts) for n in PAPER_EVAL_SETS] == [64, 64, 256, 256]
+    assert [len(load_prompts(n, dedup=False).prompts) for n in PAPER_EVAL_SETS] == [64, 256, 256, 64]
 
 
 def test_pickapic_long_prompts_truncated_by_gpt2():

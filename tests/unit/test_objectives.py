@@ -15,7 +15,7 @@ from learner.fresh import FreshTimeoutError
 from learner.learner import Learner
 from learner.ppo_objective import PPOObjective
 
-PPO = ("learner.objective=ppo", "learner.replay_ratio=0", "learner.ppo_epochs=2")
+PPO = ("learner.objective=ppo", "learner.replay_ratio=0", "learner.ppo.epochs=2")
 
 
 class ListBuffer:

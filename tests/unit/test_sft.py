@@ -76,7 +76,7 @@ def test_pairs_drop_eval_prompts_even_when_derived(tmp_path, monkeypatch):
     lines += [f"a red fox number {i} in the snow, {s}" for i in range(5) for s in suffixes[:2]]
     file = tmp_path / "eng.txt"
     file.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(sft.pairs, "ENGINEERED_SETS", sft.pairs.ENGINEERED_SETS | {str(file)})
+    monkeypatch.setattr(sft.pairs, "ENGINEERED_SETS", (*sft.pairs.ENGINEERED_SETS, str(file)))
     engineered = load_prompts(file, "train").prompts
     assert any(key(sft.pairs.plain_of(p)) in chatgpt for p in engineered)  # the filter has work to do
     pairs = sft.pairs.build_pairs([str(file)], seed=0)

@@ -1,0 +1,78 @@
+"""Presets: small functions that override the paper's defaults, as nested dicts; `merge` lays one tree over
+another and is the only way config layers combine (preset → method → YAML file → `key=value` overrides,
+common/config.py). Methods (common/methods.py) are trees of the same kind.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+Tree = dict[str, Any]
+
+
+def merge(*trees: Tree) -> Tree:
+    """The trees laid over each other left to right: a later leaf wins, sections merge key by key."""
+    out: Tree = {}
+    for tree in trees:
+        for key, value in tree.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def sd14() -> Tree:
+    """The paper: every default."""
+    return {}
+
+
+def tiny() -> Tree:
+    """CPU, offline, minutes: seeded random tiny models, a short run."""
+    return {
+        "model": {
+            "kind": "tiny", "policy": "tiny", "sd": "tiny", "clip_arch": "tiny", "clip_pretrained": "random",
+            "sentence_encoder": "auto", "image_size": 32,
+        },
+        "sampler": {
+            "prompts_per_batch": 4, "samples_per_prompt": 4, "min_len": 4, "max_len": 16,
+            "temp_anneal_steps": 60, "max_pending": 64, "temp_start": 1.5, "temp_end": 0.7,
+        },
+        "render": {"fp16": False},
+        # clip_threshold: the paper's 0.28 is calibrated to real ViT-L/14 scores (~0.2-0.35); the tiny random
+        # CLIP scores centre on 0, where 0.28 would make the penalty a near-constant −5.6 for every rewrite.
+        # With 0 the per-image hinge 20·min(0, max(0, clip) − 0) is always 0: tiny's reward is the aesthetic gain
+        "reward": {"num_gpus": 0.0, "images": {"steps": 4}, "batch_size": 8, "clip_threshold": 0.0},
+        "buffer": {"capacity": 2000},
+        "learner": {
+            "steps": 120, "batch_size": 16, "grad_accum": 1, "lr": 3e-4, "flow_lr": 1e-3,
+            "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 10,
+            "checkpoint_every_s": 20.0,
+            "num_gpus": 0.0, "flow_hidden": 64,
+        },
+        # the tiny text encoder is 32 wide, so E is 32 × 16; 6 LMS steps keep an iteration well under a second
+        "ipgo": {"rank": 16, "steps": 6, "iterations": 20, "epochs": 2, "num_gpus": 0.0},
+        "run": {"log_every": 5},
+        "eval": {"images": {"steps": 4}, "min_new_tokens": 4, "max_new_tokens": 16},
+    }
+
+
+def sd14_arch() -> Tree:
+    """The paper's settings and full-size architectures (SD v1.4 UNet/VAE/CLIP text encoder, open_clip
+    ViT-L-14, GPT-2 124M) with seeded random weights: compute and memory are the paper's, images are
+    noise. For measuring speed anywhere without downloads (bench/gpu.py), not for training results."""
+    return {"model": {"kind": "arch", "sentence_encoder": "auto"}}
+
+
+def tiny_proxy() -> Tree:
+    """tiny with a real, offline, text-only reward (issue 13; scoring/style.py): the policy continues
+    "{x}," (sampler.response=suffix) and is rewarded by style(rewrite) − style(x) from a classifier of
+    engineered prompts on all-MiniLM-L6-v2 embeddings, plus a MiniLM relevance hinge. Nothing is
+    rendered (reward.render=false). It is not the paper's image reward."""
+    return merge(tiny(), {
+        "sampler": {"response": "suffix"},
+        "reward": {"scorers": ["style", "relevance_text"], "render": False},
+    })
+
+
+PRESETS: dict[str, Callable[[], Tree]] = {"sd14": sd14, "tiny": tiny, "sd14-arch": sd14_arch,
+                                           "tiny-proxy": tiny_proxy}
