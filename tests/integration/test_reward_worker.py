@@ -228,7 +228,8 @@ def _push_bounded(buf: ReplayBuffer, trajs: list[Trajectory], start: int, bound:
 def test_ray_workers_kill_one_mid_batch_and_scale(ray_local, redis_url, run_name):
     import ray
 
-    from actors.scaling import list_workers, scale_workers, start_workers, stop_workers
+    from actors.scaling import scale_workers, start_workers, stop_workers
+    from common.cluster import list_reward_workers as list_workers
 
     cfg = load_config("tiny", overrides=["reward.images.steps=4", "reward.images.per_prompt=2", "reward.batch_size=4",
                                          "reward.num_workers=2"])
