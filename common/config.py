@@ -113,6 +113,7 @@ class RewardConfig(_Section):
 
 class BufferConfig(_Section):
     redis_url: Optional[str] = Field(None, description="redis://[user:pw@]host:port/db; None: a private redis-server per run")
+    allow_loopback: bool = Field(False, description="on a Ray cluster, accept a loopback redis_url or a private redis-server (every Ray node runs on this machine); False: an error naming redis_url")
     capacity: int = Field(5000, ge=1, description="trajectories kept")
     eviction: Literal["priority", "fifo"] = Field("priority", description="which trajectory leaves when full")
     prioritization: Literal["reward", "uniform"] = Field("reward", description="replay sampling: P ∝ exp(log R / T) or uniform")
