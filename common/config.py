@@ -211,6 +211,7 @@ class IpgoConfig(_Section):
 class RunConfig(_Section):
     name: Optional[str] = Field(None, description="run name; None: {preset}__{seed}__{time}")
     runs_dir: str = Field("runs", description="where run directories go")
+    storage_path: Optional[str] = Field(None, description="URI the run directory is copied to so that it outlives a node: file:///shared/dir, s3://bucket/prefix (pip install 'pag[s3]'), gs://bucket/prefix ('pag[gcs]'); checkpoints as they are written, config, metrics and report; --resume restores from it. None: run_dir only")
     seed: int = Field(1, description="seed for sampling and training")
     device: str = Field("auto", description="auto, cpu or cuda[:i] for roles that do not get a Ray GPU")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local Ray")

@@ -23,7 +23,8 @@ from common.config import Config
 from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_PPO, NS_REWARD, NS_THROUGHPUT, NS_WEIGHTS
 from common.models import build_policy, build_tokenizer, resolve_device
 from common.trajectory import Trajectory
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from common.storage import RunStorage
+from learner.checkpoint import latest_checkpoint, load_checkpoint, persist_checkpoint, save_checkpoint
 from learner.flow import FlowHead
 from learner.fresh import FreshTimeoutError, fresh_fraction, fresh_required, timeout_message
 from learner.losses import check_finite, gflownet_loss, temper
@@ -109,6 +110,9 @@ class Learner:
         self.counters: dict[str, int] = defaultdict(int)
         self._nonfinite_run = 0
         self._last_time = self._last_save = time.monotonic()
+        self.storage = RunStorage.from_config(cfg)  # run.storage_path: checkpoints outlive this node
+        if resume and self.storage is not None:
+            self.storage.pull_checkpoint(self.run_dir)  # restarted on another node: its newest checkpoint
         if resume and (path := latest_checkpoint(self.run_dir)) is not None:
             state = load_checkpoint(path, self.policy, self.flow, self.optimizer, heads=self._heads())
             if self.ppo is not None:
@@ -370,9 +374,10 @@ class Learner:
 
     def save(self) -> Path:
         self._last_save = time.monotonic()
-        return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.flow, self.optimizer,
+        path = save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.flow, self.optimizer,
                                dict(self.counters), heads=self._heads(),
                                extra={} if self.ppo is None else {"ppo": self.ppo.state_dict()})
+        return persist_checkpoint(self.storage, self.run_dir, path)
 
     def get_step(self) -> int:
         return self.step
