@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional
 from common.config import Config, ConfigError
 from common.constants import run_key
 from common.errors import ClusterError
-from common.urls import is_loopback_url, redact
+from common.urls import is_loopback_url, redact, redact_arg
 
 log = logging.getLogger("pag.cluster")
 
@@ -92,6 +92,30 @@ def resolve_runs_dir(runs_dir: str, environ: Mapping[str, str]) -> tuple[Path, O
 
 # ------------------------------------------------------------------ joining Ray
 
+def hide_secrets_in_command_line(cmdline: str = "/proc/self/cmdline") -> bool:
+    """Ray records a driver's command line as its job's entrypoint (`ray list jobs`, the dashboard), and
+    `ps` shows it to every user of the machine: when an argument is a URL with a password (`--redis-url
+    redis://pag:…@…`), replace this process's title by the command line with the password as `***`.
+    Best effort (Linux, Ray's own setproctitle); True when the title was changed."""
+    try:
+        with open(cmdline, "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    shown = [redact_arg(a) for a in args]
+    if shown == args:
+        return False
+    try:
+        from ray._raylet import setproctitle
+
+        setproctitle(" ".join(shown))
+    except Exception:  # noqa: BLE001 — a Ray without it: the job's entrypoint keeps the password
+        log.warning("could not hide the password in this command line from Ray's job table; pass the Redis URL "
+                    "as $PAG_REDIS_URL instead of --redis-url")
+        return False
+    return True
+
+
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, log_to_driver: bool = True,
              namespace: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> bool:
     """Join `address` (else RAY_ADDRESS; "auto" finds a running cluster) or start a private local Ray;
@@ -102,6 +126,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, l
 
     if ray.is_initialized():
         return False
+    hide_secrets_in_command_line()
     address = address or environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": driver_env_vars(environ)}, "log_to_driver": log_to_driver,
                               "logging_level": logging.WARNING}
@@ -126,13 +151,14 @@ def local_cpus(cfg: Config) -> int:
 def cluster_reason(address: Optional[str], environ: Mapping[str, str], nodes: int) -> Optional[str]:
     """Why this run is on a Ray cluster rather than one machine (for an error message), or None."""
     address = address or environ.get("RAY_ADDRESS")
+    why = []
     if job_config(environ) is not None:
-        return f"it runs as Ray job {job_id(environ)}"
+        why.append(f"it runs as Ray job {job_id(environ)}")
+    elif address and address != "local":
+        why.append(f"it joins the Ray cluster at {address!r}")
     if nodes > 1:
-        return f"the Ray cluster has {nodes} nodes"
-    if address and address != "local":
-        return f"it joins the Ray cluster at {address!r}"
-    return None
+        why.append(f"that cluster has {nodes} nodes" if why else f"the Ray cluster has {nodes} nodes")
+    return " and ".join(why) or None
 
 
 def check_redis_reach(redis_url: Optional[str], reason: Optional[str], *, allow_loopback: bool = False,

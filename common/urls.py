@@ -42,6 +42,14 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def redact_arg(arg: str) -> str:
+    """A command-line argument with any URL's password redacted: `redis://…` or `key=redis://…`."""
+    key, sep, value = arg.partition("=")
+    if sep and "://" in value and "://" not in key:
+        return key + sep + redact(value)
+    return redact(arg) if "://" in arg else arg
+
+
 def is_redacted(url: str) -> bool:
     """True when `url` is the output of `redact` for a URL that had a secret (it cannot connect)."""
     try:

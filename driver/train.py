@@ -108,8 +108,9 @@ class Trainer:
         return self.redis_server.url
 
     def prepare(self) -> None:
-        """Join Ray (job-aware), check the cluster can host the roles and the prompt sets load; raises
-        ClusterError / DatasetError with what to do, and leaves Ray as it found it on failure."""
+        """Join Ray (job-aware), check every role can reach Redis, the cluster can host the roles and the
+        prompt sets load; raises ConfigError / ClusterError / DatasetError with what to do, and leaves Ray
+        as it found it on failure."""
         import ray
 
         from common.data import load_train_prompts
@@ -117,7 +118,7 @@ class Trainer:
 
         load_train_prompts(self.cfg.sampler.datasets)  # a bad prompt file fails here, not in a sampler
         url, allow, address = self.cfg.buffer.redis_url, self.cfg.buffer.allow_loopback, self.cfg.run.ray_address
-        check_redis_reach(url, cluster_reason(address, os.environ, 1), allow_loopback=allow)  # a job, an address
+        check_redis_reach(url, None)  # empty: an unset variable expanded by a shell; before anything starts
         if self.cfg.buffer.redis_url:  # an unreachable --redis-url fails in seconds, before SFT and Ray
             from buffer.connection import connect
 

@@ -8,7 +8,7 @@ import pytest
 
 from common.cluster import JOB_CONFIG_ENV, check_redis_reach, cluster_reason
 from common.config import ConfigError
-from common.urls import is_loopback_url, is_redacted, redact, redact_tree
+from common.urls import is_loopback_url, is_redacted, redact, redact_arg, redact_tree
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -22,6 +22,20 @@ from common.urls import is_loopback_url, is_redacted, redact, redact_tree
 def test_redact(url, shown):
     assert redact(url) == shown
     assert is_redacted(shown) == (shown != url)
+
+
+def test_redact_arg_for_command_lines():
+    assert redact_arg("redis://pag:pw@h:1/0") == "redis://pag:***@h:1/0"
+    assert redact_arg("buffer.redis_url=redis://pag:pw@h:1/0") == "buffer.redis_url=redis://pag:***@h:1/0"
+    assert redact_arg("learner.lr=3e-5") == "learner.lr=3e-5" and redact_arg("--steps") == "--steps"
+
+
+def test_a_command_line_without_a_secret_is_left_alone(tmp_path):
+    from common.cluster import hide_secrets_in_command_line
+
+    (tmp_path / "cmdline").write_bytes(b"python\0-m\0pag.cli\0train\0--redis-url\0redis://10.0.0.5:6379/0\0")
+    assert hide_secrets_in_command_line(str(tmp_path / "cmdline")) is False
+    assert hide_secrets_in_command_line(str(tmp_path / "missing")) is False
 
 
 def test_redact_tree_redacts_every_url_in_a_config():
