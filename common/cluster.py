@@ -9,6 +9,10 @@ the run directory goes under a job, and a resource check before any role is laun
   shared by jobs with the same code and deleted with the session. Under a job a relative
   `run.runs_dir` (the default `runs`) is placed under `~/pag/` of the user running Ray on the
   driver's node — `~/pag/runs/<name>` — and said at start; an absolute `--runs-dir` is kept.
+* **Redis every node can reach.** A private redis-server listens on 127.0.0.1 of the driver's machine:
+  on a Ray cluster (a cluster address, a job, or more than one node) the actors elsewhere cannot reach
+  it, nor any loopback `buffer.redis_url`. `check_redis_reach` makes that an error naming the setting
+  instead of a run whose roles hang; `buffer.allow_loopback=true` says every node is on this machine.
 * **Preflight.** Ray waits forever for an actor no node can host ("No available node types can
   fulfill resource request"). Before launching, the roles' requests are packed onto the alive
   nodes' resources; if they do not fit, a ClusterError names what is missing and what to do, or,
@@ -24,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from common.config import Config
+from common.config import Config, ConfigError
 from common.constants import run_key
 from common.errors import ClusterError
+from common.urls import is_loopback_url, redact, redact_arg
 
 log = logging.getLogger("pag.cluster")
 
@@ -87,6 +92,30 @@ def resolve_runs_dir(runs_dir: str, environ: Mapping[str, str]) -> tuple[Path, O
 
 # ------------------------------------------------------------------ joining Ray
 
+def hide_secrets_in_command_line(cmdline: str = "/proc/self/cmdline") -> bool:
+    """Ray records a driver's command line as its job's entrypoint (`ray list jobs`, the dashboard), and
+    `ps` shows it to every user of the machine: when an argument is a URL with a password (`--redis-url
+    redis://pag:…@…`), replace this process's title by the command line with the password as `***`.
+    Best effort (Linux, Ray's own setproctitle); True when the title was changed."""
+    try:
+        with open(cmdline, "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    shown = [redact_arg(a) for a in args]
+    if shown == args:
+        return False
+    try:
+        from ray._raylet import setproctitle
+
+        setproctitle(" ".join(shown))
+    except Exception:  # noqa: BLE001 — a Ray without it: the job's entrypoint keeps the password
+        log.warning("could not hide the password in this command line from Ray's job table; pass the Redis URL "
+                    "as $PAG_REDIS_URL instead of --redis-url")
+        return False
+    return True
+
+
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, log_to_driver: bool = True,
              namespace: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> bool:
     """Join `address` (else RAY_ADDRESS; "auto" finds a running cluster) or start a private local Ray;
@@ -97,6 +126,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, l
 
     if ray.is_initialized():
         return False
+    hide_secrets_in_command_line()
     address = address or environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": driver_env_vars(environ)}, "log_to_driver": log_to_driver,
                               "logging_level": logging.WARNING}
@@ -116,6 +146,40 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, l
 def local_cpus(cfg: Config) -> int:
     """CPUs of a private local Ray for a run: the machine's, or enough for every role's actor."""
     return max(os.cpu_count() or 2, cfg.sampler.num_samplers + cfg.reward.num_workers + 2)
+
+
+def cluster_reason(address: Optional[str], environ: Mapping[str, str], nodes: int) -> Optional[str]:
+    """Why this run is on a Ray cluster rather than one machine (for an error message), or None."""
+    address = address or environ.get("RAY_ADDRESS")
+    why = []
+    if job_config(environ) is not None:
+        why.append(f"it runs as Ray job {job_id(environ)}")
+    elif address and address != "local":
+        why.append(f"it joins the Ray cluster at {address!r}")
+    if nodes > 1:
+        why.append(f"that cluster has {nodes} nodes" if why else f"the Ray cluster has {nodes} nodes")
+    return " and ".join(why) or None
+
+
+def check_redis_reach(redis_url: Optional[str], reason: Optional[str], *, allow_loopback: bool = False,
+                      env_var: str = "PAG_REDIS_URL") -> None:
+    """ConfigError when the roles could not all reach the run's Redis: on a cluster (`reason`, from
+    `cluster_reason`) a missing or loopback `buffer.redis_url`; anywhere, an empty one (an unset
+    variable expanded by a shell). A private redis-server (no URL) is for one machine only."""
+    setting = f"buffer.redis_url (--redis-url, or ${env_var} in the driver's environment)"
+    if redis_url is not None and not redis_url.strip():
+        raise ConfigError(f"{setting} is empty — an unset variable expanded by a shell? Give a redis:// URL, or "
+                          "leave it out on a single machine for a private redis-server")
+    if reason is None or allow_loopback:
+        return
+    fix = ("give a URL every Ray node can reach, e.g. redis://pag:PASSWORD@<head-private-ip>:6379/0 "
+           "(deploy/redis.conf), or buffer.allow_loopback=true if every Ray node runs on this machine")
+    if redis_url is None:
+        raise ConfigError(f"{setting} is not set, but {reason}: a private redis-server on 127.0.0.1 of the driver's "
+                          f"node is for one machine only, and the roles on other nodes could not reach it; {fix}")
+    if is_loopback_url(redis_url):
+        raise ConfigError(f"{setting} is {redact(redis_url)}, a loopback address, but {reason}: the roles on other "
+                          f"nodes would connect to their own machine; {fix}")
 
 
 # ------------------------------------------------------------------ reward workers by name

@@ -192,6 +192,9 @@ class BufferConfig(Section):
     groups by exp(mean(log p_ref(y|x) + log R) / T), read from an O(N) index (buffer/groups.py)"""
     dedup: bool = True
     """keep one copy of an identical (prompt, response), the higher reward"""
+    allow_loopback: bool = False
+    """on a Ray cluster, accept a loopback redis_url or a private redis-server (every Ray node runs on this
+    machine); False: an error naming redis_url"""
 
 
 class PPOConfig(Section):
@@ -311,6 +314,10 @@ class RunConfig(Section):
     """metrics every N learner steps"""
     method: Optional[str] = None
     """the named method (common/methods.py) this run started from, set by `pag train --method`; None: none"""
+    storage_path: Optional[str] = None
+    """URI the run directory is copied to so that it outlives a node: file:///shared/dir, s3://bucket/prefix
+    (pip install 'pag[s3]'), gs://bucket/prefix ('pag[gcs]'); checkpoints as they are written, config, metrics
+    and report; --resume restores from it. None: run_dir only"""
 
     @model_validator(mode="after")
     def _known_method(self) -> "RunConfig":

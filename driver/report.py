@@ -153,6 +153,7 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
                  sft: Optional[str]) -> Path:
     from common.data import load_prompts
     from common.runs import latest_checkpoint
+    from driver.runfiles import redacted_config
 
     run_dir = Path(run_dir)
     if not history and (run_dir / "metrics.jsonl").exists():
@@ -194,7 +195,7 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
         else:
             lines.append(f"| {_md(t.prompt)} | {_md(t.response)} | failed: {_md(str(s))} | | |")
     lines += ["", "![samples](samples.png)" if images else "(reward.render=false: no images)", "", "## Resolved config", "", "```yaml",
-              yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
+              yaml.safe_dump(redacted_config(cfg), sort_keys=False).rstrip(), "```", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
 
     rows = []

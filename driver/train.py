@@ -11,14 +11,15 @@ import os
 import signal
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from buffer.connection import REDIS_URL_ENV
 from common.config import Config, ConfigError, load_config
 from common.constants import BUFFER_SIZE, FRESH_PER_S, LAG_MEAN, LOSS_TOTAL, REWARD, TEXT_DIVERSITY
 from common.errors import RunFailedError
 from common.methods import METHODS
+from driver.runfiles import PROGRESS_FILES, REPORT_FILES, START_FILES, resolve_run, save_config
 
 log = logging.getLogger("pag.train")
 
@@ -46,7 +47,10 @@ def register(sub) -> None:
                                                       "change later with `pag workers scale`")
     p.add_argument("--run-name", help="run name (default {preset}__{seed}__{time})")
     p.add_argument("--runs-dir", help="where run directories go (run.runs_dir)")
-    p.add_argument("--redis-url", help="use this Redis instead of a private redis-server (buffer.redis_url)")
+    p.add_argument("--storage-path", help="copy the run directory to this URI, which outlives a node: file:///shared, "
+                   "s3://bucket/prefix, gs://bucket/prefix (run.storage_path)")
+    p.add_argument("--redis-url", help="use this Redis instead of a private redis-server (buffer.redis_url; default "
+                   f"${REDIS_URL_ENV} when set). Required on a Ray cluster, and not a loopback address there")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--resume", action="store_true",
                    help="continue --run-name (or the newest run) from its last checkpoint with the same buffer")
@@ -65,53 +69,6 @@ def register(sub) -> None:
     a.set_defaults(func=cmd_adapt)
 
 
-def _flag_overrides(args) -> list[str]:
-    pairs = [("learner.steps", args.steps), ("sampler.num_samplers", args.samplers),
-             ("reward.num_workers", args.reward_workers), ("run.name", args.run_name),
-             ("run.runs_dir", args.runs_dir), ("buffer.redis_url", args.redis_url),
-             ("run.ray_address", args.ray_address)]
-    return [f"{k}={v}" for k, v in pairs if v is not None]
-
-
-def resolve_run(args, environ=os.environ) -> tuple[Config, Path]:
-    """Config and run directory: a new run, or (--resume) the saved config of an existing one.
-    Under a Ray job a relative runs dir is placed under ~/pag (common/cluster.py), said on stderr."""
-    from common.cluster import resolve_runs_dir
-
-    overrides = list(args.overrides) + _flag_overrides(args)
-    if args.resume:
-        if getattr(args, "method", None):
-            raise ConfigError("--method starts a new run; a resumed run keeps the run.method of its config.yaml")
-        runs_dir, note = resolve_runs_dir(args.runs_dir or "runs", environ)
-        if note:
-            print(f"pag train: {note}", file=sys.stderr)
-        if args.run_name:
-            run_dir = runs_dir / args.run_name
-        else:
-            candidates = sorted((p for p in runs_dir.glob("*/config.yaml")), key=lambda p: p.stat().st_mtime)
-            if not candidates:
-                raise ConfigError(f"--resume: no run in {runs_dir}/ to resume; give --run-name")
-            run_dir = candidates[-1].parent
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {run_dir}/config.yaml not found; is {run_dir.name!r} a run name?")
-        import yaml
-
-        preset = yaml.safe_load((run_dir / "config.yaml").read_text()).get("preset", args.preset)
-        cfg = load_config(preset, run_dir / "config.yaml", overrides + [f"run.name={run_dir.name}"])
-        return cfg, run_dir
-    cfg = load_config(args.preset, args.config_file, overrides, method=args.method)
-    name = cfg.run.name or f"{cfg.preset}__{cfg.run.seed}__{datetime.now():%Y%m%d-%H%M%S}"
-    cfg.run.name = name
-    runs_dir, note = resolve_runs_dir(cfg.run.runs_dir, environ)
-    if note:
-        print(f"pag train: {note}", file=sys.stderr)
-    run_dir = runs_dir / name
-    if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run directory {run_dir} already exists: pass --resume to continue it, "
-                          "or another --run-name")
-    return cfg, run_dir
-
-
 def cmd_train(args) -> int:
     """Errors (config, data, Redis, cluster, a role that died) reach pag/cli.py, which prints one line."""
     from sft.cache import require_sft
@@ -121,7 +78,9 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg, run_dir, resume=args.resume, report=not args.no_report)
     trainer.prepare()  # before the run directory exists: a run that cannot start leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml")  # URLs with their password redacted
+    if trainer.storage is not None:  # a storage path that cannot be written stops the run here
+        trainer.storage.push(run_dir, *START_FILES)
     return trainer.run()
 
 
@@ -131,6 +90,9 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, report: bool = True) -> None:
         self.cfg, self.run_dir, self.resume, self.want_report = cfg, Path(run_dir), resume, report
         self.run_name = cfg.run.name
+        from common.storage import RunStorage
+
+        self.storage = RunStorage.from_config(cfg)
         self.redis_server = None
         self.started_ray = False
         self.history: list[dict[str, float]] = []
@@ -147,14 +109,17 @@ class Trainer:
         return self.redis_server.url
 
     def prepare(self) -> None:
-        """Join Ray (job-aware), check the cluster can host the roles and the prompt sets load; raises
-        ClusterError / DatasetError with what to do, and leaves Ray as it found it on failure."""
+        """Join Ray (job-aware), check every role can reach Redis, the cluster can host the roles and the
+        prompt sets load; raises ConfigError / ClusterError / DatasetError with what to do, and leaves Ray
+        as it found it on failure."""
         import ray
 
         from common.data import load_train_prompts
-        from common.cluster import init_ray, local_cpus, preflight
+        from common.cluster import check_redis_reach, cluster_reason, init_ray, local_cpus, preflight
 
         load_train_prompts(self.cfg.sampler.datasets)  # a bad prompt file fails here, not in a sampler
+        url, allow, address = self.cfg.buffer.redis_url, self.cfg.buffer.allow_loopback, self.cfg.run.ray_address
+        check_redis_reach(url, None)  # empty: an unset variable expanded by a shell; before anything starts
         if self.cfg.buffer.redis_url:  # an unreachable --redis-url fails in seconds, before SFT and Ray
             from buffer.connection import connect
 
@@ -170,6 +135,8 @@ class Trainer:
                 client.close()
         self.started_ray = init_ray(self.cfg.run.ray_address, num_cpus=local_cpus(self.cfg)) or self.started_ray
         try:
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            check_redis_reach(url, cluster_reason(address, os.environ, nodes), allow_loopback=allow)
             preflight(self.cfg)
         except BaseException:
             if self.started_ray:
@@ -268,10 +235,23 @@ class Trainer:
                 bar.refresh()
                 if step % 10 == 0:
                     self._check_roles()
+                if step % self.cfg.learner.checkpoint_every == 0:
+                    metrics_file.flush()
+                    writer.flush()
+                    self._persist(*PROGRESS_FILES)
         finally:
             bar.close()
             metrics_file.close()
             writer.close()
+            self._persist(*PROGRESS_FILES)
+
+    def _persist(self, *rels: str) -> None:
+        """Copy run files to run storage, if any; a failure is logged (the files stay in run_dir)."""
+        if self.storage is not None:
+            try:
+                self.storage.push(self.run_dir, *rels)
+            except Exception:  # noqa: BLE001 — storage is a copy: a failed one must not end the run
+                log.exception("could not copy %s to %s", ", ".join(rels), self.storage.uri)
 
     def _wait_for(self, actor, name: str, timeout_s: float = 300.0) -> int:
         import ray
@@ -324,7 +304,10 @@ class Trainer:
                 try:
                     from driver.report import write_report
 
+                    if self.storage is not None:  # the learner may have written it on another node
+                        self.storage.pull_checkpoint(self.run_dir)
                     write_report(self.cfg, self.run_dir, self.history, redis_url, sft)
+                    self._persist(*REPORT_FILES)
                 except Exception:  # noqa: BLE001 — a report failure must not lose the run
                     log.exception("report failed")
             try:

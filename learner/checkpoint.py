@@ -7,10 +7,13 @@ leaves a half checkpoint; `latest` names the newest complete one.
         flow.safetensors  optim.safetensors  rng.safetensors  state.json
         value.safetensors                      (objective=ppo: every module in `heads`)
     runs/<name>/checkpoints/latest          → "step_000040"
+
+With `run.storage_path`, each checkpoint is then copied to run storage (common/storage.py).
 """
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -22,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from common.runs import checkpoint_root, latest_checkpoint  # noqa: F401 — part of this module's interface
 
 KEEP = 3
+
+log = logging.getLogger(__name__)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,6 +86,17 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def persist_checkpoint(storage, run_dir: Path, path: Path) -> Path:
+    """Copy a written checkpoint to run storage (None: nothing to do). A failed copy is logged, not
+    raised: training goes on with the local checkpoint, and the next one tries again."""
+    if storage is not None:
+        try:
+            log.info("checkpoint copied to %s", storage.push_checkpoint(run_dir, path, keep=KEEP))
+        except Exception:  # noqa: BLE001 — storage is a copy; losing a step of training to it is worse
+            log.exception("could not copy checkpoint %s to %s", path.name, storage.uri)
+    return path
 
 
 def load_checkpoint(path: Path, policy, flow: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],

@@ -31,11 +31,12 @@ from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_PLASTICITY, NS
 from common.errors import RunFailedError
 from common.models import build_policy, build_tokenizer, resolve_device
 from common.schedules import Schedules
+from common.storage import RunStorage
 from common.trajectory import Trajectory
 from common.weights import WeightsClient
 from learner.balance_objective import BalanceObjective
 from learner.batch import collate
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.checkpoint import latest_checkpoint, load_checkpoint, persist_checkpoint, save_checkpoint
 from learner.collect import MicroBatch, read_micro_batch
 from learner.flow import FlowHead
 from learner.fresh import fresh_fraction
@@ -99,6 +100,9 @@ class Learner:
         self.counters: dict[str, int] = defaultdict(int)
         self._nonfinite_run = 0
         self._last_time = self._last_save = time.monotonic()
+        self.storage = RunStorage.from_config(cfg)  # run.storage_path: checkpoints outlive this node
+        if resume and self.storage is not None:
+            self.storage.pull_checkpoint(self.run_dir)  # restarted on another node: its newest checkpoint
         if resume and (path := latest_checkpoint(self.run_dir)) is not None:
             state = load_checkpoint(path, self.policy, self.flow, self.optimizer, heads=self.objective.heads)
             self.objective.load_state_dict(state["extra"])
@@ -237,8 +241,9 @@ class Learner:
     def save(self) -> Path:
         """Policy and flow head always; the objective's heads (value.safetensors) and its state (the KL controller)."""
         self._last_save = time.monotonic()
-        return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.flow, self.optimizer,
+        path = save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.flow, self.optimizer,
                                dict(self.counters), heads=self.objective.heads, extra=self.objective.state_dict())
+        return persist_checkpoint(self.storage, self.run_dir, path)  # run.storage_path: a copy beyond this node
 
     def get_step(self) -> int:
         return self.step

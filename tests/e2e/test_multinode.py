@@ -1,14 +1,21 @@
-"""The README's cluster path on a real two-node Ray cluster on this machine (issue 14).
+"""The README's cluster path on a real two-node Ray cluster on this machine (issues 14 and 25).
 
 `ray start --head` and a second node with a custom resource (`reward_node`), on free ports and a
 private temp dir, token authentication on with a token file of the test's own; an external
-redis-server. Then, as a user would:
+redis-server with a password, whose URL the Ray nodes have in their environment as $PAG_REDIS_URL
+(as deploy/cluster.yaml's head has it). Then, as a user would:
 
 1. `ray job submit --runtime-env-json '{"env_vars": …}' -- pag train … reward.resources={reward_node: 1}`
-   (the job sets env vars the driver used to pass again in ray.init);
+   (the job sets env vars the driver used to pass again in ray.init), with run storage on a file://
+   URI and `buffer.allow_loopback=true` — every node is on this machine;
 2. `pag workers scale 2` from a second driver while it trains; both workers run on the second node;
-3. `redis-cli` reads a trajectory; `ray job stop` leaves a checkpoint in the run directory;
-4. `pag train --resume` as a second job continues on the same buffer.
+3. `redis-cli` reads a trajectory; `ray job stop` leaves a checkpoint in the run directory and in storage;
+4. the run directory is lost (a node gone), and `pag train --resume` as a second job continues from
+   run storage on the same buffer;
+5. no file the runs wrote, no job log and no job metadata holds the Redis password.
+
+And the same loopback Redis without `buffer.allow_loopback` on these two nodes stops at once with an
+error naming buffer.redis_url.
 
 Teardown: SIGTERM to the `ray start --block` processes this test started, then SIGKILL to whatever
 of their process groups and descendants is left — by pid, never by name (other Ray clusters run on
@@ -162,12 +169,14 @@ def cluster_env():
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    redis_server = RedisServer(root / "redis").start()
+    redis_server = RedisServer(root / "redis", password=secrets.token_hex(16)).start()
+    url = redis_server.url.replace("redis://:", "redis://default:")  # redis-cli 7.0 sends no AUTH for an empty user
+    env["PAG_REDIS_URL"] = url  # the head's environment; deploy/cluster.yaml sources it likewise
     cluster = LocalCluster(root, env)
     try:
         cluster.start_head(num_cpus=3)  # the learner and the sampler (1 CPU each)
         cluster.add_node(num_cpus=2, resources={"reward_node": 2})  # two reward workers
-        yield cluster, env, redis_server.url, root
+        yield cluster, env, url, root
     finally:
         try:
             cluster.stop()
@@ -182,7 +191,8 @@ def _job_logs(cluster: LocalCluster, env, job: str) -> str:
 
 def _redis_cli(url: str, *args: str) -> list[str]:
     """redis-cli's lines as a person sees them (a msgpack blob is binary: decoded with replacement)."""
-    out = subprocess.run(["redis-cli", "-u", url, *args], capture_output=True, timeout=30, check=True)
+    out = subprocess.run(["redis-cli", "--no-auth-warning", "-u", url, *args], capture_output=True, timeout=30,
+                         check=True)
     return out.stdout.decode("utf-8", errors="replace").splitlines()
 
 
@@ -199,9 +209,11 @@ def test_two_nodes_job_scale_stop_resume(cluster_env):
     submit = ["ray", "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
               "--runtime-env-json", runtime_env]
     job = f"pag-mn-{uuid.uuid4().hex[:6]}"
-    _run([*submit, "--submission-id", job, "--no-wait", "--",
-          "pag", "train", "--redis-url", redis_url, "--runs-dir", str(runs), "--run-name", "mn", "--steps", "1000",
-          f"model.sft_checkpoint={sft}", "reward.resources={reward_node: 1}", *SMALL], env)
+    store = (root / "store").as_uri()  # a shared filesystem for both nodes; s3:// on a real cluster
+    _run([*submit, "--submission-id", job, "--no-wait", "--",  # no --redis-url: $PAG_REDIS_URL on the head
+          "pag", "train", "--runs-dir", str(runs), "--run-name", "mn", "--steps", "1000", "--storage-path", store,
+          "buffer.allow_loopback=true", f"model.sft_checkpoint={sft}", "reward.resources={reward_node: 1}",
+          *SMALL], env)
     run_dir = runs / "mn"
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
@@ -238,12 +250,48 @@ def test_two_nodes_job_scale_stop_resume(cluster_env):
     assert _redis_cli(redis_url, "HGET", "pag:mn:meta", "stop") == ["1"], _job_logs(cluster, env, job)
     stopped_at = int(latest.removeprefix("step_"))
     size = int(_redis_cli(redis_url, "ZCARD", "pag:mn:prio")[0])
+    stored = root / "store" / "mn"
+    assert (stored / "checkpoints" / "latest").read_text().strip() == latest, "the checkpoint is in run storage"
+    assert (stored / "config.yaml").is_file() and (stored / "metrics.jsonl").is_file()
 
-    # --resume as a second job on the same buffer
+    # the node with the run directory is gone: --resume as a second job continues from run storage
+    shutil.move(run_dir, root / "lost-run-dir")
     resumed = _run([*submit, "--", "pag", "train", "--resume", "--run-name", "mn", "--runs-dir", str(runs),
-                    "--redis-url", redis_url, "--steps", str(stopped_at + 2), "--no-report"], env, timeout=400)
+                    "--storage-path", store, "--steps", str(stopped_at + 2), "--no-report"], env, timeout=400)
     assert "succeeded" in resumed.stdout + resumed.stderr, resumed.stdout[-4000:]
+    assert "fetched from" in resumed.stdout + resumed.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at + 2:06d}"
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2], steps[-6:]
     assert int(_redis_cli(redis_url, "ZCARD", "pag:mn:prio")[0]) >= size, "the same buffer, not a new one"
+
+    # the password is nowhere a run wrote: run directories, run storage, job logs, job metadata
+    password = redis_url.split(":")[2].split("@")[0]
+    written = [p for top in (runs, root / "lost-run-dir", root / "store") for p in top.rglob("*") if p.is_file()]
+    assert len(written) > 20 and any(p.name == "config.yaml" for p in written)
+    assert [str(p) for p in written if password.encode() in p.read_bytes()] == []
+    assert ":***@127.0.0.1" in (run_dir / "config.yaml").read_text()
+    jobs = _run(["ray", "list", "jobs", "--address", cluster.dashboard, "--detail", "--format", "json"], env).stdout
+    assert len(json.loads(jobs)) >= 3 and password not in jobs, "job metadata: entrypoints, runtime envs"
+    for listed in json.loads(jobs):
+        if listed.get("submission_id"):
+            assert password not in _job_logs(cluster, env, listed["submission_id"])
+
+
+def test_loopback_redis_on_two_nodes_stops_with_an_error_naming_the_setting(cluster_env):
+    """A private-to-this-machine Redis on a two-node Ray: refused at once, before any role starts."""
+    cluster, env, redis_url, root = cluster_env
+    runs = root / "runs-loopback"
+    result = _run([sys.executable, "-m", "pag.cli", "train", "--ray-address", cluster.gcs, "--redis-url", redis_url,
+                   "--runs-dir", str(runs), "--run-name", "lb", "--steps", "2"], env, check=False, timeout=180)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("pag train:")]
+    assert "buffer.redis_url" in error and "loopback" in error and "2 nodes" in error, error
+    assert "buffer.allow_loopback=true" in error and ":***@127.0.0.1" in error, error
+    assert not (runs / "lb").exists(), "a run that cannot start leaves nothing behind"
+    # it joined Ray before the check, so Ray's job table has its command line: with the password as ***
+    password = redis_url.split(":")[2].split("@")[0]
+    jobs = _run(["ray", "list", "jobs", "--address", cluster.dashboard, "--detail", "--format", "json"], env).stdout
+    entrypoints = [j.get("entrypoint") or "" for j in json.loads(jobs)]
+    assert any("--redis-url" in e and ":***@127.0.0.1" in e for e in entrypoints), entrypoints
+    assert password not in jobs

@@ -132,3 +132,24 @@ def test_hash_layout_hint_names_the_setting(redis_url):
 
     refused = type("Refused", (), {"config_get": lambda self, name: (_ for _ in ()).throw(redis.ResponseError("NOPERM"))})()
     assert hash_layout_hint(refused) is None
+
+
+@pytest.mark.ray
+def test_train_on_a_cluster_address_refuses_a_loopback_or_missing_redis(ray_local, redis_url, tmp_path, monkeypatch):
+    """The driver's wiring of issue 25: given a cluster address (or run as a job), a loopback or missing
+    buffer.redis_url stops `prepare` with a ConfigError naming the setting; allow_loopback lets it on."""
+    from driver.train import Trainer
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    for url, why in ((redis_url, "a loopback address"), (None, "is not set")):
+        overrides = ["run.ray_address=auto"] + ([f"buffer.redis_url={url}"] if url else [])
+        cfg = load_config("tiny", overrides=overrides)
+        with pytest.raises(ConfigError, match=rf"buffer\.redis_url .*{why}.* it joins the Ray cluster at 'auto'"):
+            Trainer(cfg, tmp_path / "r").prepare()
+        assert ray_local.is_initialized(), "the suite's Ray is left as it was"
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "j1"}}))
+    with pytest.raises(ConfigError, match="it runs as Ray job j1"):
+        Trainer(load_config("tiny"), tmp_path / "r").prepare()
+    Trainer(load_config("tiny", overrides=["run.ray_address=auto", f"buffer.redis_url={redis_url}",
+                                          "buffer.allow_loopback=true"]), tmp_path / "r").prepare()
