@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from buffer.connection import REDIS_URL_ENV
-from common.config import Config, ConfigError, load_config
+from common.config import Config
 from common.constants import BUFFER_SIZE, FRESH_PER_S, LAG_MEAN, LOSS_TOTAL, REWARD, TEXT_DIVERSITY
 from common.errors import RunFailedError
 from common.methods import METHODS
