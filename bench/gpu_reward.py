@@ -146,7 +146,7 @@ def run(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
             row["mfu"] = mfu(row["images_per_s"])
     measured = [row for row in out["sweep"] if "images_per_s" in row]
     best = max(measured, key=lambda row: row["images_per_s"])
-    b = min(r.batch_size, max(row["batch"] for row in measured))
+    b = min(cfg.reward.batch_size, max(row["batch"] for row in measured))
     out["breakdown"] = _guard(lambda: {"batch": b, **breakdown(models, cfg, b, device)}, device)
     rows = [{"measure": f"bare loop images/s, best of batch sweep (batch {best['batch']})", "value": best["images_per_s"],
              "note": f"MFU {best['mfu']:.1%} of a {ceiling['dtype']} matmul at {ceiling['tflops']:.3g} TFLOP/s; "
