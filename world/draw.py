@@ -48,7 +48,7 @@ def fill_rgb(colour: str, palette: str, background: str) -> RGB:
     """The fill of an object. Monochrome has no colours, only one grey ink that contrasts the
     background: that is the point of the "ink noir" mode's tension with relevance."""
     if palette == "monochrome":
-        return (160, 160, 160) if is_dark(background) else (110, 110, 110)
+        return (170, 170, 170) if is_dark(background) else (70, 70, 70)
     return PALETTES[palette][colour]
 
 
