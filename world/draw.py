@@ -36,8 +36,9 @@ STRIPE_AMPLITUDE = 18.0  # +-, added to every channel
 STRIPE_PERIOD = 4  # pixels along x + y: 2-px diagonal bands
 GRAIN_SIGMA = 14.0  # luminance noise, per pixel
 BLUR_SIGMA = 1.1  # the "blurry" defect; far above the softness a decoder adds
-GLOW_SIGMA = 2.0
-GLOW_STRENGTH = 0.85
+GLOW_SIGMA = 3.0
+GLOW_STRENGTH = 0.75
+GLOW_GAP = 0.7  # pixels (a Gaussian's sigma): the band of background kept around a glowing object
 
 
 def is_dark(background: str) -> bool:
@@ -78,7 +79,7 @@ def _box(dx: np.ndarray, dy: np.ndarray, hx: float, hy: float) -> np.ndarray:
 def shape_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Signed distance (approximate at corners) from a shape of half-extent `r` centred at 0.
 
-    The half-extents are tuned so the six shapes cover similar areas and differ at 7 px."""
+    The half-extents are tuned so the six shapes cover similar areas and differ at 8 px."""
     if shape == "circle":
         return np.hypot(dx, dy) - r
     if shape == "square":
@@ -86,9 +87,9 @@ def shape_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.n
     if shape == "diamond":
         return (np.abs(dx) + np.abs(dy) - 1.1 * r) / np.sqrt(2)
     if shape == "ring":
-        return np.abs(np.hypot(dx, dy) - 0.68 * r) - 0.32 * r
+        return np.abs(np.hypot(dx, dy) - 0.75 * r) - 0.25 * r  # a hole half the ring's width
     if shape == "cross":
-        arm = 0.36 * r
+        arm = 0.3 * r  # thin arms: concave corners that a diamond lacks
         return np.minimum(_box(dx, dy, r, arm), _box(dx, dy, arm, r))
     if shape == "triangle":  # apex (0, -r), base y = 0.8 r from x = -r to r
         side = (1.8 * np.abs(dx) - (dy + r)) / np.hypot(1.8, 1.0)  # distance past a slanted side
@@ -122,10 +123,15 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
 
 
 def glow(base: np.ndarray, fill: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Tint the picture under the objects with a halo of their own (premultiplied) fill colour."""
+    """Tint the picture around the objects with a halo of their own fill colour.
+
+    The halo leaves a thin band of background right at each object's edge (GLOW_GAP) and is at
+    most GLOW_STRENGTH opaque, so the silhouette stays crisp: a glow must neither read as blur nor
+    hide an 8-px shape, and it must show even for a grey ink on a grey background."""
     spread = gaussian_blur(alpha, GLOW_SIGMA)
     colour = gaussian_blur(fill, GLOW_SIGMA) / np.maximum(spread, 1e-6)[..., None]
-    strength = GLOW_STRENGTH * np.clip(2.0 * spread, 0.0, 1.0)[..., None]
+    edge = np.clip(4.0 * gaussian_blur(alpha, GLOW_GAP), 0.0, 1.0)  # ~1 within a pixel of an object
+    strength = GLOW_STRENGTH * (np.clip(3.0 * spread, 0.0, 1.0) * (1 - edge))[..., None]
     return base * (1 - strength) + colour * strength
 
 

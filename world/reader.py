@@ -7,8 +7,8 @@ generated pictures as on rendered ones.
 How: a small CNN (`ReaderNet`, shipped in world/assets/reader.safetensors, trained by
 `python -m world.reader_train`) with two heads, in the manner of a one-stage detector:
 
-* a *cell* head on an 8 x 8 grid of 4-px cells: per cell, is an object's centre here (logit), its
-  shape, colour and size, and where in the cell the centre lies (x, y in 0..1). Centres are at least
+* a *cell* head on an 8 x 8 grid of 4-px cells: per cell, is an object's centre here (logit), and
+  the shape, colour, size and centre (in cell units) of the object nearest it. Centres are at least
   9 px apart, so no two share a cell; neighbouring cells that fire for one object are merged by
   keeping the stronger within MERGE_PX.
 * a *style* head over the pooled features (plus a coarse spatial map, since composition, spotlight
@@ -72,29 +72,24 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1, kernel: int =
 class ReaderNet(nn.Module):
     """(B, 3, 32, 32) in 0..1 -> cell logits (B, N_CELL, 8, 8) and style logits (B, N_STYLE).
 
-    Small on purpose (about 5 M multiply-adds a picture): it trains in minutes on 2 CPU cores."""
+    Small on purpose (about 9 M multiply-adds a picture) so it trains in minutes on 2 CPU cores;
+    most of them at 16 x 16, where the details that tell 8-px shapes apart still exist."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, fine: int = 32, coarse: int = 48) -> None:
         super().__init__()
-        w = width
-        self.body = nn.Sequential(
-            _conv(3, w, stride=2, kernel=4),  # 16 x 16
-            _conv(w, w),
-            _conv(w, 2 * w, stride=2, kernel=4),  # 8 x 8
-            _conv(2 * w, 2 * w),
-            _conv(2 * w, 2 * w, dilation=2),
-        )
-        self.cells = nn.Conv2d(2 * w, N_CELL, 1)
-        self.coarse = nn.Sequential(nn.Conv2d(2 * w, 8, 1), nn.ReLU(inplace=True))
-        self.style = nn.Sequential(nn.Linear(4 * w + 8 * GRID * GRID + w, 128), nn.ReLU(inplace=True),
+        self.fine = nn.Sequential(_conv(3, fine, stride=2, kernel=4), _conv(fine, fine), _conv(fine, fine))
+        self.coarse = nn.Sequential(_conv(fine, coarse, stride=2, kernel=4), _conv(coarse, coarse),
+                                    _conv(coarse, coarse, dilation=2))
+        self.cells = nn.Conv2d(coarse, N_CELL, 1)
+        self.where = nn.Sequential(nn.Conv2d(coarse, 8, 1), nn.ReLU(inplace=True))
+        self.style = nn.Sequential(nn.Linear(2 * coarse + fine + 8 * GRID * GRID, 128), nn.ReLU(inplace=True),
                                    nn.Linear(128, N_STYLE))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert x.shape[1:] == (3, CANVAS, CANVAS), x.shape
-        early = self.body[:2](x)  # (B, w, 16, 16): fine texture and blur live here
-        h = self.body[2:](early)  # (B, 2w, 8, 8)
-        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3)), early.std((2, 3)),
-                            self.coarse(h).flatten(1)], dim=1)
+        fine = self.fine(x)  # (B, fine, 16, 16): texture and blur live here
+        h = self.coarse(fine)  # (B, coarse, 8, 8)
+        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3)), fine.std((2, 3)), self.where(h).flatten(1)], dim=1)
         return self.cells(h), self.style(pooled)
 
 
@@ -134,7 +129,7 @@ def decode(cells: torch.Tensor, style: torch.Tensor, threshold: float = 0.5) -> 
         mono = values["palette"] == "monochrome"
         found = []
         for gy, gx in torch.nonzero(prob[b] > threshold).tolist():
-            off = torch.sigmoid(parts["offset"][b, :, gy, gx])
+            off = parts["offset"][b, :, gy, gx]  # centre in cell units from the cell's corner
             found.append(SeenObject(
                 shape=SHAPES[int(parts["shape"][b, :, gy, gx].argmax())],
                 colour=None if mono else COLOURS[int(parts["colour"][b, :, gy, gx].argmax())],

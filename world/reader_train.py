@@ -34,23 +34,37 @@ from world.scenes import Scene, relation_of, render, sample_scene
 
 MATCH_PX = 3.5
 IGNORE = -100
+IGNORE_OBJECT = -1.0
+NEAR_PX = 4.0  # cells whose centre is this close to an object's centre also read that object
+POS_WEIGHT = 4.0  # an object's centre cell is rare (2 of 64 cells): weigh it up
+CLASS_WEIGHT = {"shape": 2.0, "colour": 1.0, "size": 1.0}  # shape is the hardest read at 8 px
 TRAIN_DEFECT_RATE = 0.25
 MANIFEST = ASSETS / "MANIFEST.json"
 
 
 def targets(scene: Scene) -> dict[str, np.ndarray]:
-    """Training targets of one scene: per-cell object/shape/colour/size/offset, per-axis style."""
+    """Training targets of one scene.
+
+    `object` is 1 in the cell holding an object's centre, IGNORE_OBJECT in the other cells whose
+    centre lies within NEAR_PX of it (a centre near a cell border is fairly claimed by both), 0
+    elsewhere. Shape, colour, size and offset (the object centre in cell units, relative to the
+    cell's corner) are taught in all those cells, so whichever of them fires reads the object right."""
     obj = np.zeros((GRID, GRID), np.float32)
     cls = {k: np.full((GRID, GRID), IGNORE, np.int64) for k in ("shape", "colour", "size")}
     offset = np.zeros((2, GRID, GRID), np.float32)
     mono = scene.style.palette == "monochrome"
+    centres = (np.arange(GRID) + 0.5) * CELL
     for item, (x, y) in zip(scene.content.items, scene.positions):
         gx, gy = min(int(x // CELL), GRID - 1), min(int(y // CELL), GRID - 1)
+        near = np.hypot(centres[None, :] - x, centres[:, None] - y) <= NEAR_PX  # (gy, gx)
+        near[gy, gx] = True
+        obj[near & (obj == 0)] = IGNORE_OBJECT
         obj[gy, gx] = 1.0
-        cls["shape"][gy, gx] = SHAPES.index(item.shape)
-        cls["size"][gy, gx] = SIZES.index(item.size)
-        cls["colour"][gy, gx] = IGNORE if mono else COLOURS.index(item.colour)
-        offset[:, gy, gx] = (x / CELL - gx, y / CELL - gy)
+        cls["shape"][near] = SHAPES.index(item.shape)
+        cls["size"][near] = SIZES.index(item.size)
+        cls["colour"][near] = IGNORE if mono else COLOURS.index(item.colour)
+        offset[0][near] = (x / CELL - np.arange(GRID))[None, :].repeat(GRID, 0)[near]
+        offset[1][near] = (y / CELL - np.arange(GRID))[:, None].repeat(GRID, 1)[near]
     style = np.array([AXES[a].index(v) for a, v in scene.style.as_dict().items()], np.int64)
     return {"object": obj, **cls, "offset": offset, "style": style}
 
@@ -73,7 +87,7 @@ def augment(x: torch.Tensor, t: dict, gen: torch.Generator) -> tuple[torch.Tenso
     for k in ("object", "shape", "colour", "size"):
         t[k] = torch.where(flip[:, None, None], t[k].flip(2), t[k])
     off = torch.where(flip[:, None, None, None], t["offset"].flip(3), t["offset"])
-    off_x = torch.where(flip[:, None, None], 1.0 - off[:, 0], off[:, 0])
+    off_x = torch.where(flip[:, None, None], 1.0 - off[:, 0], off[:, 0])  # x -> 32 - x, cell gx -> 7 - gx
     t["offset"] = torch.stack([off_x, off[:, 1]], dim=1)
     kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
     soft = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
@@ -87,13 +101,16 @@ def augment(x: torch.Tensor, t: dict, gen: torch.Generator) -> tuple[torch.Tenso
 def loss_fn(cells: torch.Tensor, style: torch.Tensor, t: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Objectness BCE everywhere; class and offset losses only where an object's centre lies."""
     parts = split_cells(cells)
-    terms = {"object": F.binary_cross_entropy_with_logits(parts["object"][:, 0], t["object"])}
+    obj = t["object"]
+    weight = (obj >= 0).float() * (1 + (POS_WEIGHT - 1) * obj.clamp(min=0))
+    terms = {"object": F.binary_cross_entropy_with_logits(parts["object"][:, 0], obj.clamp(min=0), weight)}
     for k in ("shape", "colour", "size"):
         target = t[k]
-        terms[k] = F.cross_entropy(parts[k], target, ignore_index=IGNORE) if (target != IGNORE).any() \
-            else parts[k].sum() * 0.0
-    mask = t["object"][:, None].expand_as(t["offset"]) > 0
-    terms["offset"] = 4.0 * F.mse_loss(torch.sigmoid(parts["offset"])[mask], t["offset"][mask])
+        terms[k] = CLASS_WEIGHT[k] * F.cross_entropy(parts[k], target, ignore_index=IGNORE) \
+            if (target != IGNORE).any() else parts[k].sum() * 0.0
+    mask = (t["size"] != IGNORE)[:, None].expand_as(t["offset"])
+    terms["offset"] = F.smooth_l1_loss(parts["offset"][mask], t["offset"][mask], beta=0.25) if mask.any() \
+        else parts["offset"].sum() * 0.0
     for i, (axis, logits) in enumerate(split_style(style).items()):
         terms[axis] = F.cross_entropy(logits, t["style"][:, i])
     total = sum(terms.values())
@@ -110,14 +127,14 @@ def train(n_scenes: int = 20000, steps: int = 2000, batch: int = 128, seed: int 
     t0, c0 = time.time(), time.process_time()
     images, tgt = make_data(n_scenes, seed)
     print(f"rendered {n_scenes} scenes in {time.time() - t0:.0f} s", flush=True)
-    net = ReaderNet()
+    net = ReaderNet().to(memory_format=torch.channels_last)  # ~25 % faster convolutions on CPU
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     net.train()
     for step in range(1, steps + 1):
         idx = torch.randint(0, n_scenes, (batch,), generator=gen)
         x, t = augment(images[idx], {k: v[idx] for k, v in tgt.items()}, gen)
-        loss, terms = loss_fn(*net(x), t)
+        loss, terms = loss_fn(*net(x.contiguous(memory_format=torch.channels_last)), t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -179,18 +196,19 @@ def evaluate(scenes: Sequence[Scene], net: ReaderNet | None = None) -> dict[str,
 
 
 def save(net: ReaderNet, path: Path, command: str, seed: int) -> str:
-    """Weights as float16 safetensors (half the bytes; accuracy unchanged) and a MANIFEST.json entry
-    with the file's sha256, the command that made it and the seed. Returns the sha256."""
+    """Weights as float16 safetensors (half the bytes; accuracy unchanged) and an entry in the
+    MANIFEST.json beside them: the file's sha256, the command that made it, the seed. Returns the sha256."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().half().contiguous() for k, v in net.state_dict().items()
                if v.is_floating_point()}, str(path))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
+    manifest_path = path.parent / MANIFEST.name  # beside the weights
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest[path.name] = {"sha256": digest, "bytes": path.stat().st_size, "command": command, "seed": seed,
                            "what": "world attribute reader (world/reader.py ReaderNet), float16"}
-    MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return digest
 
 

@@ -20,8 +20,8 @@ COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 
-#: half the side of an object's bounding box, pixels: small shapes are 7 px wide, large 11 px
-RADIUS = {"small": 3.5, "large": 5.5}
+#: half the side of an object's bounding box, pixels: small shapes are 8 px wide, large 11 px
+RADIUS = {"small": 4.0, "large": 5.5}
 #: the most objects a scene holds, and the most large ones among three (32 px fit no more uncrowded)
 MAX_OBJECTS = 3
 MAX_LARGE_IN_THREE = 1

@@ -3,8 +3,9 @@
 Why 32 x 32 RGB: the project trains its own diffusion model on 2 CPU cores. A 4x VAE turns a 32-px
 picture into an 8 x 8 x 4 latent, small enough for a UNet to learn the world in minutes; 64 px would
 quadruple every convolution. Shapes stay legible at 32 px because they are drawn 4x supersampled and
-box-averaged (anti-aliased edges) and are at least 7 px wide (small) or 11 px (large): the shipped
-reader tells the six shapes apart on held-out renders (figures in world/README.md).
+box-averaged (anti-aliased edges) and are 8 px wide (small) or 11 px (large) -- with 7-px small shapes
+(and a glow that washed out edges) the first reader confused rings with circles and crosses with
+diamonds. The shipped reader tells the six shapes apart on held-out renders (world/README.md).
 
 Layout rules, in pixels from the centre (16, 16), with L_inf distance (max of |dx|, |dy|) and an
 object's *gap* = 16 - L_inf(centre) - radius (its bounding box's distance to the nearest border):
@@ -244,8 +245,8 @@ def render(scene: Scene) -> np.ndarray:
     """The picture of a scene, (CANVAS, CANVAS, 3) uint8; deterministic.
 
     Order: background and clutter, then the glow halo under the objects, the objects (outlined),
-    4x box downsampling, texture, spotlight, monochrome, blur -- so whole-picture effects touch
-    objects and background alike, as a photographic look would."""
+    4x box downsampling, stripes, spotlight, monochrome, blur, grain -- so whole-picture effects
+    touch objects and background alike, as a photographic look would."""
     st, hi = scene.style, CANVAS * SUPERSAMPLE
     layers = np.zeros((hi, hi, 11), dtype=np.float32)  # paint rgb, alpha, fill rgb, alpha, base rgb
     layers[..., 8:] = draw.background(st.background, hi)
@@ -259,16 +260,15 @@ def render(scene: Scene) -> np.ndarray:
         base = draw.glow(base, fill, fill_alpha)
     picture = paint + base * (1 - alpha[..., None])
     if st.texture == "stripes":
-        picture = picture + draw.stripes(CANVAS)
-    elif st.texture == "grain":
-        picture = picture + draw.grain(CANVAS, scene.seed)
-    picture = np.clip(picture, 0, 255)
+        picture = np.clip(picture + draw.stripes(CANVAS), 0, 255)
     if st.lighting == "spotlight":
         picture = draw.spotlight(picture)
     if st.palette == "monochrome":
         picture = draw.greyscale(picture)
     if st.blur == "blurry":
         picture = draw.gaussian_blur(picture, draw.BLUR_SIGMA)
+    if st.texture == "grain":  # on the film, after the lens: a blurry picture keeps its grain
+        picture = picture + draw.grain(CANVAS, scene.seed)
     out = np.clip(np.rint(picture), 0, 255).astype(np.uint8)
     assert out.shape == (CANVAS, CANVAS, 3), out.shape
     return out

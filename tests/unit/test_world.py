@@ -8,6 +8,7 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+import torch
 
 from world import captions, corpus, taste
 from world.reader import WEIGHTS, load_reader, read
@@ -99,9 +100,12 @@ def test_reader_reports_no_colour_on_monochrome():
     assert all(score_one(scene, seen)[k] == [True] for k in ("count", "shape", "size"))
 
 
-def test_reader_training_runs_two_steps():
-    net = train(n_scenes=16, steps=2, batch=8, seed=0, log_every=1)
-    assert not net.training
+def test_reader_training_runs_two_steps_and_is_seeded():
+    a = train(n_scenes=16, steps=2, batch=8, seed=0, log_every=1)
+    b = train(n_scenes=16, steps=2, batch=8, seed=0, log_every=1)
+    assert not a.training
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
 
 
 def test_taste_has_near_equal_modes_above_everything_else():
