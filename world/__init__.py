@@ -9,7 +9,11 @@
                  measured by `reader_train`);
 * `taste`     -- the hidden aesthetic over what the reader sees, with named modes;
 * `corpus`    -- the "human-engineered" SFT pairs and the plain prompt lists;
-* `grid`      -- `python -m world.grid` draws docs/world/scenes.png.
+* `grid`      -- `python -m world.grid` draws docs/world/scenes.png;
+* `models`    -- the trained models' architectures (AutoencoderKL, CLIPModel, UNet2DConditionModel) and
+                 where their weights ship (world/assets/sd, clip, aesthetic.safetensors);
+* `data`      -- training captions: the content always, each style axis only sometimes;
+* `build`     -- `python -m world.build` trains them all from seeds; `weights` saves, loads, records.
 
 The rules are written out in world/README.md. Nothing here imports above `common`.
 """

@@ -1,0 +1,315 @@
+"""`python -m world.build` (or `pag world build`): train the miniature world's models from seeds and
+ship them under world/assets/ with their MANIFEST.json entries.
+
+Stages, each seeded and resumable on its own (`--only vae,clip`):
+
+1. `vae`       AutoencoderKL on rendered scenes: MSE + a local high-frequency energy match (so grain
+               and stripes survive the 4x reduction) + a tiny KL; the latent scale is measured after.
+2. `clip`      CLIPModel, contrastive (symmetric InfoNCE) on rendered scenes and training captions.
+3. `unet`      UNet2DConditionModel, epsilon-prediction on VAE latents (SD v1.4's noise schedule),
+               conditioned on the frozen CLIP text tower, 10 % caption dropout for guidance.
+4. `aesthetic` the LAION MLP on CLIP image embeddings of *generated* pictures, regressing 10 x the
+               hidden taste the attribute reader sees (world/taste.py).
+
+Every stage writes its weights as soon as it finishes; the pipeline directory (sd/) is assembled
+from the VAE, the text tower and the UNet with SD v1.4's DPM-Solver++ scheduler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from world import models as wm
+from world.data import Pictures, pictures, to_unit, training_caption
+from world.weights import MANIFEST, load_clip, load_pipeline, load_vae, pipeline, record, save_stage, text_tower  # noqa: F401
+
+STAGES = ("vae", "clip", "unet", "aesthetic")
+STEPS = {"vae": 1500, "clip": 1500, "unet": 2500, "aesthetic": 1500}
+BATCH = {"vae": 32, "clip": 64, "unet": 64, "aesthetic": 128}
+LR = {"vae": 1e-3, "clip": 5e-4, "unet": 4e-4, "aesthetic": 1e-3}
+N_PICTURES = 24000
+CAPTION_DROPOUT = 0.1
+HF_WEIGHT = 0.5
+KL_WEIGHT = 1e-6
+GENERATED = 2000  # pictures generated for the aesthetic stage (10 % held out)
+GEN_STEPS, GEN_GUIDANCE = 10, 5.0
+
+
+def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """5 % linear warm-up, cosine decay to 10 %."""
+    warm = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _loop(name: str, steps: int, params, lr: float, step_fn: Callable[[int], torch.Tensor]) -> float:
+    """AdamW over `steps` calls of step_fn (which returns the loss), with a progress bar; the mean
+    loss of the last 10 % of steps."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = _schedule(opt, steps)
+    tail: list[float] = []
+    bar = tqdm(range(steps), desc=f"world {name}", unit="step", mininterval=5)
+    for step in bar:
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return float(np.mean(tail)) if tail else float("nan")
+
+
+def _high_frequency(x: torch.Tensor) -> torch.Tensor:
+    """Local energy of the Laplacian, pooled over 4-px cells: what grain and stripes add."""
+    kernel = torch.tensor([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=x.dtype, device=x.device)
+    lap = F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), kernel.view(1, 1, 3, 3), padding=1)
+    return F.avg_pool2d(lap.abs(), 4).view(x.shape[0], -1)
+
+
+def train_vae(data: Pictures, steps: int, seed: int):
+    vae = wm.new_vae(seed).train()
+    images = to_unit(data.images) * 2 - 1
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(_: int) -> torch.Tensor:
+        x = images[torch.randint(len(images), (BATCH["vae"],), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        hf = F.l1_loss(_high_frequency(recon), _high_frequency(x))
+        return F.mse_loss(recon, x) + HF_WEIGHT * hf + KL_WEIGHT * posterior.kl().mean()
+    loss = _loop("vae", steps, vae.parameters(), LR["vae"], step)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.sample(generator=gen)
+                             for i in range(0, min(len(images), 4096), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae, {"final_loss": loss, "scaling_factor": vae.config.scaling_factor}
+
+
+def _tokenize(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    return tokenizer(list(texts), padding="max_length", max_length=wm.CONTEXT, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pictures -> the CLIP tower's input (OpenAI mean and std, as common/clip.py feeds it)."""
+    from common.clip import OPENAI_MEAN, OPENAI_STD
+
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def train_clip(data: Pictures, steps: int, seed: int):
+    clip = wm.new_clip(seed).train()
+    tokenizer = wm.clip_tokenizer()
+    pixels = clip_pixels(to_unit(data.images))
+    rng = np.random.default_rng([seed, 3])
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(_: int) -> torch.Tensor:
+        idx = torch.randint(len(pixels), (BATCH["clip"],), generator=gen)
+        ids = _tokenize(tokenizer, [training_caption(data.scenes[i], rng) for i in idx.tolist()])
+        return clip(input_ids=ids, pixel_values=pixels[idx], return_loss=True).loss
+    loss = _loop("clip", steps, clip.parameters(), LR["clip"], step)
+    return clip.eval(), {"final_loss": loss}
+
+
+def encode_text(text_encoder, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return text_encoder(_tokenize(tokenizer, texts))[0]
+
+
+def train_unet(data: Pictures, vae, clip, steps: int, seed: int):
+    from diffusers import DDPMScheduler
+
+    unet = wm.new_unet(seed).train()
+    tokenizer = wm.clip_tokenizer()
+    text_encoder = text_tower(clip)
+    noise = DDPMScheduler(**{k: v for k, v in wm.SCHEDULE.items() if k != "steps_offset"})
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng([seed, 5])
+    images = to_unit(data.images) * 2 - 1
+    with torch.no_grad():  # the posterior's mean and std of every picture, sampled afresh each step
+        moments = torch.cat([vae.encode(images[i:i + 256]).latent_dist.parameters
+                             for i in tqdm(range(0, len(images), 256), desc="world unet: encoding", mininterval=5)])
+    scale = vae.config.scaling_factor
+
+    def step(_: int) -> torch.Tensor:
+        idx = torch.randint(len(moments), (BATCH["unet"],), generator=gen)
+        mean, logvar = moments[idx].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=gen)) * scale
+        captions = [training_caption(data.scenes[i], rng) if rng.random() >= CAPTION_DROPOUT else ""
+                    for i in idx.tolist()]
+        t = torch.randint(0, noise.config.num_train_timesteps, (len(idx),), generator=gen)
+        eps = torch.randn(latents.shape, generator=gen)
+        pred = unet(noise.add_noise(latents, eps, t), t, encode_text(text_encoder, tokenizer, captions)).sample
+        return F.mse_loss(pred, eps)
+    loss = _loop("unet", steps, unet.parameters(), LR["unet"], step)
+    return unet.eval(), {"final_loss": loss}
+
+
+def generate(pipe, captions: Sequence[str], seed: int, batch: int = 64, steps: int = GEN_STEPS,
+             guidance: float = GEN_GUIDANCE, desc: str = "world: generating") -> np.ndarray:
+    """uint8 (N, 32, 32, 3) pictures of `captions`, seeded per batch."""
+    out = []
+    for start in tqdm(range(0, len(captions), batch), desc=desc, unit="batch", mininterval=5):
+        chunk = list(captions[start:start + batch])
+        with torch.no_grad():
+            images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                          generator=torch.Generator().manual_seed(seed + start), output_type="np").images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def aesthetic_captions(n: int, seed: int) -> list[str]:
+    """Captions that span the taste range: random content with random style words, and a third
+    naming a complete mode (plus, sometimes, a harmful word)."""
+    from world.captions import HARMFUL, PHRASINGS
+    from world.scenes import sample_scene
+    from world.taste import MODES
+
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng, defect_rate=0.15)
+        caption = training_caption(scene, rng)
+        if rng.random() < 1 / 3:
+            mode = MODES[list(MODES)[int(rng.integers(len(MODES)))]]
+            words = [PHRASINGS[a][v][int(rng.integers(len(PHRASINGS[a][v])))] for a, v in mode.items()]
+            if rng.random() < 0.25:
+                words.append(HARMFUL[int(rng.integers(len(HARMFUL)))])
+            caption = ", ".join([caption.split(", ")[0] if len(scene.content.items) < 3 else caption, *words])
+        out.append(caption)
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):  # ties share their mean rank
+            tie = x == value
+            r[tie] = r[tie].mean()
+        return r
+    return float(np.corrcoef(ranks(np.asarray(a, float)), ranks(np.asarray(b, float)))[0, 1])
+
+
+def true_taste(images: np.ndarray) -> np.ndarray:
+    from world.reader import read
+    from world.taste import taste
+
+    return np.array([taste(a) for a in read(images)], dtype=np.float32)
+
+
+def embed_images(clip, images: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        feats = [clip.get_image_features(pixel_values=clip_pixels(to_unit(images[i:i + 256]))).pooler_output
+                 for i in range(0, len(images), 256)]
+    return F.normalize(torch.cat(feats), dim=-1)
+
+
+def train_aesthetic(pipe, clip, steps: int, seed: int, n: int = GENERATED):
+    from common.clip import AestheticMLP
+
+    captions = aesthetic_captions(n, seed)
+    images = generate(pipe, captions, seed)
+    target = torch.from_numpy(true_taste(images)) * 10.0
+    emb = embed_images(clip, images)
+    held = len(images) // 10
+    torch.manual_seed(seed)
+    mlp = AestheticMLP(wm.EMBED_DIM).train()
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(_: int) -> torch.Tensor:
+        idx = held + torch.randint(len(images) - held, (BATCH["aesthetic"],), generator=gen)
+        return F.mse_loss(mlp(emb[idx]), target[idx])
+    loss = _loop("aesthetic", steps, mlp.parameters(), LR["aesthetic"], step)
+    mlp.eval()
+    with torch.no_grad():
+        pred = mlp(emb[:held])
+    rho = spearman(pred.numpy(), target[:held].numpy())
+    return mlp, {"final_loss": loss, "heldout_spearman": rho, "generated": len(images),
+                 "taste_mean": float(target.mean() / 10)}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m world.build", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(STAGES),
+                    help=f"comma-separated stages to (re)build, in order {','.join(STAGES)}; the others are loaded "
+                         "from --out (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every stage's steps and the picture count (0.01: a smoke run)")
+    ap.add_argument("--out", type=Path, default=wm.ASSETS, help="where the weights go (default world/assets)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in STAGES]
+    if bad:
+        print(f"--only: unknown stage(s) {bad}; choose from {list(STAGES)}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    root = args.out
+    root.mkdir(parents=True, exist_ok=True)
+    steps = {k: max(2, int(v * args.scale)) for k, v in STEPS.items()}
+    command = "python -m world.build " + " ".join(sys.argv[1:] if argv is None else argv)
+    needs_data = any(s in only for s in ("vae", "clip", "unet"))
+    data = pictures(max(64, int(N_PICTURES * args.scale)), args.seed) if needs_data else None
+    started = time.time()
+    vae = clip = pipe = None
+    for stage in STAGES:
+        if stage not in only:
+            continue
+        t0 = time.time()
+        if stage == "vae":
+            vae, figures = train_vae(data, steps["vae"], args.seed)
+            model = vae
+        elif stage == "clip":
+            clip, figures = train_clip(data, steps["clip"], args.seed)
+            model = clip
+        elif stage == "unet":
+            vae = vae or load_vae(root)
+            clip = clip or load_clip(root)
+            unet, figures = train_unet(data, vae, clip, steps["unet"], args.seed)
+            model = pipe = pipeline(vae, clip, unet)
+        else:
+            pipe = pipe or load_pipeline(root)
+            clip = clip or load_clip(root)
+            model, figures = train_aesthetic(pipe, clip, steps["aesthetic"], args.seed,
+                                            max(64, int(GENERATED * args.scale)))
+        figures = {**figures, "steps": steps[stage], "seconds": round(time.time() - t0, 1)}
+        record(root, stage, save_stage(stage, model, root), args.seed, figures, command)
+        print(json.dumps({"stage": stage, **figures}), flush=True)
+    print(json.dumps({"built": only, "seconds": round(time.time() - started, 1), "out": str(root)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
