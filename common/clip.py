@@ -3,7 +3,9 @@
 Built from `ModelConfig` like every model (common/models.py): `tiny` is a seeded random open_clip CLIP
 with ViT-L/14's 768-d embedding, so the real aesthetic MLP applies to it; `arch` is open_clip's own
 ViT-L-14 config with random weights; `pretrained` loads `clip_arch`/`clip_pretrained` through open_clip.
-The aesthetic MLP is the real one in every preset (its weights ship in common/assets/aesthetic/).
+A `clip_arch` that is a directory holding a `transformers.CLIPModel` loads that instead, in any kind (the
+miniature world's CLIP, preset `mini`). The aesthetic MLP is the real one in every preset but `mini`
+(its weights ship in common/assets/aesthetic/; `model.aesthetic_weights` points elsewhere).
 """
 from __future__ import annotations
 
@@ -72,7 +74,9 @@ def build_clip(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torc
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    if cfg.kind == "tiny" and cfg.clip_arch == "tiny":
+    if (Path(cfg.clip_arch) / "config.json").is_file():
+        bundle = hf_clip(Path(cfg.clip_arch))
+    elif cfg.kind == "tiny" and cfg.clip_arch == "tiny":
         size = min(cfg.image_size, 64)
         with seeded(cfg.seed + 2):
             model = open_clip.CLIP(
@@ -111,6 +115,43 @@ def build_clip(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torc
     return bundle
 
 
+class HFCLIP(nn.Module):
+    """A `transformers.CLIPModel` behind open_clip's two methods (`encode_image`, `encode_text`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def _features(out) -> torch.Tensor:  # transformers 5 returns an output object, 4.x a tensor
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._features(self.model.get_image_features(pixel_values=pixels))
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._features(self.model.get_text_features(input_ids=ids))
+
+
+def hf_clip(folder: Path) -> ClipBundle:
+    """A CLIPModel directory saved with save_pretrained (with its tokenizer), e.g. the miniature world's
+    world/assets/clip or a local copy of openai/clip-vit-large-patch14; `model.clip_arch` names it."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(str(folder), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise load_error("CLIP model", str(folder), exc, "save it with CLIPModel.save_pretrained and its tokenizer") from exc
+    context = min(CLIP_CONTEXT, model.config.text_config.max_position_embeddings)
+
+    def tokenize(texts: Sequence[str]) -> torch.Tensor:
+        return tokenizer(list(texts), padding="max_length", max_length=context, truncation=True,
+                         return_tensors="pt").input_ids
+    size = model.config.vision_config.image_size
+    return ClipBundle(model=HFCLIP(model), tokenizer=tokenize, image_size=int(size))
+
+
 class AestheticMLP(nn.Module):
     """LAION improved aesthetic predictor: 768→1024→128→64→16→1 with dropouts, no activations,
     applied to L2-normalised CLIP ViT-L/14 image embeddings. Keys match the released state dict."""
@@ -130,6 +171,7 @@ class AestheticMLP(nn.Module):
 
 
 def build_aesthetic(cfg: ModelConfig, device: torch.device | str = "cpu") -> AestheticMLP:
+    """The LAION MLP with the packaged weights or `model.aesthetic_weights` (float16 files load as float32)."""
     path = Path(cfg.aesthetic_weights) if cfg.aesthetic_weights else AESTHETIC_WEIGHTS
     if not path.is_file():
         raise ModelLoadError(f"aesthetic MLP weights not found at {path}; set model.aesthetic_weights to the .safetensors or .pth file")
@@ -141,7 +183,7 @@ def build_aesthetic(cfg: ModelConfig, device: torch.device | str = "cpu") -> Aes
         state = torch.load(path, weights_only=True, map_location="cpu")
     mlp = AestheticMLP()
     try:
-        mlp.load_state_dict(state)
+        mlp.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:
         raise ModelLoadError(f"{path}: not the LAION aesthetic MLP state dict (768→1024→128→64→16→1): {exc}") from exc
     return mlp.eval().requires_grad_(False).to(device)

@@ -149,7 +149,7 @@ def build_reference(cfg: ModelConfig, tokenizer, checkpoint: Optional[str] = Non
 
 # ------------------------------------------------------------------ Stable Diffusion
 
-def _clip_tokenizer_from_open_clip():
+def clip_tokenizer():
     """CLIP's BPE tokenizer rebuilt from the vocabulary file that ships inside open_clip (offline)."""
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
@@ -206,7 +206,7 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
                 vocab_size=49408, max_position_embeddings=CLIP_CONTEXT, projection_dim=32,
             ))
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=_clip_tokenizer_from_open_clip(), unet=unet,
+            vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
             scheduler=_dpm_solver(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     elif cfg.kind == "arch":
@@ -219,7 +219,7 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
 
         scheduler = _dpm_solver(DPMSolverMultistepScheduler.load_config(str(SD14_CONFIG_DIR / "scheduler")))
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=_clip_tokenizer_from_open_clip(), unet=unet,
+            vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         if torch.device(device).type == "meta":

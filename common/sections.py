@@ -20,18 +20,21 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     kind: Literal["tiny", "pretrained", "arch"] = "pretrained"
-    """tiny: seeded random weights, tiny configs; pretrained: from_pretrained; arch: the real sd14 architectures
+    """tiny: a tiny GPT-2 policy (auto-SFT, cached) and, unless sd / clip_arch name directories (preset mini),
+    tiny SD and CLIP with seeded random weights; pretrained: from_pretrained; arch: the real sd14 architectures
     at full size with seeded random weights (speed and memory measurements, no downloads)"""
     policy: str = "gpt2"
     """GPT-2 hub id or local directory of the policy's starting point"""
     sft_checkpoint: Optional[str] = None
     """SFT checkpoint (hub id or dir) for policy and reference; None: `policy` (tiny: auto-SFT, cached)"""
+    sft_pairs: Optional[str] = None
+    """.jsonl of {"plain", "engineered"} pairs for SFT; None: pairs mined from sampler.datasets (sft/pairs.py)"""
     tokenizer: Optional[str] = None
     """tokenizer id/dir; None: the policy's, or the packaged GPT-2 files for tiny"""
     sd: str = "CompVis/stable-diffusion-v1-4"
     """Stable Diffusion hub id or local directory"""
     clip_arch: str = "ViT-L-14"
-    """open_clip architecture for aesthetic and relevance"""
+    """open_clip architecture for aesthetic and relevance, or a directory holding a transformers CLIPModel"""
     clip_pretrained: str = "openai"
     """open_clip pretrained tag, or a local checkpoint file"""
     aesthetic_weights: Optional[str] = None

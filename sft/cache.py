@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from common.config import Config, ConfigError
-from sft.pairs import Pair, build_pairs
+from sft.pairs import Pair, pairs_for
 from sft.train import SFT_META, Log, SFTSettings, settings_for, sft_hash, train_sft
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def ensure_sft(cfg: Config, *, log: Log = logger.info) -> str:
     require_sft(cfg)
     if model.kind != "tiny":
         return model.policy
-    pairs = build_pairs(cfg.sampler.datasets, model.seed)
+    pairs = pairs_for(cfg)
     out_dir = default_out_dir(cfg, pairs, settings_for(cfg))
     done = out_dir / SFT_META
     if done.is_file():

@@ -6,10 +6,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from common.presets import default_preset
 from common.config import Config, ConfigError
 from common.formats import PolicyFormat
 from sft.cache import default_out_dir
-from sft.pairs import Pair, build_pairs
+from sft.pairs import Pair, pairs_for
 from sft.train import DEFAULTS, settings_for, train_sft
 
 
@@ -24,8 +25,9 @@ def register(subparsers) -> None:
                "model.sft_checkpoint is unset. For the paper: `pag sft --preset sd14 --out ckpt/sft` then "
                "`pag train --preset sd14 model.sft_checkpoint=ckpt/sft`.",
     )
-    p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-proxy", "sd14"],
-                   help="tiny (random 2-layer GPT-2, CPU, about a minute) or sd14 (gpt2 from the hub)")
+    p.add_argument("--preset", default=default_preset(), choices=["tiny", "tiny-proxy", "mini", "sd14"],
+                   help="tiny (random 2-layer GPT-2, CPU, about a minute), mini (the same on the miniature world's "
+                        "pairs) or sd14 (gpt2 from the hub)")
     p.add_argument("--config", dest="config_file", help="YAML file with sections model/sampler/…")
     p.add_argument("--out", help="checkpoint directory (default: $PAG_CACHE/sft/<preset>-<hash>, where tiny's "
                                  "automatic SFT looks)")
@@ -48,7 +50,7 @@ def _run(args) -> int:
     cfg = load_config(args.preset, args.config_file, args.overrides)
     settings = settings_for(cfg, args.steps, args.batch_size, args.lr)
     try:
-        pairs = build_pairs(cfg.sampler.datasets, cfg.model.seed)
+        pairs = pairs_for(cfg)
     except DatasetError as exc:
         raise ConfigError(f"sampler.datasets: {exc}") from exc
     out = Path(args.out) if args.out else default_out_dir(cfg, pairs, settings)

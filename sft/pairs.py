@@ -137,3 +137,38 @@ def build_pairs(prompt_set_names: Sequence[str | Path], seed: int = 0) -> list[P
         raise ConfigError(f"sampler.datasets = {[str(n) for n in prompt_set_names]}: no SFT pairs left after the "
                           f"train split and the removal of the paper evaluation sets")
     return kept
+
+
+def load_pair_file(path: str | Path) -> list[Pair]:
+    """(plain, engineered) pairs from a .jsonl file, one {"plain": ..., "engineered": ...} object a line
+    (`model.sft_pairs`; the miniature world ships world/assets/prompts/world_sft_pairs.jsonl). Read as
+    given: no mining, no split, which is why a caption with commas in it stays whole."""
+    import json
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.sft_pairs = {str(path)!r}: no such file (a .jsonl of "
+                          '{"plain": ..., "engineered": ...} objects)')
+    pairs: list[Pair] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            plain, engineered = record["plain"], record["engineered"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}:{number}: expected a JSON object with string fields \"plain\" and "
+                              f"\"engineered\" ({type(exc).__name__}: {exc})") from exc
+        if not (isinstance(plain, str) and isinstance(engineered, str) and plain.strip() and engineered.strip()):
+            raise ConfigError(f"{path}:{number}: \"plain\" and \"engineered\" must be non-empty strings")
+        pairs.append((plain.strip(), engineered.strip()))
+    if not pairs:
+        raise ConfigError(f"{path}: no pairs in the file")
+    return pairs
+
+
+def pairs_for(cfg) -> list[Pair]:
+    """The SFT pairs of a config: `model.sft_pairs` when set, else mined from `sampler.datasets`."""
+    if cfg.model.sft_pairs:
+        return load_pair_file(cfg.model.sft_pairs)
+    return build_pairs(cfg.sampler.datasets, cfg.model.seed)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from common.config import Config, ConfigError
 from common.formats import PolicyFormat
-from sft.pairs import Pair, build_pairs
+from sft.pairs import Pair, pairs_for
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def train_sft(cfg: Config, out_dir: str | Path, steps: Optional[int] = None, bat
     settings = settings_for(cfg, steps, batch_size, lr)
     seed = cfg.model.seed
     fmt = PolicyFormat.from_config(cfg)
-    pairs = format_pairs(list(pairs) if pairs is not None else build_pairs(cfg.sampler.datasets, seed), fmt)
+    pairs = format_pairs(list(pairs) if pairs is not None else pairs_for(cfg), fmt)
     if not pairs:
         raise ConfigError(f"sampler.response = {fmt.response}: no SFT pair has text after its plain prompt")
     total = settings.steps or max(1, math.ceil(settings.epochs * len(pairs) / settings.batch_size))
