@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from buffer.connection import REDIS_URL_ENV
+from common.presets import PRESET_HELP, default_preset
 from common.config import Config
 from common.constants import BUFFER_SIZE, FRESH_PER_S, LAG_MEAN, LOSS_TOTAL, REWARD, TEXT_DIVERSITY
 from common.errors import RunFailedError
@@ -37,7 +38,7 @@ def register(sub) -> None:
                     "redis-server (AOF in runs/<name>/redis/), one sampler, one reward worker and the learner. "
                     "On a cluster: ray job submit --working-dir . -- pag train --preset sd14 --redis-url redis://…",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, offline, minutes) or sd14 (the paper)")
+    p.add_argument("--preset", default=default_preset(), help=PRESET_HELP)
     p.add_argument("--method", choices=list(METHODS), help="a named method or ablation (common/methods.py): its "
                    "overrides go over the preset, under --config and key=value; stored as run.method")
     p.add_argument("--config", dest="config_file", help="YAML file layered over the preset")

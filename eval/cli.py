@@ -15,6 +15,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from common.presets import PRESET_HELP, default_preset
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ def register(sub) -> None:
                "(a local copy of microsoft/Promptist). Every protocol setting is an `eval.` config key "
                "(`pag config --list`).")
     p.add_argument("--methods", required=True, help="comma-separated, e.g. plain,rule,sft,pag:runs/a")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, offline) or sd14 (the paper)")
+    p.add_argument("--preset", default=default_preset(), help=PRESET_HELP)
     p.add_argument("--config", dest="config_file", help="YAML file with config sections (eval, model, reward, …)")
     p.add_argument("--datasets", help="comma-separated prompt sets or .jsonl/.txt files (eval.datasets)")
     p.add_argument("--limit", type=int, help="first N prompts per set (eval.limit)")

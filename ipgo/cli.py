@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from common.presets import PRESET_HELP, default_preset
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--reward", help="comma-separated differentiable scorers (ipgo.reward): aesthetic, clip, hps")
     p.add_argument("--iterations", type=int, help="prompt-wise iterations (ipgo.iterations)")
     p.add_argument("--epochs", type=int, help="prompt-batch epochs (ipgo.epochs)")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, offline), sd14 (the paper's models), sd14-arch")
+    p.add_argument("--preset", default=default_preset(), help=PRESET_HELP)
     p.add_argument("--config", dest="config_file", help="YAML file layered over the preset")
     p.add_argument("--run-name", help="run directory name (default ipgo__{preset}__{seed}__{time}); reuse it to resume")
     p.add_argument("--runs-dir", help="where run directories go (run.runs_dir)")

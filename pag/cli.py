@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from actors.scaling import register as register_workers
 from buffer.cli import register as register_buffer
+from common.presets import PRESET_HELP, default_preset
 from common.errors import add_verbose_everywhere, command_path, run_handled
 from driver.train import register as register_train
 from eval.cli import register as register_eval
@@ -33,7 +34,7 @@ _REGISTRARS: tuple[Callable, ...] = (
 def _config_command(sub) -> None:
     p = sub.add_parser("config", help="print the resolved config of a preset (+ YAML + overrides), or list every key",
                        description="Resolve and print a config exactly as `pag train` would use it.")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, offline, minutes) or sd14 (the paper)")
+    p.add_argument("--preset", default=default_preset(), help=PRESET_HELP)
     p.add_argument("--method", help="a named method or ablation (pag, gfn-tb, ppo, pag-no-reset, pag-no-prt, pag-no-fl)")
     p.add_argument("--config", dest="config_file", help="YAML file of config sections")
     p.add_argument("--list", action="store_true", help="list every key with its default and meaning")

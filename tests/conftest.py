@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# commands run without --preset use tiny (random weights, seconds), not the default mini world
+os.environ["PAG_PRESET"] = "tiny"
 # One cache for the whole session, seen by every test and every `pag` subprocess it starts: the tiny preset's
 # automatic SFT (~40 s on 2 cores) is trained once, by the first test that needs it (sft/cache.py holds a file
 # lock meanwhile), instead of once per test directory. Tests of the cache itself set their own PAG_CACHE.
