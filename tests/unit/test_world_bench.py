@@ -1,0 +1,117 @@
+"""bench/world.py, the world models' quality gates: its scoring passes a perfect generator (the
+renderer itself), and the whole bench runs end to end on a tiny untrained build, reporting its
+failing gates in JSON rather than by exit code."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import world as bench
+from world.captions import scene_from_caption
+from world.reader import WEIGHTS
+from world.scenes import Content, Item, Style, render
+
+pytestmark = pytest.mark.skipif(not WEIGHTS.is_file() or not (bench.wm.ASSETS / bench.HELDOUT).is_file(),
+                                reason="needs the shipped reader and held-out captions (world/assets)")
+
+
+def _render_captions(pipe, captions, seed, **_):
+    """A perfect 'generator': the world's own picture of each caption."""
+    rng = np.random.default_rng(seed)
+    return np.stack([render(scene_from_caption(c, rng)) for c in captions])
+
+
+def test_match_content_pairs_objects_by_what_they_look_like():
+    from world.reader import Attributes, SeenObject
+
+    style = Style("white", "natural", "none", "flat", "offset", "flat")
+    content = Content((Item("circle", "red", "large"), Item("square", "blue", "small")), "left of")
+    seen = Attributes((SeenObject("square", "blue", "small", 20.0, 16.0), SeenObject("circle", "red", "large", 8.0, 16.0)),
+                      style)
+    assert bench.match_content(content, seen) == {"count": [True], "shape": [True, True], "size": [True, True],
+                                                  "colour": [True, True], "relation": [True]}
+    missed = Attributes(seen.objects[:1], style)  # only the square was drawn
+    out = bench.match_content(content, missed)
+    assert out["count"] == [False] and out["shape"] == [False, True] and out["relation"] == [False]
+
+
+def test_a_perfect_generator_passes_the_faithfulness_and_style_gates(monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(bench.wb, "generate", _render_captions)
+    captions = bench.heldout_captions(bench.wm.ASSETS)
+    faith = bench.faithfulness_figure(None, captions, 64, bench.DEFAULT_SEED)
+    assert faith["attribute_accuracy"] >= 0.9, faith
+    words = bench.style_words_figure(None, captions, 24 * 4, bench.DEFAULT_SEED)
+    assert words["k"] == 4 and len(words["by_value"]) == 24
+    assert np.mean(list(words["by_value"].values())) >= 0.9 and words["worst"]["accuracy"] >= 0.5, words
+
+
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    from world import build
+
+    out = tmp_path_factory.mktemp("world_build")
+    assert build.main(["--scale", "0.003", "--out", str(out), "--threads", "1"]) == 0  # ~25 s on 2 cores
+    return out
+
+
+def test_the_bench_runs_end_to_end_on_a_smoke_build(smoke_build, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "GRID_SEEDS", 1)
+    grid = tmp_path / "grid.png"
+    assert bench.main(["--assets", str(smoke_build), "--n", "8", "--grid", str(grid), "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["figures"]) == {"vae", "clip", "faithfulness", "style_words", "aesthetic", "grid"}
+    assert set(report["gates"]) == set(bench.THRESHOLDS)
+    for gate in report["gates"].values():
+        assert set(gate) == {"value", "threshold", "pass"} and isinstance(gate["pass"], bool)
+    assert report["all_pass"] == all(g["pass"] for g in report["gates"].values())
+    assert report["all_pass"] is False  # an untrained build fails its gates, and says so in JSON
+    assert report["figures"]["clip"]["group_size"] == bench.GROUP and report["figures"]["vae"]["psnr_db"] > 0
+    assert report["figures"]["style_words"]["k"] == 1 and len(report["figures"]["style_words"]["by_value"]) == 24
+    from PIL import Image
+
+    with Image.open(grid) as picture:
+        assert picture.size == (bench.GRID_LABEL + bench.GRID_TILE + 4, 18 * (bench.GRID_TILE + 4))
+
+
+def _manifest_mismatches(root) -> list[str]:
+    import hashlib
+
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    bad = []
+    for rel, entry in manifest.items():
+        if rel.startswith("_"):
+            continue
+        path = root / rel
+        if not path.is_file():
+            bad.append(f"{rel}: missing")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            bad.append(f"{rel}: sha256 differs from the manifest")
+    return bad
+
+
+def test_each_training_stage_runs_and_the_manifest_names_every_file_it_wrote(smoke_build):
+    """The smoke build ran vae, clip, unet and aesthetic a few steps each (`--scale 0.003`)."""
+    manifest = json.loads((smoke_build / "MANIFEST.json").read_text())
+    assert set(manifest["_build"]) == {"vae", "clip", "unet", "aesthetic"}
+    for figures in manifest["_build"].values():
+        assert np.isfinite(figures["final_loss"]) and figures["steps"] >= 2, figures
+    written = {p.relative_to(smoke_build).as_posix() for p in smoke_build.rglob("*") if p.is_file()}
+    assert written - {"MANIFEST.json"} == {k for k in manifest if not k.startswith("_")}
+    assert {"sd/model_index.json", "sd/unet/config.json", "clip/config.json", "aesthetic.safetensors"} <= written
+    assert _manifest_mismatches(smoke_build) == []
+    weights = smoke_build / "aesthetic.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(b"changed")
+        assert _manifest_mismatches(smoke_build) == ["aesthetic.safetensors: sha256 differs from the manifest"]
+    finally:
+        weights.write_bytes(original)
+
+
+def test_the_shipped_world_weights_match_their_manifest():
+    assert (bench.wm.SD_DIR / "model_index.json").is_file() and bench.wm.AESTHETIC.is_file()
+    assert _manifest_mismatches(bench.wm.ASSETS) == []
