@@ -70,11 +70,16 @@ TINY = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2",
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("name", ["ppo", "gfn-tb", "pag-no-reset", "pag-no-prt", "pag-no-fl"])
+@pytest.mark.parametrize("name", ["ppo", "gfn-tb"])
 def test_pag_train_method_end_to_end(tmp_path_factory, name, tiny_sft):
-    """Two learner steps through the real entry point (Ray, redis-server, actors) for ppo and every ablation
-    (issue 10), one image per prompt at 2 denoising steps to keep each run short; the SFT cache (PAG_CACHE)
-    is shared across the parameters. `pag` itself is the ablations' common path and is checked as a config."""
+    """Two learner steps through the real entry point (Ray, redis-server, actors) for the two methods whose
+    learner path differs from `pag`'s: ppo (its own objective, value head, no replay) and gfn-tb (trajectory
+    balance, reactivation every step here). One image per prompt at 2 denoising steps keeps each run short.
+
+    The ablations (pag-no-reset, pag-no-prt, pag-no-fl) differ from `pag` only in config, which
+    test_every_method_is_a_valid_config checks; their code paths (no reactivation, uniform replay, the DB
+    loss) run in tests/integration (test_reactivation, test_buffer, test_learner), and `pag` itself end to
+    end in test_train_cli. Running each again through Ray cost ~33 s apiece (issue 18)."""
     path = tmp_path_factory.mktemp(f"method-{name}")
     resets = METHODS[name].overrides.get("learner", {}).get("reactivation_every") != 0
     extra = ["learner.reactivation_every=1"] if resets else []  # every step, so the reset path runs in 2 steps
