@@ -149,9 +149,26 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def report_prompts(cfg: Config) -> list[str]:
+    """Up to N_PROMPTS held-out plain prompts: the eval split of sampler.datasets (plain sets first), or, when
+    those were split beforehand (the world's train file has no eval part), eval.datasets."""
+    from common.data import ENGINEERED_SETS, load_prompts
+
+    held_out: list[str] = []
+    plain_first = sorted(cfg.sampler.datasets, key=lambda name: str(name) in ENGINEERED_SETS)
+    for name in plain_first:
+        held_out += [p for p in load_prompts(name, split="eval").prompts if p not in held_out]
+    if not held_out:
+        for name in cfg.eval.datasets:
+            held_out += [p for p in load_prompts(name).prompts if p not in held_out]
+    if not held_out:
+        raise ValueError(f"no held-out prompts for the report: sampler.datasets {cfg.sampler.datasets} have no eval "
+                         f"split and eval.datasets {cfg.eval.datasets} are empty")
+    return held_out[:N_PROMPTS]
+
+
 def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], redis_url: str,
                  sft: Optional[str]) -> Path:
-    from common.data import load_prompts
     from common.runs import latest_checkpoint
     from driver.runfiles import redacted_config
 
@@ -160,13 +177,7 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     plot_curves(history, run_dir / "curves.png")
 
-    from common.data import ENGINEERED_SETS
-
-    held_out: list[str] = []
-    plain_first = sorted(cfg.sampler.datasets, key=lambda name: str(name) in ENGINEERED_SETS)
-    for name in plain_first:
-        held_out += [p for p in load_prompts(name, split="eval").prompts if p not in held_out]
-    held_out = held_out[:N_PROMPTS]
+    held_out = report_prompts(cfg)
     ckpt = latest_checkpoint(run_dir)
     tok, policy = load_run_policy(cfg, ckpt)
     trajs = sample_rewrites(cfg, tok, policy, held_out, N_REWRITES, cfg.sampler.temp_end, cfg.run.seed)
