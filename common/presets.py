@@ -85,7 +85,7 @@ def mini() -> Tree:
     classes -- a StableDiffusionPipeline (UNet2DConditionModel, AutoencoderKL, CLIPTextModel) on 32-px scenes,
     a CLIP for relevance, the LAION MLP trained on the world's hidden taste -- and a tiny GPT-2 policy SFT'd on
     the world's "human-engineered" pairs. The policy writes modifiers after "{x}," (sampler.response=suffix).
-    CPU, offline, minutes; the default of `pag train`."""
+    CPU, offline, minutes. Not the default yet: most of its quality gates (bench/world.py) are not met."""
     prompts = WORLD_ASSETS / "prompts"
     return merge(tiny(), {
         "model": {

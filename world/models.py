@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from common.models import CLIP_CONTEXT as CONTEXT, clip_tokenizer  # noqa: F401  (the pipeline's tokenizer, 77 tokens)
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 SD_DIR = ASSETS / "sd"
 CLIP_DIR = ASSETS / "clip"
@@ -27,7 +29,6 @@ AESTHETIC = ASSETS / "aesthetic.safetensors"
 
 TEXT_WIDTH = 64
 EMBED_DIM = 768  # ViT-L/14's embedding width: the LAION aesthetic MLP's input
-CONTEXT = 77
 BOS, EOS = 49406, 49407  # CLIP BPE <|startoftext|>, <|endoftext|>
 #: SD v1.4's noise schedule (scheduler_config.json), for training and for the pipeline's DPM-Solver++
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -80,9 +81,3 @@ def new_unet(seed: int = 0):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
 
-
-def clip_tokenizer():
-    """CLIP's BPE tokenizer (the pipeline's), padded to 77 with <|endoftext|>."""
-    from common.models import clip_tokenizer as packaged
-
-    return packaged()
