@@ -174,7 +174,7 @@ def _dpm_solver(config: Optional[dict] = None):
     )
 
 
-def _load_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+def load_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """diffusers' `from_pretrained` keyword for the load dtype: `dtype` from 0.42.1 on, where the older
     `torch_dtype` warns; before it, `torch_dtype` (an unknown `dtype` would be ignored)."""
     import diffusers
@@ -227,7 +227,7 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                cfg.sd, safety_checker=None, requires_safety_checker=False, **_load_dtype(dtype),
+                cfg.sd, safety_checker=None, requires_safety_checker=False, **load_dtype(dtype),
             )
         except Exception as exc:
             raise load_error("Stable Diffusion pipeline", cfg.sd, exc, f"`hf download {cfg.sd}`") from exc

@@ -93,7 +93,7 @@ def test_clip_inactive_inside_the_trust_region_equals_the_unclipped_surrogate():
     ratio = (ref_logpf - old).exp()
     unclipped = -(adv * ratio)[mask].mean()
     (ref_grad,) = torch.autograd.grad(unclipped, ref_logpf)
-    assert float(loss) == pytest.approx(float(unclipped), abs=1e-6)
+    assert loss.item() == pytest.approx(unclipped.item(), abs=1e-6)
     assert torch.allclose(grad, ref_grad, atol=1e-7)
     assert float(info["clipfrac"]) == 0.0
 
@@ -115,12 +115,12 @@ def test_clip_binds_outside_the_trust_region():
     adv = torch.tensor([[1.0, -1.0]])  # both moved past the clip in the direction the advantage favours
     loss, info = ppo.policy_loss(log_pf, old, adv, mask, clip=0.2)
     (grad,) = torch.autograd.grad(loss, log_pf)
-    assert float(loss) == pytest.approx(-(1.2 - 0.8) / 2)
+    assert loss.item() == pytest.approx(-(1.2 - 0.8) / 2)
     assert torch.equal(grad, torch.zeros_like(grad)), "no push beyond the trust region"
     assert float(info["clipfrac"]) == 1.0
     adv_against = -adv  # moved the wrong way: the unclipped (larger) loss stands and has a gradient
     loss2, info2 = ppo.policy_loss(log_pf, old, adv_against, mask, clip=0.2)
-    assert float(loss2) == pytest.approx((1.5 - 0.5) / 2) and float(info2["clipfrac"]) == 0.0
+    assert loss2.item() == pytest.approx((1.5 - 0.5) / 2) and float(info2["clipfrac"]) == 0.0
 
 
 def test_value_loss_clip_inactive_near_old_values_and_active_far():
@@ -128,11 +128,11 @@ def test_value_loss_clip_inactive_near_old_values_and_active_far():
     old, ret = torch.randn(B, T), torch.randn(B, T)
     near = old + (torch.rand(B, T) - 0.5) * 0.3
     loss, info = ppo.value_loss(near, old, ret, mask, clip=0.2)
-    assert float(loss) == pytest.approx(float(0.5 * ((near - ret) ** 2)[mask].mean()), abs=1e-6)
+    assert loss.item() == pytest.approx(float(0.5 * ((near - ret) ** 2)[mask].mean()), abs=1e-6)
     assert float(info["value_clipfrac"]) == 0.0
     far = torch.tensor([[5.0]], requires_grad=True)  # moved past the clip, towards a return of 5
     loss, info = ppo.value_loss(far, torch.zeros(1, 1), torch.full((1, 1), 5.0), torch.ones(1, 1, dtype=torch.bool))
-    assert float(loss) == pytest.approx(0.5 * (0.2 - 5.0) ** 2) and float(info["value_clipfrac"]) == 1.0
+    assert loss.item() == pytest.approx(0.5 * (0.2 - 5.0) ** 2) and float(info["value_clipfrac"]) == 1.0
 
 
 def test_ppo_loss_combines_with_the_value_coefficient():
@@ -140,7 +140,7 @@ def test_ppo_loss_combines_with_the_value_coefficient():
     log_pf, old = -torch.rand(B, T), -torch.rand(B, T)
     v, v_old, adv, ret = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
     loss, info = ppo.ppo_loss(log_pf, v, old, v_old, adv, ret, mask, value_coef=2.3)
-    assert float(loss) == pytest.approx(float(info["policy_loss"] + 2.3 * info["value_loss"]), abs=1e-6)
+    assert loss.item() == pytest.approx(float(info["policy_loss"] + 2.3 * info["value_loss"]), abs=1e-6)
 
 
 def test_whiten_has_zero_mean_unit_std_over_valid_tokens():
