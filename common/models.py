@@ -193,8 +193,10 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
             unet = UNet2DConditionModel(
                 sample_size=cfg.image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
                 block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                # cross-attention on the 8×8 level, not the 16×16 one: the text still steers every image, and
+                # each forward takes 0.18 s instead of 0.42 s at batch 48 on 2 cores (the suite renders a lot)
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             )
             vae = AutoencoderKL(
                 in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
