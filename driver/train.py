@@ -214,8 +214,16 @@ class Trainer:
         failures = 0
         try:
             while step < total:
+                ref = self.learner.train_step.remote()
                 try:
-                    metrics = ray.get(self.learner.train_step.remote())
+                    metrics = ray.get(ref)
+                except KeyboardInterrupt:
+                    # the step goes on in the actor and the checkpoint written at shutdown includes it, so
+                    # its metrics belong in metrics.jsonl too, or a resumed run would skip that step's line
+                    finished = _finish(ref)
+                    if finished is not None:
+                        self._record(finished, metrics_file, writer, bar)
+                    raise
                 except FreshTimeoutError as exc:  # raised in the actor: Ray's error is also an instance of it
                     raise RunFailed(str(getattr(exc, "cause", None) or exc)) from None
                 except ray.exceptions.RayActorError as exc:
@@ -225,15 +233,7 @@ class Trainer:
                     log.warning("learner actor died (%s); Ray restarts it from the last checkpoint", exc)
                     step = self._wait_for(self.learner, "learner")
                     continue
-                step = int(metrics["step"])
-                self.history.append(metrics)
-                metrics_file.write(json.dumps(metrics) + "\n")
-                for key, value in metrics.items():
-                    if key != "step":
-                        writer.add_scalar(key, value, step)
-                bar.n = step
-                bar.set_postfix_str(_postfix(metrics), refresh=False)
-                bar.refresh()
+                step = self._record(metrics, metrics_file, writer, bar)
                 if step % 10 == 0:
                     self._check_roles()
                 if step % self.cfg.learner.checkpoint_every == 0:
@@ -245,6 +245,19 @@ class Trainer:
             metrics_file.close()
             writer.close()
             self._persist(*PROGRESS_FILES)
+
+    def _record(self, metrics: dict[str, float], metrics_file, writer, bar) -> int:
+        """One learner step's metrics into the history, metrics.jsonl, TensorBoard and the progress bar."""
+        step = int(metrics["step"])
+        self.history.append(metrics)
+        metrics_file.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if key != "step":
+                writer.add_scalar(key, value, step)
+        bar.n = step
+        bar.set_postfix_str(_postfix(metrics), refresh=False)
+        bar.refresh()
+        return step
 
     def _persist(self, *rels: str) -> None:
         """Copy run files to run storage, if any; a failure is logged (the files stay in run_dir)."""

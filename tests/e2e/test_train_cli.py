@@ -46,45 +46,14 @@ def _read_buffer(run_dir: Path, run: str):
     return size, fields, best, meta
 
 
-def test_train_end_to_end_then_resume(workdir):
-    path, _ = workdir
-    result = pag(["train", "--steps", "4", "--run-name", "e2e", *SMALL], workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = path / "runs" / "e2e"
-    report = (run_dir / "report.md").read_text()
-    assert "## Held-out prompts" in report and "## Resolved config" in report and "curves.png" in report
-    rows = [line for line in report.splitlines() if line.startswith("| ") and " | " in line]
-    assert sum("failed" not in r for r in rows) >= 8 * 4, "8 prompts × 4 scored rewrites"
-    from PIL import Image
-
-    with Image.open(run_dir / "samples.png") as img:
-        assert img.size[0] >= 5 * 64 and img.size[1] >= 8 * 64
-    assert (run_dir / "curves.png").stat().st_size > 1000
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000004"
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
-
-    size, fields, best, meta = _read_buffer(run_dir, "e2e")
-    assert size > 0 and meta[b"stop"] == b"1"
-    for key in (b"prompt", b"response", b"log_reward", b"aes", b"clip", b"policy_version", b"created_at", b"blob"):
-        assert key in fields, key
-    assert float(fields[b"log_reward"]) == pytest.approx(best[0][1], rel=1e-5)
-
-    resumed = pag(["train", "--resume", "--run-name", "e2e", "--steps", "6", "--no-report"], workdir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6], "continues from the checkpoint's step"
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000006"
-    size_after, *_ = _read_buffer(run_dir, "e2e")
-    assert size_after >= size, "the same buffer, not a new one"
-
-
-def test_sigint_stops_cleanly_with_checkpoint(workdir):
+def test_sigint_stops_cleanly_then_resume_finishes_with_a_report(workdir):
+    """One run for two stories (each `pag train` here costs ~50 s): SIGINT stops it cleanly with a checkpoint
+    at the step reached, then `--resume` continues from that step on the same buffer to the end and writes
+    the report. A run that is never interrupted is the e2e method runs' (tests/e2e/test_methods.py)."""
     path, env = workdir
-    run_dir = path / "runs" / "sig"
+    run_dir = path / "runs" / "e2e"
     # started as a background job is: SIGINT ignored on entry. `pag train` must install its handler itself
-    proc = subprocess.Popen([sys.executable, "-m", "pag.cli", "train", "--steps", "500", "--run-name", "sig",
+    proc = subprocess.Popen([sys.executable, "-m", "pag.cli", "train", "--steps", "500", "--run-name", "e2e",
                              *SMALL], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 400
@@ -98,11 +67,36 @@ def test_sigint_stops_cleanly_with_checkpoint(workdir):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted" in out
-    latest = (run_dir / "checkpoints" / "latest").read_text()
-    assert int(latest.removeprefix("step_")) >= 3, "a checkpoint at the step reached"
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert stopped_at >= 3, "a checkpoint at the step reached"
     assert not (run_dir / "report.md").exists()
-    size, _, _, meta = _read_buffer(run_dir, "sig")
+    size, _, _, meta = _read_buffer(run_dir, "e2e")
     assert size > 0 and meta[b"stop"] == b"1"
+
+    end = stopped_at + 2
+    resumed = pag(["train", "--resume", "--run-name", "e2e", "--steps", str(end)], workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, end + 1)), "continues from the checkpoint's step"
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{end:06d}"
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+    report = (run_dir / "report.md").read_text()
+    assert "## Held-out prompts" in report and "## Resolved config" in report and "curves.png" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and " | " in line]
+    assert sum("failed" not in r for r in rows) >= 8 * 4, "8 prompts × 4 scored rewrites"
+    from PIL import Image
+
+    with Image.open(run_dir / "samples.png") as img:
+        assert img.size[0] >= 5 * 64 and img.size[1] >= 8 * 64
+    assert (run_dir / "curves.png").stat().st_size > 1000
+
+    size_after, fields, best, meta = _read_buffer(run_dir, "e2e")
+    assert size_after >= size, "the same buffer, not a new one"
+    assert meta[b"stop"] == b"1"
+    for key in (b"prompt", b"response", b"log_reward", b"aes", b"clip", b"policy_version", b"created_at", b"blob"):
+        assert key in fields, key
+    assert float(fields[b"log_reward"]) == pytest.approx(best[0][1], rel=1e-5)
 
 
 def test_bad_override_fails_before_anything_starts(workdir):
