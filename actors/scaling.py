@@ -101,6 +101,14 @@ def start_workers(cfg: Config, redis_url: str, run: str, n: int | None = None, *
     return scale_workers(run, cfg.reward.num_workers if n is None else n, cfg=cfg, redis_url=redis_url, **kwargs)
 
 
+def wait_ready(names: list[str]) -> None:
+    """Block until each named worker has built its models (its first call answers); a failed constructor
+    raises here."""
+    import ray
+
+    ray.get([get_worker(name).stats.remote() for name in names])
+
+
 def stop_workers(run: str, timeout_s: float = 120.0) -> int:
     """Stop every reward worker of the run (finishing their batches); returns how many."""
     names = list_reward_workers(run)

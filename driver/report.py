@@ -84,7 +84,9 @@ def score_and_render(cfg: Config, redis_url: str, run: str, trajs, render_texts:
     try:
         import ray
 
-        if ray.is_initialized():
+        # a GPU run scores on a GPU node; a CPU run here, with every thread (a Ray task would get one,
+        # OMP_NUM_THREADS=1, in a fresh process that imports everything again)
+        if ray.is_initialized() and cfg.reward.num_gpus > 0:
             task = ray.remote(num_gpus=cfg.reward.num_gpus, num_cpus=1)(_score_and_render)
             return ray.get(task.remote(cfg.to_dict(), redis_url, run, blobs, render_texts))
     except ImportError:

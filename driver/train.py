@@ -149,7 +149,7 @@ class Trainer:
         import ray
 
         from actors.sampler import sampler_actor_class
-        from actors.scaling import start_workers
+        from actors.scaling import start_workers, wait_ready
         from learner.learner import learner_actor_class
         from common.cluster import NAMESPACE, weight_store_name
         from common.weights import WeightStore
@@ -160,10 +160,12 @@ class Trainer:
         self.store = ray.remote(num_cpus=0)(WeightStore).options(name=store, namespace=NAMESPACE).remote()
         self.learner = learner_actor_class(self.cfg).remote(cfg_dict, redis_url, self.run_name, str(self.run_dir.resolve()),
                                                             sft, store, True)
+        # reward workers need no weights: they build their models while the learner builds its own
+        workers = start_workers(self.cfg, redis_url, self.run_name, torch_threads=threads, wait=False)
         ray.get(self.learner.ping.remote())  # the first weights are published before samplers start
         self.samplers = [sampler_actor_class(self.cfg).remote(cfg_dict, redis_url, self.run_name, sft, store, i, threads)
                          for i in range(self.cfg.sampler.num_samplers)]
-        start_workers(self.cfg, redis_url, self.run_name, torch_threads=threads)  # named, detached: `pag workers scale`
+        wait_ready(workers)  # named, detached: `pag workers scale`
 
     # -------------------------------------------------------------- the loop
 
@@ -336,6 +338,17 @@ class Trainer:
             ray.shutdown()
         if self.redis_server is not None:
             self.redis_server.stop()
+
+
+def _finish(ref, timeout_s: float = 120.0) -> Optional[dict[str, float]]:
+    """The result of a learner step already under way, or None if it fails or takes too long."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 — stopping anyway: the checkpoint and the other lines stand
+        log.warning("the learner step under way at the interrupt did not finish; its metrics line is missing")
+        return None
 
 
 def _raise_interrupt(signum, frame) -> None:
