@@ -70,34 +70,30 @@ TINY = ["sampler.max_len=8", "sampler.min_len=2", "sampler.prompts_per_batch=2",
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("name", ["ppo", "gfn-tb"])
-def test_pag_train_method_end_to_end(tmp_path_factory, name, tiny_sft):
-    """Two learner steps through the real entry point (Ray, redis-server, actors) for the two methods whose
-    learner path differs from `pag`'s: ppo (its own objective, value head, no replay) and gfn-tb (trajectory
-    balance, reactivation every step here). One image per prompt at 2 denoising steps keeps each run short.
+def test_pag_train_ppo_end_to_end(tmp_path_factory, tiny_sft):
+    """Two learner steps through the real entry point (Ray, redis-server, actors) for the methods whose
+    learner path differs from `pag`'s: ppo here (its own objective, value head, no replay); gfn-tb (trajectory
+    balance, reactivation every step) in tests/e2e/test_proxy_train.py, whose run checks the same items.
+    One image per prompt at 2 denoising steps keeps the run short.
 
     The ablations (pag-no-reset, pag-no-prt, pag-no-fl) differ from `pag` only in config, which
     test_every_method_is_a_valid_config checks; their code paths (no reactivation, uniform replay, the DB
     loss) run in tests/integration (test_reactivation, test_buffer, test_learner), and `pag` itself end to
     end in test_train_cli. Running each again through Ray cost ~33 s apiece (issue 18)."""
-    path = tmp_path_factory.mktemp(f"method-{name}")
-    resets = METHODS[name].overrides.get("learner", {}).get("reactivation_every") != 0
-    extra = ["learner.reactivation_every=1"] if resets else []  # every step, so the reset path runs in 2 steps
-    result = subprocess.run([sys.executable, "-m", "pag.cli", "train", "--method", name, "--steps", "2",
-                             "--run-name", name, "--no-report", *TINY, *extra], cwd=path, env=_env(path),
-                            capture_output=True, text=True, timeout=300)
+    path = tmp_path_factory.mktemp("method-ppo")
+    result = subprocess.run([sys.executable, "-m", "pag.cli", "train", "--method", "ppo", "--steps", "2",
+                             "--run-name", "ppo", "--no-report", *TINY, "learner.lr=1e-4"], cwd=path,
+                            env=_env(path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = path / "runs" / name
+    run_dir = path / "runs" / "ppo"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["run"]["method"] == name
-    assert saved["learner"]["reactivation_every"] == (1 if resets else 0), "the user's override wins"
-    assert saved["learner"]["objective"] == load_config("tiny", method=name).learner.objective
-    assert saved["buffer"]["prioritization"] == load_config("tiny", method=name).buffer.prioritization
+    assert saved["run"]["method"] == "ppo"
+    assert saved["learner"]["lr"] == 1e-4, "the user's override wins over the method's 5e-5"
+    assert (saved["learner"]["objective"], saved["learner"]["replay_ratio"]) == ("ppo", 0)
+    assert saved["learner"]["reactivation_every"] == 0
+    assert saved["buffer"]["prioritization"] == load_config("tiny", method="ppo").buffer.prioritization
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    if name == "ppo":
-        assert all("ppo/kl" in m and m["buffer/filled_from_replay"] == 0 for m in metrics)
-        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-        assert (run_dir / "checkpoints" / latest / "value.safetensors").is_file(), latest
-    else:
-        assert all("ppo/kl" not in m for m in metrics)
+    assert all("ppo/kl" in m and m["buffer/filled_from_replay"] == 0 for m in metrics)
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / latest / "value.safetensors").is_file(), latest

@@ -1,5 +1,7 @@
-"""`pag train --preset tiny-proxy` end to end (subprocess): the offline text reward through the unchanged
-pipeline — samplers (suffix mode) → Redis → reward workers (no rendering) → replay → learner."""
+"""`pag train --preset tiny-proxy --method gfn-tb` end to end (subprocess): the offline text reward through the
+unchanged pipeline — samplers (suffix mode) → Redis → reward workers (no rendering) → replay → learner — with
+the trajectory-balance learner and a flow reactivation every step. One run for two stories (each `pag train`
+costs ~45 s here): the text reward's, and the gfn-tb method's end to end (tests/e2e/test_methods.py has ppo)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -27,11 +30,16 @@ def test_tiny_proxy_trains_end_to_end(tmp_path):
         return result
 
     pag("sft", "--preset", "tiny-proxy", "--steps", "20", "--samples", "0", "--out", str(tmp_path / "sft"))
-    pag("train", "--preset", "tiny-proxy", "--steps", "3", "--run-name", "proxy",
-        f"model.sft_checkpoint={tmp_path / 'sft'}", *SMALL)
+    pag("train", "--preset", "tiny-proxy", "--method", "gfn-tb", "--steps", "3", "--run-name", "proxy",
+        f"model.sft_checkpoint={tmp_path / 'sft'}", "learner.reactivation_every=1", *SMALL)
     run_dir = tmp_path / "runs" / "proxy"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["run"]["method"] == "gfn-tb"
+    assert saved["learner"]["reactivation_every"] == 1, "the user's override wins over the method's 0"
+    assert (saved["learner"]["objective"], saved["buffer"]["prioritization"]) == ("tb", "uniform")
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [1, 2, 3]
+    assert all("ppo/kl" not in m for m in history)
     for m in history:
         assert m["reward/reward"] == pytest.approx(m["reward/style_gain"] + m["reward/rel_text"], abs=1e-6)
     report = (run_dir / "report.md").read_text()
