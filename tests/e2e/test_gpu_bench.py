@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_suite_quick_on_tiny(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--preset", "tiny", "--device", "cpu",
-                           "--quick", "--threads", "1", "--budget-s", "120", "--out", str(out)],
+                           "--quick", "--threads", "1", "--budget-s", "60", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

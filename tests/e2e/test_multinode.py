@@ -196,11 +196,10 @@ def _redis_cli(url: str, *args: str) -> list[str]:
     return out.stdout.decode("utf-8", errors="replace").splitlines()
 
 
-def test_two_nodes_job_scale_stop_resume(cluster_env):
+def test_two_nodes_job_scale_stop_resume(cluster_env, tiny_sft):
     cluster, env, redis_url, root = cluster_env
     runs = root / "runs"
-    sft = root / "sft"
-    _run([sys.executable, "-m", "pag.cli", "sft", "--steps", "1", "--samples", "0", "--out", str(sft)], env)
+    sft = tiny_sft  # the session's: every node is on this machine
 
     # the job's runtime env sets variables the driver used to pass again (the merge conflict of item 1),
     # and gives the driver time to checkpoint when `ray job stop` sends SIGTERM
