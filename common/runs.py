@@ -2,6 +2,7 @@
 newest complete one (learner/checkpoint.py writes them)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -17,3 +18,15 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
         return None
     path = root / pointer.read_text().strip()
     return path if (path / "state.json").is_file() else None
+
+
+def install_checkpoint(tmp: Path, root: Path, name: str) -> Path:
+    """Move a complete checkpoint written in `tmp` to `root/name` (replacing one of that name), then point
+    `root/latest` at it with an atomic rename: a reader sees the old checkpoint or the new one, never half."""
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(name)
+    pointer.replace(root / "latest")
+    return final

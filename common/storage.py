@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common.errors import UsageError
-from common.runs import checkpoint_root, latest_checkpoint
+from common.runs import checkpoint_root, install_checkpoint, latest_checkpoint
 from common.urls import redact
 
 log = logging.getLogger("pag.storage")
@@ -188,11 +188,6 @@ class RunStorage:
         if not (tmp / "state.json").is_file():
             shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(f"{self.uri}/checkpoints/{name} is incomplete (no state.json)")
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(name)
-        pointer.replace(root / "latest")
+        final = install_checkpoint(tmp, root, name)
         log.info("checkpoint %s fetched from %s", name, self.uri)
         return final

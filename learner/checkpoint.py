@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.runs import checkpoint_root, latest_checkpoint  # noqa: F401 — part of this module's interface
+from common.runs import checkpoint_root, install_checkpoint, latest_checkpoint  # noqa: F401 — part of this module's interface
 
 KEEP = 3
 
@@ -77,12 +77,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
         "step": step, "counters": counters, "optimizer": opt_meta,
         "python_random": [py_state[0], list(py_state[1]), py_state[2]], "extra": extra or {},
     }, indent=1))
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(name)
-    pointer_tmp.replace(root / "latest")
+    final = install_checkpoint(tmp, root, name)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
