@@ -20,7 +20,12 @@ os.environ["PAG_PRESET"] = "tiny"
 # One cache for the whole session, seen by every test and every `pag` subprocess it starts: the tiny preset's
 # automatic SFT (~40 s on 2 cores) is trained once, by the first test that needs it (sft/cache.py holds a file
 # lock meanwhile), instead of once per test directory. Tests of the cache itself set their own PAG_CACHE.
-os.environ.setdefault("PAG_CACHE", tempfile.mkdtemp(prefix="pag-test-cache-"))
+# Under pytest-xdist every worker imports this file: they share one cache, named after the run's id.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN:
+    os.environ.setdefault("PAG_CACHE", os.path.join(tempfile.gettempdir(), f"pag-test-cache-{_RUN}"))
+else:
+    os.environ.setdefault("PAG_CACHE", tempfile.mkdtemp(prefix="pag-test-cache-"))
 
 from common.redis_server import RedisServer  # noqa: E402
 
