@@ -83,16 +83,17 @@ def scale_workers(run: str, n: int, *, cfg: Config | None = None, redis_url: str
         taken = {reward_worker_index(run, name) for name in current}
         free = (i for i in range(n + len(current)) if i not in taken)
         cls = _actor_class()
-        handles = []
+        started = []
         for _ in range(n - len(current)):
             name = reward_worker_name(run, next(free))
-            handles.append(cls.options(
+            cls.options(
                 name=name, namespace=NAMESPACE, lifetime="detached",
                 num_gpus=config.reward.num_gpus, num_cpus=1, max_restarts=config.run.max_restarts,
                 resources=dict(config.reward.resources) or None,
-            ).remote(cfg_dict, url, run, name, reclaim_idle_ms=idle, torch_threads=threads))
+            ).remote(cfg_dict, url, run, name, reclaim_idle_ms=idle, torch_threads=threads)
+            started.append(name)
         if wait:
-            ray.get([h.stats.remote() for h in handles])
+            wait_ready(started)
     return list_reward_workers(run)
 
 

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common.clip import HFCLIP  # noqa: E402
 from world import build as wb  # noqa: E402
 from world import models as wm  # noqa: E402
 from world.captions import PHRASINGS, parse_content, plain_caption  # noqa: E402
@@ -110,8 +111,8 @@ def vae_figure(vae, n: int, seed: int) -> dict:
 
 def _text_features(clip, texts: Sequence[str]) -> torch.Tensor:
     with torch.no_grad():
-        out = clip.get_text_features(input_ids=wb._tokenize(wm.clip_tokenizer(), texts))
-    return F.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1)
+        out = HFCLIP(clip).encode_text(wb._tokenize(wm.clip_tokenizer(), texts))
+    return F.normalize(out, dim=-1)
 
 
 def clip_figure(clip, captions: Sequence[str], n: int, seed: int) -> dict:

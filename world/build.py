@@ -224,9 +224,11 @@ def true_taste(images: np.ndarray) -> np.ndarray:
 
 
 def embed_images(clip, images: np.ndarray) -> torch.Tensor:
+    from common.clip import HFCLIP
+
+    towers = HFCLIP(clip)  # its features whichever transformers version returns them
     with torch.no_grad():
-        feats = [clip.get_image_features(pixel_values=clip_pixels(to_unit(images[i:i + 256]))).pooler_output
-                 for i in range(0, len(images), 256)]
+        feats = [towers.encode_image(clip_pixels(to_unit(images[i:i + 256]))) for i in range(0, len(images), 256)]
     return F.normalize(torch.cat(feats), dim=-1)
 
 
