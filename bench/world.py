@@ -245,14 +245,9 @@ def taste_captions(captions: Sequence[str], n: int, rng: np.random.Generator) ->
 
 
 def load_aesthetic(assets: Path):
-    """The aesthetic MLP from DIR/aesthetic.safetensors (float16 on disk) in float32."""
-    from safetensors.torch import load_file
+    from common.clip import load_aesthetic as load
 
-    from common.clip import AestheticMLP
-
-    mlp = AestheticMLP(wm.EMBED_DIM)
-    mlp.load_state_dict({k: v.float() for k, v in load_file(str(assets / "aesthetic.safetensors")).items()})
-    return mlp.eval()
+    return load(assets / "aesthetic.safetensors")
 
 
 def aesthetic_figure(pipe, clip, mlp, captions: Sequence[str], n: int, seed: int) -> dict:

@@ -153,11 +153,15 @@ def hf_clip(folder: Path) -> ClipBundle:
 
 
 class AestheticMLP(nn.Module):
-    """LAION improved aesthetic predictor: 768→1024→128→64→16→1 with dropouts, no activations,
-    applied to L2-normalised CLIP ViT-L/14 image embeddings. Keys match the released state dict."""
+    """LAION improved aesthetic predictor: 768→1024→128→64→16→1 with dropouts, applied to L2-normalised
+    CLIP ViT-L/14 image embeddings. Keys match the released state dict. The released predictor has no
+    activations (its code has `nn.ReLU()` commented out after each of the first four layers), so it is
+    a linear map of the embedding; `relu=True` switches those ReLUs on, with the same keys. A
+    .safetensors file says which in its metadata (`"activation": "relu"`; absent: none)."""
 
-    def __init__(self, dim: int = 768) -> None:
+    def __init__(self, dim: int = 768, relu: bool = False) -> None:
         super().__init__()
+        self.relu = relu
         self.layers = nn.Sequential(
             nn.Linear(dim, 1024), nn.Dropout(0.2),
             nn.Linear(1024, 128), nn.Dropout(0.2),
@@ -167,23 +171,43 @@ class AestheticMLP(nn.Module):
         )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:  # (N, 768) → (N,)
-        return self.layers(embeddings).squeeze(-1)
+        x = embeddings
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.relu and isinstance(layer, nn.Linear) and i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x.squeeze(-1)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What a .safetensors file of these weights declares (see the class docstring)."""
+        return {"activation": "relu"} if self.relu else {}
 
 
 def build_aesthetic(cfg: ModelConfig, device: torch.device | str = "cpu") -> AestheticMLP:
     """The LAION MLP with the packaged weights or `model.aesthetic_weights` (float16 files load as float32)."""
     path = Path(cfg.aesthetic_weights) if cfg.aesthetic_weights else AESTHETIC_WEIGHTS
+    return load_aesthetic(path).to(device)
+
+
+def load_aesthetic(path: Path) -> AestheticMLP:
+    """The aesthetic MLP in a .safetensors (its metadata naming the activation) or .pth file, frozen, eval."""
     if not path.is_file():
         raise ModelLoadError(f"aesthetic MLP weights not found at {path}; set model.aesthetic_weights to the .safetensors or .pth file")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            activation = (f.metadata() or {}).get("activation", "none")
     else:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    mlp = AestheticMLP()
+        state, activation = torch.load(path, weights_only=True, map_location="cpu"), "none"
+    if activation not in ("none", "relu"):
+        raise ModelLoadError(f"{path}: metadata activation={activation!r}; this predictor knows 'none' and 'relu'")
+    mlp = AestheticMLP(relu=activation == "relu")
     try:
         mlp.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:
         raise ModelLoadError(f"{path}: not the LAION aesthetic MLP state dict (768→1024→128→64→16→1): {exc}") from exc
-    return mlp.eval().requires_grad_(False).to(device)
+    return mlp.eval().requires_grad_(False)

@@ -8,8 +8,8 @@ Stages, each seeded and resumable on its own (`--only vae,clip`):
 2. `clip`      CLIPModel, contrastive (symmetric InfoNCE) on rendered scenes and training captions.
 3. `unet`      UNet2DConditionModel, epsilon-prediction on VAE latents (SD v1.4's noise schedule),
                conditioned on the frozen CLIP text tower, 10 % caption dropout for guidance.
-4. `aesthetic` the LAION MLP on CLIP image embeddings of *generated* pictures, regressing 10 x the
-               hidden taste the attribute reader sees (world/taste.py).
+4. `aesthetic` the LAION MLP, its commented-out ReLUs switched on, on CLIP image embeddings of *generated*
+               pictures, regressing 10 x the hidden taste the attribute reader sees (world/taste.py).
 
 Every stage writes its weights as soon as it finishes; the pipeline directory (sd/) is assembled
 from the VAE, the text tower and the UNet with SD v1.4's DPM-Solver++ scheduler.
@@ -241,7 +241,7 @@ def train_aesthetic(pipe, clip, steps: int, seed: int, n: int = GENERATED):
     emb = embed_images(clip, images)
     held = len(images) // 10
     torch.manual_seed(seed)
-    mlp = AestheticMLP(wm.EMBED_DIM).train()
+    mlp = AestheticMLP(wm.EMBED_DIM, relu=True).train()  # taste is an AND of style values: not linear
     gen = torch.Generator().manual_seed(seed)
 
     def step(_: int) -> torch.Tensor:

@@ -59,7 +59,8 @@ def save_stage(stage: str, model, root: Path) -> list[Path]:
         return [root / "sd"]
     from safetensors.torch import save_file
 
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(root / "aesthetic.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(root / "aesthetic.safetensors"),
+              metadata=model.metadata)
     return [root / "aesthetic.safetensors"]
 
 

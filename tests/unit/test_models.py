@@ -77,6 +77,25 @@ def test_aesthetic_bad_weights_file(tmp_path, tiny):
         C.build_aesthetic(tiny.model_copy(update={"aesthetic_weights": str(tmp_path / "none.pth")}))
 
 
+def test_aesthetic_relu_variant_round_trips_through_its_metadata(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    relu = C.AestheticMLP(relu=True).eval()
+    path = tmp_path / "relu.safetensors"
+    save_file(relu.state_dict(), str(path), metadata=relu.metadata)
+    loaded = C.build_aesthetic(tiny.model_copy(update={"aesthetic_weights": str(path)}))
+    emb = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
+    assert loaded.relu
+    torch.testing.assert_close(loaded(emb), relu(emb))
+    linear = C.AestheticMLP().eval()
+    linear.load_state_dict(relu.state_dict())  # same keys, same weights: only the activations differ
+    assert not torch.allclose(linear(emb), relu(emb))
+    save_file(relu.state_dict(), str(path), metadata={"activation": "gelu"})
+    with pytest.raises(M.ModelLoadError, match="activation='gelu'"):
+        C.build_aesthetic(tiny.model_copy(update={"aesthetic_weights": str(path)}))
+
+
 @pytest.mark.parametrize("builder, needle", [
     (lambda c: M.build_sd_pipeline(c), "CompVis/stable-diffusion-v1-4"),
     (lambda c: M.build_policy(c, M.build_tokenizer(c.model_copy(update={"tokenizer": str(M.GPT2_TOKENIZER_DIR)}))), "gpt2"),
