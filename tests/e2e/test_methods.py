@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from common.config import ConfigError, load_config
-from common.methods import METHODS
+from common.methods import METHODS, method_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,8 +18,21 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("preset", ["tiny", "sd14"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_is_a_valid_config(preset, name):
-    cfg = load_config(preset, method=name)
-    assert cfg.run.method == name
+    """A method sets its overrides (and run.method) on the preset, and changes nothing else."""
+    def leaves(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    base = leaves(load_config(preset).model_dump())
+    cfg = leaves(load_config(preset, method=name).model_dump())
+    wanted = leaves(method_overrides(name))
+    assert {k: cfg[k] for k in wanted} == wanted
+    assert {k for k in cfg if cfg[k] != base[k]} <= set(wanted)
 
 
 def test_methods_set_their_documented_switches():

@@ -46,13 +46,18 @@ def test_train_step_uses_fresh_and_replay_and_acknowledges(cfg, buffer, tmp_path
     m = learner.train_step(wait_s=5)
     assert m["step"] == 1 and math.isfinite(m["loss/total"])
     assert m["buffer/fresh"] == 4 and m["buffer/filled_from_replay"] == 0
-    assert m["reward/reward"] > 0 and "weights/lag_mean" in m and "plasticity/flow_dormant" in m
+    assert m["reward/reward"] > 0 and "plasticity/flow_dormant" in m
+    assert m["weights/lag_mean"] == 0 == m["weights/lag_max"], "sampled by version 0, trained in step 1: no lag"
     assert store.version() == 1 and store.step() == 1
     # fresh stream drained by repeated steps → the learner fills from replay and counts it
     for _ in range(3):
         m = learner.train_step(wait_s=5)
     assert m["buffer/fresh"] == 0 and m["buffer/filled_from_replay"] == 4
     assert learner.counters["filled_from_replay"] >= 4
+    # sampled by versions 1 and 3, trained in step 5: lags 3 and 1
+    buffer.add([t.replace(policy_version=1 + 2 * (i % 2)) for i, t in enumerate(trajectories[12:16])])
+    m = learner.train_step(wait_s=5)
+    assert m["buffer/fresh"] == 4 and m["weights/lag_mean"] == 2 and m["weights/lag_max"] == 3
 
 
 def test_fresh_entries_are_acknowledged(cfg, buffer, tmp_path, trajectories):

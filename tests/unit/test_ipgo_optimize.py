@@ -103,7 +103,7 @@ def test_bench_measures_every_variant():
     out = bench.run("tiny", "cpu", quick=True, overrides=["ipgo.steps=4"], budget_s=30)
     assert set(out["variants"]) == {"ours", "notebook_like", "checkpointing"}
     for variant in out["variants"].values():
-        assert variant["s_per_iteration"] > 0 and variant["peak_memory_mib"] >= 0
+        assert variant["s_per_iteration"] > 0 and variant["peak_memory_mib"] > 0, variant  # an iteration allocates
     assert out["rows"][0]["ratio"] > 0
 
 
