@@ -71,11 +71,12 @@ def prompt_metrics(per_rewrite: list[dict[str, float]], text_emb: np.ndarray, im
 
 
 def summarize(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per metric: mean, ci95 (half-width) and n over the prompts' rows."""
+    """Per metric: mean, ci95 (half-width) and n over the prompts' rows with a finite value (a NaN row,
+    e.g. a prompt whose renders all failed, is left out of n as it is of the mean)."""
     names = list(dict.fromkeys(name for row in rows for name in row))
     out = {}
     for name in names:
-        values = [row[name] for row in rows if name in row]
+        values = [row[name] for row in rows if name in row and math.isfinite(row[name])]
         mean, half = mean_ci(values)
         out[name] = {"mean": mean, "ci95": half, "n": len(values)}
     return out
