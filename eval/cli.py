@@ -14,6 +14,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 from common.presets import PRESET_HELP, default_preset
 
@@ -32,7 +33,8 @@ def register(sub) -> None:
                "(a local copy of microsoft/Promptist). Every protocol setting is an `eval.` config key "
                "(`pag config --list`).")
     p.add_argument("--methods", required=True, help="comma-separated, e.g. plain,rule,sft,pag:runs/a")
-    p.add_argument("--preset", default=default_preset(), help=PRESET_HELP)
+    p.add_argument("--preset", help="the preset of the trained runs in --methods (from their config.yaml; runs of "
+                                     "different presets are refused), else " + PRESET_HELP.replace("default: ", ""))
     p.add_argument("--config", dest="config_file", help="YAML file with config sections (eval, model, reward, …)")
     p.add_argument("--datasets", help="comma-separated prompt sets or .jsonl/.txt files (eval.datasets)")
     p.add_argument("--limit", type=int, help="first N prompts per set (eval.limit)")
@@ -87,6 +89,25 @@ def _start_ray(cfg) -> bool:
     return init_ray(cfg.run.ray_address, log_to_driver=False)
 
 
+def eval_preset(asked: Optional[str], specs) -> str:
+    """The preset to evaluate with: the trained runs' own (their saved config.yaml), which must agree with
+    each other and with --preset when both are given; else --preset, $PAG_PRESET, the default."""
+    from common.config import ConfigError, read_saved
+
+    found = {}
+    for spec in specs:
+        saved = Path(spec.run_dir) / "config.yaml" if spec.run_dir else None
+        if saved is not None and saved.is_file():
+            found[spec.raw or spec.label] = read_saved(saved).get("preset")
+    presets = sorted({p for p in found.values() if p})
+    if len(presets) > 1 or (asked and presets and presets != [asked]):
+        given = ", ".join(f"{entry} ({preset})" for entry, preset in found.items())
+        raise ConfigError(f"--methods mixes presets: {given}" + (f" and --preset {asked}" if asked else "")
+                          + "; a policy is only comparable on the models it was trained with: evaluate each "
+                            "preset's runs on their own (drop --preset to take it from the runs)")
+    return presets[0] if presets else asked or default_preset()
+
+
 def cmd_eval(args) -> int:
     from common.config import load_config
     from common.models import ModelLoadError
@@ -94,8 +115,8 @@ def cmd_eval(args) -> int:
     from eval.runner import run_eval
     from eval.spec import parse_methods
 
-    cfg = load_config(args.preset, args.config_file, list(args.overrides) + _flag_overrides(args))
     specs = parse_methods(args.methods)
+    cfg = load_config(eval_preset(args.preset, specs), args.config_file, list(args.overrides) + _flag_overrides(args))
     check_scorers(cfg.eval.scorers)
     cfg.run.name = f"eval-{args.name or f'{cfg.preset}__{datetime.now():%Y%m%d-%H%M%S}'}"
     out_dir = Path(cfg.run.runs_dir) / cfg.run.name

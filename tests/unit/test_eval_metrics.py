@@ -55,6 +55,8 @@ def test_prompt_metrics_and_summary():
     assert m["image_diversity"] == pytest.approx(1.0)
     summary = summarize([m, dict(m, reward=4.0)])
     assert summary["reward"]["mean"] == 3.0 and summary["reward"]["n"] == 2
+    with_nan = summarize([m, dict(m, reward=4.0), dict(m, reward=float("nan"))])  # a prompt whose renders failed
+    assert with_nan["reward"] == summary["reward"] and with_nan["aes_gain"]["n"] == 3
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -92,11 +94,15 @@ def test_paper_reference_only_on_sd14():
     assert "| pag | lexica | 1.5 |" in table
 
 
-def test_text_encoder_falls_back_to_the_packaged_minilm_and_says_so():
+def test_text_encoder_falls_back_to_the_packaged_minilm_only_when_asked_and_says_so():
     from common.config import load_config
+    from common.models import ModelLoadError
     from eval.runner import build_text_encoder
 
-    cfg = load_config("tiny", overrides=["model.sentence_encoder=/nonexistent/paraphrase-MiniLM-L6-v2"])
+    missing = "model.sentence_encoder=/nonexistent/paraphrase-MiniLM-L6-v2"
+    with pytest.raises(ModelLoadError, match="(?s)paraphrase-MiniLM-L6-v2.*eval.text_encoder_fallback=true"):
+        build_text_encoder(load_config("tiny", overrides=[missing]))
+    cfg = load_config("tiny", overrides=[missing, "eval.text_encoder_fallback=true"])
     encoder, name = build_text_encoder(cfg)
     assert "all-MiniLM-L6-v2" in name
     emb = encoder.encode(["a red car", "a red car"])
@@ -115,3 +121,23 @@ def test_user_prompt_files_are_sets_named_by_their_stem(tmp_path):
     bad = load_config("tiny", overrides=["eval.datasets=[nosuchset]"])
     with pytest.raises(ConfigError, match="eval.datasets"):
         load_sets(bad)
+
+
+def test_eval_takes_its_preset_from_the_runs_and_refuses_a_mix(tmp_path, monkeypatch):
+    from common.config import ConfigError
+    from eval.cli import eval_preset
+    from eval.spec import MethodSpec
+
+    for name, preset in (("a", "mini"), ("b", "mini"), ("c", "tiny")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(f"preset: {preset}\n")
+    spec = {n: MethodSpec(n, "policy", str(tmp_path / n), str(tmp_path / n), f"{n}:{tmp_path / n}") for n in "abc"}
+    monkeypatch.setenv("PAG_PRESET", "tiny")
+    assert eval_preset(None, [MethodSpec("plain", "plain"), spec["a"], spec["b"]]) == "mini"
+    assert eval_preset("mini", [spec["a"]]) == "mini"
+    assert eval_preset(None, [MethodSpec("plain", "plain")]) == "tiny"  # no runs: $PAG_PRESET
+    assert eval_preset("sd14", [MethodSpec("plain", "plain")]) == "sd14"
+    with pytest.raises(ConfigError, match=r"mixes presets: a:.* \(mini\), c:.* \(tiny\)"):
+        eval_preset(None, [spec["a"], spec["c"]])
+    with pytest.raises(ConfigError, match="and --preset sd14.*drop --preset"):
+        eval_preset("sd14", [spec["a"]])
