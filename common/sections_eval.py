@@ -122,6 +122,9 @@ class EvalConfig(Section):
     """pixel size of each grid tile"""
     cache: Optional[str] = None
     """SQLite results cache; None: {run.runs_dir}/eval-cache.sqlite (shared by every eval there)"""
+    text_encoder_fallback: bool = False
+    """when model.sentence_encoder cannot load, measure text diversity with the packaged all-MiniLM-L6-v2
+    (the report names it) instead of failing; off: the paper's paraphrase-MiniLM-L6-v2 or nothing"""
 
     @model_validator(mode="after")
     def _lengths(self) -> "EvalConfig":

@@ -154,14 +154,18 @@ def render_missing(cfg: Config, items: list[dict[str, Any]], cache: ResultsCache
 
 
 def build_text_encoder(cfg: Config) -> tuple[Any, str]:
-    """model.sentence_encoder (paraphrase-MiniLM-L6-v2 on sd14, as the paper); when it cannot load
-    offline, the packaged all-MiniLM-L6-v2 — the report names which one measured text diversity."""
+    """model.sentence_encoder (paraphrase-MiniLM-L6-v2 on sd14, as the paper); when it cannot load and
+    eval.text_encoder_fallback is on, the packaged all-MiniLM-L6-v2 — the report names which one measured
+    text diversity. Off (the default), the load error stands, naming the switch."""
     from common.models import ModelLoadError, TinyTextEncoder, build_sentence_encoder
 
     name = cfg.model.sentence_encoder
     try:
         encoder = build_sentence_encoder(cfg.model)
     except ModelLoadError as exc:
+        if not cfg.eval.text_encoder_fallback:
+            raise ModelLoadError(f"{exc}\n(or set eval.text_encoder_fallback=true to measure text diversity with the "
+                                 "packaged all-MiniLM-L6-v2 instead; the report then names it)") from exc
         log.warning("sentence encoder %r unavailable (%s); using the packaged all-MiniLM-L6-v2", name,
                     str(exc).splitlines()[0])
         encoder = build_sentence_encoder(cfg.model.model_copy(update={"sentence_encoder": "auto"}))
