@@ -156,3 +156,17 @@ def test_bad_arguments_are_named(model):
     with pytest.raises(ValueError, match="LEFT-padded"):
         _run(model, ids.flip(1), torch.tensor([[1, 0, 0]]))
 
+
+
+def test_penalty_counts_each_earlier_group_not_just_presence(model):
+    """λ between one and two times the gap from the best first token a to the runner-up b: group 1 still
+    takes a (penalty λ < gap); group 2 sees a chosen twice, 2λ > gap, and takes b. A penalty counted by
+    presence (λ once) would give a a third time."""
+    ids, mask = _prompts([5], 5)
+    logp = _log_probs(model, ids[0].tolist(), [])
+    logp[EOS] = float("-inf")  # min_new_tokens=1
+    (a, b) = logp.topk(2).indices.tolist()
+    gap = float(logp[a] - logp[b])
+    out_ids, out_mask, _ = _run(model, ids, mask, num_groups=3, diversity_penalty=0.75 * gap, min_new_tokens=1,
+                                max_new_tokens=3)
+    assert sorted(row[0] for row in _rows(out_ids, out_mask, 0)) == sorted([a, a, b])
