@@ -4,13 +4,14 @@
 Decoding is the paper's protocol (`eval.decode`): `beam` — diverse beam search, `eval.rewrites` groups
 × `eval.beams_per_group` beams, Hamming penalty, length penalty, `min_new_tokens`..`max_new_tokens`,
 deterministic, best first; `sample` — `eval.rewrites` i.i.d. samples at `eval.temperature` from a
-seeded generator (reproducible). Both forbid EOS before `min_new_tokens`.
+generator seeded by (eval.images.seed, prompt) alone, so a prompt's rewrites do not depend on its batch. Both forbid EOS before `min_new_tokens`.
 
 Input and rewrite follow the run's own format (common/formats.py: `model.input_format`, `sampler.response`):
 a `suffix` run conditions on "{template}{stem(x)}," and its rewrite is "stem(x), continuation".
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 #: prompts decoded together (× rewrites rows each)
 PROMPTS_PER_BATCH = 8
+
+
+def prompt_seed(seed: int, prompt: str) -> int:
+    """A sampling seed that depends on the eval seed and the prompt's text only."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def load_tokenizer(policy_dir: Optional[str], model_cfg: ModelConfig):
@@ -98,20 +105,23 @@ class PolicyMethod(Method):
         outputs = []
         for start in range(0, len(prompts), PROMPTS_PER_BATCH):
             part = list(prompts[start:start + PROMPTS_PER_BATCH])
-            texts = self._beam(part, n) if self.ev.decode == "beam" else self._sample(part, n, start)
+            texts = self._beam(part, n) if self.ev.decode == "beam" else self._sample(part, n)
             outputs += [MethodOutput(p, [Rewrite(t) for t in ts]) for p, ts in zip(part, texts)]
         return outputs
 
-    def _sample(self, prompts: list[str], n: int, offset: int) -> list[list[str]]:
+    def _sample(self, prompts: list[str], n: int) -> list[list[str]]:
+        """n sampled rewrites of each prompt, its generator seeded by (eval seed, prompt) alone: the same
+        prompt gets the same rewrites whichever other prompts share its batch or were cached before."""
         from common.decoding import sample
 
-        ids, mask = self._encode([p for p in prompts for _ in range(n)])
-        # one generator per batch, seeded by the batch's position: the same prompts give the same rewrites
-        gen = torch.Generator(self.device).manual_seed(self.ev.images.seed + offset)  # the eval's one seed
-        resp, rmask = sample(self.model, ids, mask, self.ev.max_new_tokens, self.ev.min_new_tokens,
-                             self.ev.temperature, self.tokenizer.eos_token_id, generator=gen)
-        texts = self._texts(resp, rmask)
-        return [[self.fmt.rewrite(p, t) for t in texts[i * n:(i + 1) * n]] for i, p in enumerate(prompts)]
+        out = []
+        for prompt in prompts:
+            ids, mask = self._encode([prompt] * n)
+            gen = torch.Generator(self.device).manual_seed(prompt_seed(self.ev.images.seed, prompt))
+            resp, rmask = sample(self.model, ids, mask, self.ev.max_new_tokens, self.ev.min_new_tokens,
+                                 self.ev.temperature, self.tokenizer.eos_token_id, generator=gen)
+            out.append([self.fmt.rewrite(prompt, t) for t in self._texts(resp, rmask)])
+        return out
 
     def _beam(self, prompts: list[str], n: int) -> list[list[str]]:
         from common.beam_search import diverse_beam_search

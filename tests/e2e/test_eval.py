@@ -173,6 +173,36 @@ def test_beam_decoding_is_deterministic_and_ranked(workdir):
     again = method.rewrite(["a red car", "a blue boat"], 3)
     assert [[r.text for r in o.rewrites] for o in first] == [[r.text for r in o.rewrites] for o in again]
     assert all(len(o.rewrites) == 3 for o in first)
+    # ranked: the search's own sequence scores, best first (the search returns them in group order)
+    from common.beam_search import diverse_beam_search
+
+    ev = cfg.eval
+    ids, mask = method._encode(["a red car", "a blue boat"])
+    out_ids, out_mask, scores = diverse_beam_search(
+        method.model, ids, mask, num_groups=3, beams_per_group=ev.beams_per_group,
+        diversity_penalty=ev.diversity_penalty, length_penalty=ev.length_penalty, min_new_tokens=2,
+        max_new_tokens=6, eos_id=method.tokenizer.eos_token_id)
+    for b, (out, prompt) in enumerate(zip(first, ["a red car", "a blue boat"])):
+        best_first = sorted(range(3), key=lambda r: -float(scores[b, r]))
+        texts = method._texts(out_ids[b, best_first], out_mask[b, best_first])
+        assert [r.text for r in out.rewrites] == [method.fmt.rewrite(prompt, t) for t in texts]
+
+
+def test_sampled_rewrites_depend_on_the_prompt_and_seed_only(workdir):
+    """Whatever else is in the batch (or was cached before), a prompt gets the same sampled rewrites."""
+    from common.config import load_config
+    from eval.methods.policy import PolicyMethod
+
+    path, _ = workdir
+    cfg = load_config("tiny", overrides=["eval.decode=sample", "eval.max_new_tokens=6", "eval.min_new_tokens=2"])
+    method = PolicyMethod("sft", str(path / "sft"), cfg.model, cfg.eval)
+    texts = lambda outs: [[r.text for r in o.rewrites] for o in outs]  # noqa: E731
+    both = texts(method.rewrite(["a red car", "a blue boat"], 3))
+    assert texts(method.rewrite(["a blue boat"], 3)) == both[1:]
+    assert texts(method.rewrite(["a green bike", "a red car"], 3))[1] == both[0]
+    other = load_config("tiny", overrides=["eval.decode=sample", "eval.max_new_tokens=6", "eval.min_new_tokens=2",
+                                           "eval.images.seed=7"])
+    assert texts(PolicyMethod("sft", str(path / "sft"), other.model, other.eval).rewrite(["a red car"], 3)) != both[:1]
 
 
 def test_suffix_run_is_evaluated_in_its_own_format(workdir, tmp_path):
