@@ -15,7 +15,7 @@ Parts (each ratio measured side by side in this process and run):
   broadcast  the policy's weights to 8 samplers on one node through the Ray object store
   e2e        Sampler + RewardWorker + Learner in one process against a local redis-server vs a loop
              like the official code's (plain prompt rendered again every step, token-by-token log-probs)
-  ipgo       seconds and peak memory per IPGO iteration at 512², K = 2 (bench/ipgo.py, when it lands)
+  ipgo       seconds and peak memory per IPGO iteration at 512², K = 2 (bench/ipgo.py)
 
 `sd14-arch` has random weights: images are noise, compute and memory are the paper's. Every part
 writes its result into --out as soon as it ends, so a run stopped by a time limit keeps what it measured.

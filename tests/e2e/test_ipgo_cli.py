@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -20,11 +21,13 @@ def test_prompt_wise_outputs_and_resume(tmp_path, capsys):
     lines = _lines(run / "results.jsonl")
     assert [line["prompt"] for line in lines] == ["a red car", "a cat on a sofa"]
     for line in lines:
-        assert line["iterations"] == 3 and line["best_reward"] >= line["initial_reward"] - 10
+        assert line["iterations"] == 3 and math.isfinite(line["initial_reward"])
         out = run / "prompts" / line["dir"]
         for name in ("tokens.safetensors", "best.png", "initial.png", "curve.json", "result.json"):
             assert (out / name).is_file(), name
-        assert len(json.loads((out / "curve.json").read_text())["reward"]) == 3
+        curve = json.loads((out / "curve.json").read_text())["reward"]
+        assert len(curve) == 3  # the best iterate is the curve's maximum, where it was reached
+        assert line["best_reward"] == pytest.approx(max(curve)) and line["best_iteration"] == curve.index(max(curve))
     from ipgo.jobs import load_tokens
 
     tokens = load_tokens(run / "prompts" / lines[0]["dir"] / "tokens.safetensors")

@@ -157,8 +157,11 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 300, check: bool
 
 @pytest.fixture(scope="module")
 def cluster_env():
-    if not shutil.which("ray") or not shutil.which("redis-cli"):
-        pytest.skip("needs the `ray` CLI and redis-cli on PATH")
+    # the interpreter's own bin/ first: a venv's python called without activating the venv still finds its `ray`
+    bin_dir = str(Path(sys.executable).parent)
+    search = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    missing = [tool for tool in ("ray", "redis-cli") if not shutil.which(tool, path=search)]
+    assert not missing, f"{missing} not found beside {sys.executable} or on PATH (ray: a main dependency; redis-cli: redis-tools)"
     from common.redis_server import RedisServer
 
     root = Path(tempfile.mkdtemp(prefix="pagmn", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
@@ -168,7 +171,7 @@ def cluster_env():
            if not k.startswith("RAY_") and k not in ("PYTEST_CURRENT_TEST",)}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PATH=search)
     redis_server = RedisServer(root / "redis", password=secrets.token_hex(16)).start()
     url = redis_server.url.replace("redis://:", "redis://default:")  # redis-cli 7.0 sends no AUTH for an empty user
     env["PAG_REDIS_URL"] = url  # the head's environment; deploy/cluster.yaml sources it likewise

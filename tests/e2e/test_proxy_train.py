@@ -40,6 +40,7 @@ def test_tiny_proxy_trains_end_to_end(tmp_path):
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [1, 2, 3]
     assert all("ppo/kl" not in m for m in history)
+    assert [m["plasticity/reactivations"] for m in history] == [1, 2, 3], "reactivation_every=1 ran every step"
     for m in history:
         assert m["reward/reward"] == pytest.approx(m["reward/style_gain"] + m["reward/rel_text"], abs=1e-6)
     report = (run_dir / "report.md").read_text()

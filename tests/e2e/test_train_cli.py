@@ -53,8 +53,9 @@ def test_sigint_stops_cleanly_then_resume_finishes_with_a_report(workdir):
     path, env = workdir
     run_dir = path / "runs" / "e2e"
     # started as a background job is: SIGINT ignored on entry. `pag train` must install its handler itself
+    # periodic checkpoints off (every 1000 steps or 10^5 s): the one found after SIGINT is the shutdown's
     proc = subprocess.Popen([sys.executable, "-m", "pag.cli", "train", "--steps", "500", "--run-name", "e2e",
-                             *SMALL], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             *SMALL, "learner.checkpoint_every=1000", "learner.checkpoint_every_s=100000"], cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 400
     metrics = run_dir / "metrics.jsonl"
@@ -68,7 +69,8 @@ def test_sigint_stops_cleanly_then_resume_finishes_with_a_report(workdir):
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted" in out
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
-    assert stopped_at >= 3, "a checkpoint at the step reached"
+    reached = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert stopped_at == reached >= 3, "the shutdown checkpoint, at the step reached"
     assert not (run_dir / "report.md").exists()
     size, _, _, meta = _read_buffer(run_dir, "e2e")
     assert size > 0 and meta[b"stop"] == b"1"
