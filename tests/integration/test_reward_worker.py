@@ -290,3 +290,26 @@ def test_cli_registers_workers_scale_and_list():
     assert args.func is _cmd_list and args.ray_address == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["workers", "scale", "3"])  # --run is required
+
+
+def test_relevance_is_hinged_per_image_then_averaged(redis_url, run_name):
+    """The official rule: each image's CLIP score is hinged, then the hinges are averaged. With the
+    threshold midway between a rewrite's two images, hinging their mean would give 0 instead. On the
+    miniature world's CLIP: tiny's random one scores every picture near 0 or below, where the hinge is flat."""
+    prompt, response = "a red circle", "a red circle, neon palette"
+    c = load_config("mini", overrides=TINY)
+    models = build_reward_models(c, "cpu")
+    clips = models.score_fn(models.renderer([response]), [prompt] * 2, [response] * 2)["clip"].double()
+    low, high = sorted(float(x) for x in clips.clamp(min=0))
+    assert high > low, f"the two images score alike ({clips.tolist()}): pick another prompt"
+    c.reward.clip_threshold = (low + high) / 2
+    w = RewardWorker(c, redis_url, run_name, "w1", models=models, block_ms=50)
+    try:
+        traj = _traj(prompt, response)
+        w.buffer.push_pending([traj])
+        assert w.step() == 1
+        rel = w.buffer.get(traj.id).scores["rel"]
+    finally:
+        w.close()
+    expected = c.reward.clip_weight * (low - c.reward.clip_threshold) / 2  # the high image's hinge is 0
+    assert rel == pytest.approx(expected, rel=1e-4) and rel < 0
