@@ -144,3 +144,34 @@ def test_ablation_objectives_train(cfg, buffer, tmp_path, trajectories, objectiv
     for _ in range(15):
         last = learner.update([trajectories[:8]])["loss/total"]
     assert math.isfinite(last) and last < first
+
+
+def test_balance_loss_is_the_hand_computed_fl_db_with_tau_and_gamma_not_1(small_learner_config, buffer, tmp_path,
+                                                                          trajectories):
+    """Learner's FL-DB loss at a step where τ = 2.2 (annealing 3 → 1 over 10 steps, step 4) and γ = 1.7,
+    against the residuals written out token by token:
+        δ_t = log F(s_t) + log P_F(y_t) − log p_ref(y_t)/(γτ) − log F(s_{t+1}),  log F(s_T) = (r/β)/τ,
+    L = mean over trajectories of Σ_t δ_t²."""
+    from common.decoding import teacher_forced
+
+    c = small_learner_config("learner.reward_temp_start=3.0", "learner.reward_temp_end=1.0",
+                             "learner.reward_temp_anneal_steps=10", "learner.ref_temp=1.7")
+    objective = Learner(c, buffer, tmp_path, resume=False).objective
+    trajs = trajectories[:6]
+    with torch.no_grad():
+        loss, info = objective.loss_on(trajs, step=4)
+        batch = objective.collate(trajs)
+        out = teacher_forced(objective.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                             batch["response_mask"], objective.eos_id, min_len=c.sampler.min_len)
+        log_flow = objective.flow(out["state_hidden"], out["prompt_hidden"])
+    tau, gamma = 3.0 - 2.0 * 4 / 10, 1.7
+    assert info["tau"] == pytest.approx(tau)
+    total = 0.0
+    for b in range(len(trajs)):
+        steps = int(batch["response_mask"][b].sum())
+        for t in range(steps):
+            after = float(batch["log_reward"][b]) / tau if t == steps - 1 else float(log_flow[b, t + 1])
+            delta = (float(log_flow[b, t]) + float(out["log_pf"][b, t])
+                     - float(batch["ref_logprobs"][b, t]) / (gamma * tau) - after)
+            total += delta ** 2
+    assert float(loss) == pytest.approx(total / len(trajs), rel=1e-4)
