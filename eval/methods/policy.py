@@ -4,7 +4,8 @@
 Decoding is the paper's protocol (`eval.decode`): `beam` — diverse beam search, `eval.rewrites` groups
 × `eval.beams_per_group` beams, Hamming penalty, length penalty, `min_new_tokens`..`max_new_tokens`,
 deterministic, best first; `sample` — `eval.rewrites` i.i.d. samples at `eval.temperature` from a
-generator seeded by (eval.images.seed, prompt) alone, so a prompt's rewrites do not depend on its batch. Both forbid EOS before `min_new_tokens`.
+generator seeded by (eval.images.seed, prompt) alone, so a prompt's rewrites do not depend on its batch.
+Both forbid EOS before `min_new_tokens`.
 
 Input and rewrite follow the run's own format (common/formats.py: `model.input_format`, `sampler.response`):
 a `suffix` run conditions on "{template}{stem(x)}," and its rewrite is "stem(x), continuation".

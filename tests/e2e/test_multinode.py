@@ -161,7 +161,8 @@ def cluster_env():
     bin_dir = str(Path(sys.executable).parent)
     search = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     missing = [tool for tool in ("ray", "redis-cli") if not shutil.which(tool, path=search)]
-    assert not missing, f"{missing} not found beside {sys.executable} or on PATH (ray: a main dependency; redis-cli: redis-tools)"
+    assert not missing, (f"{missing} not found beside {sys.executable} or on PATH "
+                         "(ray: a main dependency; redis-cli: redis-tools)")
     from common.redis_server import RedisServer
 
     root = Path(tempfile.mkdtemp(prefix="pagmn", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
