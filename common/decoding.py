@@ -152,7 +152,9 @@ def teacher_forced(
       log_pf         (B, T)    log P_F(y_{t+1} | s_t), normalised over the whole vocabulary (float32,
                                EOS rule applied), 0 at padding; −inf if y has EOS where it is forbidden
       state_hidden   (B, T, H) final-layer hidden state of each state s_t (feeds the flow head)
-      prompt_hidden  (B, H)    mean of the final-layer hidden states over the real prompt tokens
+      prompt_hidden  (B, H)    mean of the final-layer hidden states over the real prompt tokens (flow head `film`)
+      prompt_sum     (B, H)    their sum over the real prompt tokens but the last, the official flow head's
+                               prompt input (gfn_trainer.py:300: `state[:, :-1]`; the prompt is left-padded)
       entropy        (B, T)    entropy of P_F(· | s_t), 0 at padding, detached (a collapse metric)
     Hidden states keep their graph; `FlowHead` detaches them itself.
     """
@@ -165,7 +167,9 @@ def teacher_forced(
     P = prompt_ids.shape[1]
     pm = prompt_mask.to(hidden.dtype).unsqueeze(-1)  # (B, P, 1)
     prompt_hidden = (hidden[:, :P] * pm).sum(1) / pm.sum(1)  # (B, H)
-    return {"log_pf": log_pf, "state_hidden": states, "prompt_hidden": prompt_hidden, "entropy": entropy}
+    prompt_sum = (hidden[:, :P - 1] * pm[:, :P - 1]).sum(1)  # (B, H): left-padded, so column P-1 is the last token
+    return {"log_pf": log_pf, "state_hidden": states, "prompt_hidden": prompt_hidden, "prompt_sum": prompt_sum,
+            "entropy": entropy}
 
 
 @torch.no_grad()

@@ -272,6 +272,10 @@ class LearnerConfig(Section):
     """τ of the τ-dormant neuron ratio (Sokar et al., 2023)"""
     flow_hidden: int = Field(256, ge=1)
     """flow head hidden width"""
+    flow_head: Literal["official", "film"] = "official"
+    """official: ReLU(W h_t) modulated by scale, shift from the prompt's hidden states summed but the last token,
+    random init (gfn_trainer.py:25-41, 300); film: LayerNorm, the prompt averaged, FiLM (1 + scale) before the ReLU,
+    started at identity (learner/flow.py)"""
     publish_every: int = Field(1, ge=1)
     """publish weights every K steps"""
     checkpoint_every: int = Field(500, ge=1)

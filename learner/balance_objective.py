@@ -53,7 +53,7 @@ class BalanceObjective:
         min_len = self.cfg.sampler.min_len
         out = teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                              batch["response_mask"], self.eos_id, min_len=min_len)  # log P_F of what the sampler can draw
-        log_flow = self.flow(out["state_hidden"], out["prompt_hidden"])  # (B, T)
+        log_flow = self.flow(out["state_hidden"], out[self.flow.prompt_input])  # (B, T)
         ref, terminal = temper(batch["ref_logprobs"], batch["log_reward"], batch["response_mask"], gamma=gamma,
                                tau=tau, min_len=min_len, len_penalty=self.cfg.learner.min_len_penalty)
         loss = gflownet_loss(self.loss, out["log_pf"], log_flow, ref, terminal, batch["response_mask"])
@@ -91,7 +91,7 @@ class BalanceObjective:
         """The policy and the flow head, both probed for dormant units."""
         out = teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                              batch["response_mask"], self.eos_id)
-        self.flow(out["state_hidden"], out["prompt_hidden"])
+        self.flow(out["state_hidden"], out[self.flow.prompt_input])
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # nothing beyond the modules and the optimiser

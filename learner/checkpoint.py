@@ -63,8 +63,9 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
     policy.save_pretrained(tmp / "policy", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
     for head_name, module in {"flow": flow, **(heads or {})}.items():
+        kind = getattr(module, "kind", None)  # the flow head's architecture: same keys, other maths
         save_file({k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()},
-                  str(tmp / f"{head_name}.safetensors"))
+                  str(tmp / f"{head_name}.safetensors"), metadata={"kind": kind} if kind else None)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, str(tmp / "optim.safetensors"))
     rng = {"torch_cpu": torch.random.get_rng_state()}
@@ -94,6 +95,19 @@ def persist_checkpoint(storage, run_dir: Path, path: Path) -> Path:
     return path
 
 
+def _check_flow_kind(file: Path, flow: torch.nn.Module) -> None:
+    """Both flow heads have the same tensor names, so a checkpoint of one would load into the other without
+    a word; the kind is in the file's metadata (absent before issue 19: those were all `film`)."""
+    from safetensors import safe_open
+
+    want = getattr(flow, "kind", None)
+    with safe_open(str(file), "pt") as f:
+        saved = (f.metadata() or {}).get("kind", "film")
+    if want is not None and saved != want:
+        raise ValueError(f"{file} holds a learner.flow_head={saved!r} head but this run's config says {want!r}: "
+                         f"resume with learner.flow_head={saved} or start a new run")
+
+
 def load_checkpoint(path: Path, policy, flow: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     restore_rng: bool = True, heads: Optional[dict[str, torch.nn.Module]] = None) -> dict[str, Any]:
     """Load weights, optimiser and RNG in place; returns state.json (step, counters, extra)."""
@@ -103,6 +117,7 @@ def load_checkpoint(path: Path, policy, flow: torch.nn.Module, optimizer: Option
     state = json.loads((path / "state.json").read_text())
     saved = GPT2LMHeadModel.from_pretrained(path / "policy")
     policy.load_state_dict(saved.state_dict())
+    _check_flow_kind(path / "flow.safetensors", flow)
     flow.load_state_dict(load_file(str(path / "flow.safetensors")))
     for name, module in (heads or {}).items():
         if not (path / f"{name}.safetensors").is_file():

@@ -1,16 +1,24 @@
 """The flow head: log F̃(s_t) for every state of a trajectory, from the policy's hidden states.
 
-Choice (following the paper): a FiLM-style MLP on *detached* hidden states.
+Two heads, both FiLM-style MLPs on *detached* hidden states (`learner.flow_head`):
 
-    u_t          = W_in · LN(h_t)                           (B, T, D)   the state s_t = (x, y_≤t)
-    scale, shift = split(W_film · LN(h_x))                  (B, D) each  the prompt x, pooled
-    a_t          = ReLU(u_t ⊙ (1 + scale) + shift)          (B, T, D)   `act`: the dormant-ratio layer
-    log F̃(s_t)   = w_out · a_t + b_out                      (B, T)      `out`: the layer reactivation resets
+`official` (the default; gfn_trainer.py:25-41 `FlowFunction`, fed as at gfn_trainer.py:300-311):
+
+    a_t          = ReLU(W_in · h_t)                          (B, T, D)   `act`: the dormant-ratio layer
+    scale, shift = split(W_film · Σ_{i<|x|-1} h_i)           (B, D) each  the prompt x, summed but its last token
+    log F̃(s_t)   = w_out · (scale ⊙ a_t + shift) + b_out     (B, T)      `out`: the layer reactivation resets
+
+every Linear with PyTorch's default init (W_film random, so the prompt modulates from step 0).
+
+`film` (ours before issue 19): LayerNorm on both inputs, the prompt *averaged* over all its tokens, the
+FiLM applied before the ReLU as `(1 + scale)` with W_film started at zero, so the head starts as a
+plain MLP on h_t:
+
+    a_t          = ReLU(W_in · LN(h_t) ⊙ (1 + scale) + shift),  scale, shift = split(W_film · LN(mean_i h_i))
 
 Why FiLM on the prompt: log F̃(s_0) is the log-partition function log Z(x) of a prompt's target,
 which varies a lot from prompt to prompt; h_t sees the prompt only through attention, so the
-pooled prompt is given again as an explicit multiplicative modulation. W_film starts at zero, so
-the head starts as a plain MLP on h_t and learns how much the prompt should modulate it.
+pooled prompt is given again as an explicit multiplicative modulation.
 
 Why detached: the policy's representation is shaped by log P_F alone; the flow head reads it.
 A flow regression target that jumps (reactivation, τ annealing) then cannot disturb the policy's
@@ -25,21 +33,30 @@ import torch
 from torch import Tensor, nn
 
 
-class FlowHead(nn.Module):
-    """log F̃(s_t) (B, T) from state hidden states (B, T, H) and a pooled prompt hidden (B, H)."""
+#: the head kinds and the `teacher_forced` output each reads its prompt from
+PROMPT_INPUT = {"official": "prompt_sum", "film": "prompt_hidden"}
 
-    def __init__(self, hidden_size: int, flow_hidden: int = 256) -> None:
+
+class FlowHead(nn.Module):
+    """log F̃(s_t) (B, T) from state hidden states (B, T, H) and a pooled prompt hidden (B, H);
+    `prompt_input` names the pooled prompt this kind reads from `teacher_forced`'s output."""
+
+    def __init__(self, hidden_size: int, flow_hidden: int = 256, kind: str = "official") -> None:
         super().__init__()
-        self.hidden_size = hidden_size
-        self.flow_hidden = flow_hidden
-        self.state_norm = nn.LayerNorm(hidden_size, elementwise_affine=False)  # the Linear after it is the affine
-        self.prompt_norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        if kind not in PROMPT_INPUT:
+            raise ValueError(f"learner.flow_head must be one of {sorted(PROMPT_INPUT)}, got {kind!r}")
+        self.hidden_size, self.flow_hidden, self.kind = hidden_size, flow_hidden, kind
+        self.prompt_input = PROMPT_INPUT[kind]
+        norm = kind == "film"  # the Linear after each LayerNorm is its affine
+        self.state_norm = nn.LayerNorm(hidden_size, elementwise_affine=False) if norm else nn.Identity()
+        self.prompt_norm = nn.LayerNorm(hidden_size, elementwise_affine=False) if norm else nn.Identity()
         self.inp = nn.Linear(hidden_size, flow_hidden)
         self.film = nn.Linear(hidden_size, 2 * flow_hidden)
         self.act = nn.ReLU()
         self.out = nn.Linear(flow_hidden, 1)
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
+        if kind == "film":
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     def forward(self, state_hidden: Tensor, prompt_hidden: Tensor) -> Tensor:
         if state_hidden.dim() != 3 or state_hidden.shape[-1] != self.hidden_size:
@@ -52,8 +69,10 @@ class FlowHead(nn.Module):
         dtype = self.inp.weight.dtype
         h = self.state_norm(state_hidden.detach().to(dtype))  # (B, T, H)
         hx = self.prompt_norm(prompt_hidden.detach().to(dtype))  # (B, H)
-        scale, shift = self.film(hx).chunk(2, dim=-1)  # (B, D) each
-        a = self.act(self.inp(h) * (1 + scale[:, None]) + shift[:, None])  # (B, T, D)
+        scale, shift = self.film(hx)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        if self.kind == "official":
+            return self.out(scale * self.act(self.inp(h)) + shift).squeeze(-1)  # (B, T)
+        a = self.act(self.inp(h) * (1 + scale) + shift)  # (B, T, D)
         return self.out(a).squeeze(-1)  # (B, T)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:

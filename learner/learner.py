@@ -85,12 +85,12 @@ class Learner:
         torch.manual_seed(cfg.run.seed)
         self.tokenizer = build_tokenizer(cfg.model)
         self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
-        self.flow = FlowHead(self.policy.config.hidden_size, cfg.learner.flow_hidden).to(self.device)
+        lc = cfg.learner
+        self.flow = FlowHead(self.policy.config.hidden_size, lc.flow_hidden, lc.flow_head).to(self.device)
         self.collate = partial(collate, pad_id=self.tokenizer.pad_token_id, device=self.device)
         self.schedules = Schedules.from_config(cfg)
         self.objective = build_objective(cfg, self.policy, self.flow, self.tokenizer.eos_token_id, self.collate,
                                          self.device, self.schedules)
-        lc = cfg.learner
         policy_group = {"params": freeze_lower_blocks(self.policy, lc.trainable_blocks), "lr": lc.lr, "name": "policy"}
         self.optimizer = torch.optim.AdamW([policy_group, *self.objective.param_groups()], weight_decay=lc.weight_decay)
         self.weights = WeightsClient(weights) if weights is not None else None

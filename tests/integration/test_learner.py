@@ -98,6 +98,15 @@ def test_checkpoint_resume_is_exact(cfg, buffer, tmp_path, trajectories):
         assert torch.equal(pa, pb)
 
 
+def test_resume_refuses_a_checkpoint_of_the_other_flow_head(small_learner_config, buffer, tmp_path):
+    """Both heads have the same tensor names: without the kind in flow.safetensors' metadata, a `film`
+    checkpoint would load into an `official` head and silently compute something else."""
+    Learner(small_learner_config("learner.flow_head=film"), buffer, tmp_path, resume=False).save()
+    with pytest.raises(ValueError, match="learner.flow_head='film'.*'official'.*resume with learner.flow_head=film"):
+        Learner(small_learner_config(), buffer, tmp_path, resume=True)
+    assert Learner(small_learner_config("learner.flow_head=film"), buffer, tmp_path, resume=True).step == 0
+
+
 def test_resume_restores_rng(cfg, buffer, tmp_path, trajectories):
     a = Learner(cfg, buffer, tmp_path, resume=False)
     a.save()
@@ -163,7 +172,7 @@ def test_balance_loss_is_the_hand_computed_fl_db_with_tau_and_gamma_not_1(small_
         batch = objective.collate(trajs)
         out = teacher_forced(objective.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                              batch["response_mask"], objective.eos_id, min_len=c.sampler.min_len)
-        log_flow = objective.flow(out["state_hidden"], out["prompt_hidden"])
+        log_flow = objective.flow(out["state_hidden"], out["prompt_sum"])  # the official head's prompt input
     tau, gamma = 3.0 - 2.0 * 4 / 10, 1.7
     assert info["tau"] == pytest.approx(tau)
     total = 0.0

@@ -208,7 +208,7 @@ def test_gradients_reach_policy_and_flow_head_through_one_pass(model, batch):
     head = FlowHead(32, 16)
     model.zero_grad()
     out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)
-    log_flow = head(out["state_hidden"], out["prompt_hidden"])
+    log_flow = head(out["state_hidden"], out[head.prompt_input])
     ref, terminal = temper(torch.full(response_ids.shape, -2.0), torch.tensor([1.0, -1.0, 0.5]), response_mask,
                            gamma=1.0, tau=1.5)
     loss = fl_db_loss(out["log_pf"], log_flow, ref, terminal, response_mask)
@@ -218,14 +218,45 @@ def test_gradients_reach_policy_and_flow_head_through_one_pass(model, batch):
 
     # the head reads detached hidden states: a flow-only loss leaves the policy untouched
     model.zero_grad(set_to_none=True)
-    head(out["state_hidden"], out["prompt_hidden"]).sum().backward()
+    head(out["state_hidden"], out[head.prompt_input]).sum().backward()
     assert all(p.grad is None for p in model.parameters())
     model.zero_grad(set_to_none=True)
 
 
-def test_flow_head_prompt_conditioning_and_reactivation():
+def test_official_flow_head_is_flowfunction_on_the_prompt_summed_but_its_last_token(model, batch):
+    """gfn_trainer.py:25-41 and 300-311: the prompt input is Σ of the final hidden states of x without its
+    last token (a separate forward there; causal attention makes it the same numbers), then
+    log F(s_t) = W2 · (scale ⊙ ReLU(W1 h_t) + shift), scale and shift from the summed prompt; and the
+    prompt modulates the flow from the first step (random FiLM init)."""
+    import torch.nn.functional as F
+
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
     torch.manual_seed(0)
-    head = FlowHead(8, 16)
+    head = FlowHead(32, 16)
+    assert head.kind == "official" and head.prompt_input == "prompt_sum"
+    with torch.no_grad():
+        out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)
+        log_flow = head(out["state_hidden"], out["prompt_sum"])
+        for b in range(prompt_ids.shape[0]):
+            x = prompt_ids[b][prompt_mask[b].bool()]
+            y = model.base_model(input_ids=x[None, :-1]).last_hidden_state[0].sum(0)
+            assert torch.allclose(out["prompt_sum"][b], y, atol=1e-5)
+            scale, shift = F.linear(y, head.film.weight, head.film.bias).chunk(2)
+            hid = F.relu(F.linear(out["state_hidden"][b], head.inp.weight, head.inp.bias))
+            expected = F.linear(scale * hid + shift, head.out.weight, head.out.bias).squeeze(-1)
+            assert torch.allclose(log_flow[b], expected, atol=1e-5)
+        other = head(out["state_hidden"], out["prompt_sum"].roll(1, 0))
+    assert not torch.allclose(log_flow, other), "the prompt modulates the flow at init"
+    with pytest.raises(ValueError, match="learner.flow_head must be one of"):
+        FlowHead(32, 16, "mlp")
+
+
+def test_film_flow_head_prompt_conditioning_and_reactivation():
+    torch.manual_seed(0)
+    head = FlowHead(8, 16, "film")
+    with torch.no_grad():
+        start = head(torch.randn(2, 5, 8), torch.zeros(2, 8))
+    assert head.prompt_input == "prompt_hidden" and start.shape == (2, 5)
     states = torch.randn(2, 5, 8)
     with torch.no_grad():
         head.film.weight.normal_()
@@ -262,7 +293,7 @@ def test_dormant_metrics_on_policy_and_flow_head(model, batch):
 
     def forward():
         out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)
-        head(out["state_hidden"], out["prompt_hidden"])
+        head(out["state_hidden"], out[head.prompt_input])
 
     with torch.no_grad():
         metrics = dormant_metrics(model, head, forward, tau=0.1, flow_mask=response_mask,
