@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from common.config import Config
-from scoring.reward import relevance, reward_parts
+from scoring.reward import baseline_text, relevance, reward_parts
 from scoring.style import text_relevance
 from common.trajectory import Trajectory
 from scoring.render import RewardModels, build_reward_models, plain_text
@@ -114,7 +114,7 @@ class RewardWorker:
             return [], []
         r = self.cfg.reward
         k = self.renderer.k if self.renderer is not None else 0
-        plains = [plain_text(t.prompt) for t in trajs]
+        plains = [baseline_text(self.cfg, plain_text(t.prompt)) for t in trajs]  # what the baseline renders
         cached = self.cache.get_many(plains, self.models.score_keys)
         missing = [p for p in dict.fromkeys(plains) if p not in cached]
         hits = sum(p in cached for p in plains)
@@ -125,7 +125,7 @@ class RewardWorker:
 
         # rewrites first, then the plain prompts nobody has rendered yet, in one render
         texts = [t.response for t in trajs] + missing
-        judged_against = plains + missing  # relevance is always measured against the plain x
+        judged_against = plains + missing  # relevance is always measured against the baseline text
         results = self._render_and_score(texts, judged_against)
 
         plain_scores: dict[str, dict[str, float] | str] = dict(cached)

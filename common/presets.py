@@ -47,7 +47,10 @@ def tiny() -> Tree:
         # clip_threshold: the paper's 0.28 is calibrated to real ViT-L/14 scores (~0.2-0.35); the tiny random
         # CLIP scores centre on 0, where 0.28 would make the penalty a near-constant −5.6 for every rewrite.
         # With 0 the per-image hinge 20·min(0, max(0, clip) − 0) is always 0: tiny's reward is the aesthetic gain
-        "reward": {"num_gpus": 0.0, "images": {"steps": 4}, "batch_size": 8, "clip_threshold": 0.0},
+        # baseline plain: the miniature world's text encoder (mini inherits this) never saw "Rephrase:", so a
+        # templated baseline would be an out-of-vocabulary picture; sd14 keeps the official policy_input
+        "reward": {"num_gpus": 0.0, "images": {"steps": 4}, "batch_size": 8, "clip_threshold": 0.0,
+                   "baseline": "plain"},
         "buffer": {"capacity": 2000},
         "learner": {
             "steps": 120, "batch_size": 16, "grad_accum": 1, "lr": 3e-4, "flow_lr": 1e-3,

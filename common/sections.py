@@ -152,6 +152,10 @@ class RewardConfig(Section):
     """scorer names from the registry"""
     beta: float = Field(0.05, gt=0)
     """reward temperature β: log R = r/β"""
+    baseline: Literal["policy_input", "plain"] = "policy_input"
+    """the text of the baseline images a rewrite's aesthetic gain is measured against, and that relevance is
+    judged against, in training and in `pag eval`: policy_input renders the policy's template ("x Rephrase:\n",
+    as the official gfn_trainer.py:635-686 and eval.py:154-215 do); plain renders the user's x alone"""
     clip_threshold: float = 0.28
     """relevance penalty applies below this CLIP score"""
     clip_weight: float = Field(20.0, ge=0)

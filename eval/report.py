@@ -15,6 +15,7 @@ import yaml
 from eval.methods import MethodOutput
 from eval.metrics import prompt_metrics, rewrite_scores, summarize
 from eval.runner import EvalData
+from scoring.reward import baseline_text
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,15 @@ def _score_prompt(data: EvalData, label: str, set_name: str, out: MethodOutput,
     """One prompt's rewrites by one method → (its metrics row, None when no rewrite was scored;
     one line per rewrite for rewrites.jsonl, with `error` where it was not scored; how many were not)."""
     thr, weight = data.cfg.reward.clip_threshold, data.cfg.reward.clip_weight
-    plain = data.records.get((out.prompt, out.prompt))
+    base = baseline_text(data.cfg, out.prompt)
+    plain = data.records.get((base, base))
     scored, texts, images, lines = [], [], [], []
     for rank, rw in enumerate(out.rewrites):
-        key = (out.prompt, rw.render_key())
+        key = (base, rw.render_key())
         rec = data.records.get(key)
         line: dict[str, Any] = {"set": set_name, "method": label, "prompt": out.prompt, "rank": rank, "text": rw.text}
         if rec is None or plain is None:
-            line["error"] = data.errors.get(key) or data.errors.get((out.prompt, out.prompt)) or "not scored"
+            line["error"] = data.errors.get(key) or data.errors.get((base, base)) or "not scored"
         else:
             s = rewrite_scores(plain, rec, thr, weight)
             line.update(s)
@@ -127,14 +129,16 @@ def write_grids(data: EvalData, out_dir: Path) -> list[str]:
     size, names = data.cfg.eval.thumb_size, []
     for set_name, prompts in data.sets.items():
         shown = prompts[: data.cfg.eval.grid_prompts]
-        rows = [("plain prompt", [_decode_png((data.records.get((p, p)) or {}).get("thumb"), size) for p in shown])]
+        bases = [baseline_text(data.cfg, p) for p in shown]
+        rows = [("plain prompt", [_decode_png((data.records.get((b, b)) or {}).get("thumb"), size) for b in bases])]
         plain_labels = {s.label for s in data.specs if s.kind == "plain"}  # the first row already shows it
         for label, per_set in data.outputs.items():
             if label in plain_labels:
                 continue
             tiles = []
             for out in per_set[set_name][: len(shown)]:
-                rec = data.records.get((out.prompt, out.rewrites[0].render_key())) if out.rewrites else None
+                key = (baseline_text(data.cfg, out.prompt), out.rewrites[0].render_key()) if out.rewrites else None
+                rec = data.records.get(key) if key else None
                 tiles.append(_decode_png((rec or {}).get("thumb"), size))
             rows.append((label, tiles))
         name = f"grid_{set_name}.png"

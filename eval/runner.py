@@ -21,6 +21,7 @@ from common.config import Config
 from eval.cache import ResultsCache, decode_record, method_key
 from eval.methods import MethodOutput, Rewrite, build_method
 from eval.spec import MethodSpec
+from scoring.reward import baseline_text
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ def generate(cfg: Config, specs: list[MethodSpec], sets: dict[str, list[str]], c
 
 def work_items(cfg: Config, sets: dict[str, list[str]],
                outputs: dict[str, dict[str, list[MethodOutput]]]) -> list[dict[str, Any]]:
-    """One item per distinct (against, key): every plain prompt, every rewrite; thumbnails where the grid
-    shows them (the first `eval.grid_prompts` prompts of a set: the plain image and each method's first rewrite)."""
+    """One item per distinct (against, key): every plain prompt's baseline (`reward.baseline`), every rewrite,
+    each against its prompt's baseline text; thumbnails where the grid shows them (the first `eval.grid_prompts` prompts of a set: the plain image and each method's first rewrite)."""
     items: dict[tuple[str, str], dict[str, Any]] = {}
 
     def add(against: str, rewrite: Rewrite, thumb: bool) -> None:
@@ -105,12 +106,13 @@ def work_items(cfg: Config, sets: dict[str, list[str]],
 
     for set_name, prompts in sets.items():
         for i, prompt in enumerate(prompts):
-            add(prompt, Rewrite(prompt), i < cfg.eval.grid_prompts)
+            base = baseline_text(cfg, prompt)
+            add(base, Rewrite(base), i < cfg.eval.grid_prompts)
     for per_set in outputs.values():
         for set_name, outs in per_set.items():
             for i, out in enumerate(outs):
                 for rank, rewrite in enumerate(out.rewrites):
-                    add(out.prompt, rewrite, i < cfg.eval.grid_prompts and rank == 0)
+                    add(baseline_text(cfg, out.prompt), rewrite, i < cfg.eval.grid_prompts and rank == 0)
     return list(items.values())
 
 

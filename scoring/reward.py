@@ -10,14 +10,28 @@ The relevance hinge is applied to each image *before* the mean, as the official 
 (gfn_trainer.py `get_logreward`, eval.py `get_results`): with per-image CLIP scores 0.25, 0.30 and
 0.31 against c = 0.28 that is −0.2, where a hinge after the mean would give 0. Negative cosines
 count as 0 (the `max(0, ·)`), so a rewrite cannot be penalised below −w·c per image.
+
+"x" above is the *baseline text* (`reward.baseline`, `baseline_text`): on `sd14` the policy's input
+"x Rephrase:\n", as the official code renders and judges against; `plain` (tiny, mini) the user's x.
 """
 from __future__ import annotations
 
 import torch
 
+from common.formats import TEMPLATES
+
 #: the official defaults (gfn_trainer.py, eval.py: `threshold=0.28`, weight 20)
 CLIP_THRESHOLD = 0.28
 CLIP_WEIGHT = 20.0
+
+
+def baseline_text(cfg, plain: str) -> str:
+    """The text the baseline images of a plain prompt x are rendered from, and that relevance is judged
+    against (`reward.baseline`): the policy's input template around x (`model.input_format`; official:
+    "x Rephrase:\n", what gfn_trainer.py and eval.py decode from the policy input and render) or x itself."""
+    if cfg.reward.baseline == "plain":
+        return plain
+    return TEMPLATES[cfg.model.input_format].format(prompt=plain)
 
 
 def relevance(clip_per_image: torch.Tensor, threshold: float = CLIP_THRESHOLD,

@@ -41,8 +41,9 @@ def build_method(spec: MethodSpec, cfg: Config, device: str = "cpu") -> Method:
     """Load what the method needs (policy weights, …) once."""
     if spec.kind == "plain":
         from eval.methods.plain import PlainMethod
+        from scoring.reward import baseline_text
 
-        return PlainMethod()
+        return PlainMethod(lambda p: baseline_text(cfg, p), baseline_text(cfg, "{x}"))
     if spec.kind == "rule":
         from eval.methods.rule import RuleMethod
 

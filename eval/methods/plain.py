@@ -1,9 +1,10 @@
-"""`plain`: the prompt as the user wrote it — one rewrite, the prompt itself, so its aesthetic gain is
-0 by construction. (The official eval.py renders the plain prompt with the policy's " Rephrase:"
-template leaked into it; here it is the user's text, exactly.)"""
+"""`plain`: the prompt without a rewrite -- one rewrite, the baseline text itself (`reward.baseline`), so its
+aesthetic gain is 0 by construction: on `sd14` the policy's input "x Rephrase:\n", which the official eval.py
+renders for its plain row (`manual=True`: the prompt tokens of the policy input); with `reward.baseline=plain`
+the user's text, exactly."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from eval.methods.base import Method, MethodOutput, Rewrite
 
@@ -11,5 +12,11 @@ from eval.methods.base import Method, MethodOutput, Rewrite
 class PlainMethod(Method):
     name = "plain"
 
+    def __init__(self, baseline: Callable[[str], str] = str, template: str = "{x}") -> None:
+        self.baseline, self.template = baseline, template  # template: the baseline of "{x}", for the cache key
+
+    def identity(self) -> dict:
+        return {"name": self.name, "baseline": self.template}
+
     def rewrite(self, prompts: Sequence[str], n: int) -> list[MethodOutput]:
-        return [MethodOutput(p, [Rewrite(p)]) for p in prompts]
+        return [MethodOutput(p, [Rewrite(self.baseline(p))]) for p in prompts]

@@ -92,6 +92,26 @@ def test_eval_every_method_then_cache_hit(workdir):
     assert second["stats"]["rendered"] == 0 and second["stats"]["cache_hits"] == results["stats"]["items"]
 
 
+def test_official_baseline_is_the_policy_input_for_every_method(workdir):
+    """reward.baseline=policy_input (sd14's default; eval.py:154-215 renders the plain row, `manual=True`, from the
+    policy input): the plain method's text is "x Rephrase:\n" (gain 0), and the rule's rewrite is scored against
+    that baseline, not against the x-only one of tiny's default."""
+    path, _ = workdir
+    args = ["--limit", "1", "--datasets", "lexica", "--no-progress", "--methods", "plain,rule"]
+    runs = {b: pag([*args, "--name", f"base-{b}", f"reward.baseline={b}"], workdir) for b in ("policy_input", "plain")}
+    rows = {}
+    for b, run in runs.items():
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows[b] = {r["method"]: r for r in map(json.loads, (path / "runs" / f"eval-base-{b}" / "rewrites.jsonl")
+                                               .read_text().splitlines())}
+    official, ours = rows["policy_input"], rows["plain"]
+    assert official["plain"]["text"] == official["plain"]["prompt"] + " Rephrase:\n" and official["plain"]["aes_gain"] == 0
+    assert ours["plain"]["text"] == ours["plain"]["prompt"]
+    assert official["rule"]["text"] == ours["rule"]["text"]
+    assert official["rule"]["aes"] == ours["rule"]["aes"], "the same rewrite, the same pictures"
+    assert official["rule"]["aes_gain"] != ours["rule"]["aes_gain"], "measured against another baseline"
+
+
 def math_finite(x) -> bool:
     return x == x and abs(x) != float("inf")
 

@@ -127,6 +127,31 @@ def test_plain_cache_hits_on_second_sighting_and_is_shared(worker, cfg, models, 
     other.close()
 
 
+def test_official_baseline_renders_and_judges_against_the_policy_input(cfg, models, redis_url, run_name):
+    """reward.baseline=policy_input (sd14's default, gfn_trainer.py:635-686): the baseline images are rendered
+    from "x Rephrase:\n", relevance is judged against that text, and the plain cache keys on it."""
+    official = cfg.model_copy(deep=True)
+    official.reward.baseline = "policy_input"
+    prompt, response, template = "a teapot on a shelf", "a teapot on a shelf, 8k", "a teapot on a shelf Rephrase:\n"
+    w = RewardWorker(official, redis_url, run_name, "w-official", models=models, block_ms=50)
+    try:
+        traj = _traj(prompt, response)
+        w.buffer.push_pending([traj])
+        assert w.step() == 1
+        s = w.buffer.get(traj.id).scores
+        assert set(w.cache.get_many([template, prompt], models.score_keys)) == {template}
+    finally:
+        w.close()
+    k = models.renderer.k
+    with torch.no_grad():
+        base = models.score_fn(models.renderer([template]), [template] * k, [template] * k)
+        mine = models.renderer([response])
+        against = {text: float(models.score_fn(mine, [text] * k, [response] * k)["clip"].mean())
+                   for text in (template, prompt)}
+    assert s["aes_plain"] == pytest.approx(float(base["aes"].mean()), abs=1e-5)
+    assert s["clip"] == pytest.approx(against[template], abs=1e-5) and against[template] != pytest.approx(against[prompt])
+
+
 def test_plain_cache_entries_are_readable_and_finite(redis_url, cfg):
     client = redis.Redis.from_url(redis_url)
     model_id = cache_model_id(cfg)
