@@ -1,5 +1,6 @@
 """eval/metrics.py and eval/spec.py: the maths of the table and the --methods parser (no models)."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,26 @@ def test_paper_reference_only_on_sd14():
     assert ref is not None and paper_table(ref)[0].startswith("## The paper's published numbers")
     table = paper_table({"source": "x", "table": {"pag": {"lexica": {"reward": 1.5}}}})
     assert "| pag | lexica | 1.5 |" in table
+    assert "| pag | coco | 0.32 | 0.88 |" in paper_table(ref) and "| ppo | 4 sets (mean) | 0.02 | 0.7 |" in paper_table(ref)
+
+
+def test_published_numbers_are_the_shipped_markdown_cell_for_cell():
+    """eval/paper.py's PUBLISHED against docs/paper-numbers.md's two tables, row by row (no number typed twice
+    without a check)."""
+    from eval.paper import ALL_SETS, METHOD_LABELS, PUBLISHED
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "paper-numbers.md").read_text()
+    seen = 0
+    for section, set_name in (("## Main comparison", ALL_SETS), ("## Ablation on COCO", "coco")):
+        body = text[text.index(section):].split("\n## ")[0]
+        for line in body.splitlines()[3:]:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) < 3 or not cells[1][:1].isdigit():
+                continue
+            label = METHOD_LABELS[cells[0]]
+            assert PUBLISHED["table"][label][set_name] == {"reward": float(cells[1]), "diversity": float(cells[2])}
+            seen += 1
+    assert seen == 9 == sum(len(per_set) for per_set in PUBLISHED["table"].values())
 
 
 def test_text_encoder_falls_back_to_the_packaged_minilm_only_when_asked_and_says_so():
