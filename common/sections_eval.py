@@ -108,8 +108,10 @@ class EvalConfig(Section):
     """the protocol's images (the paper's 3 per text, 20 steps), from seeds training never rendered with"""
     scorers: list[str] = Field(default_factory=list)
     """extra scorers from the registry (imagereward, hps), reported beside the reward"""
-    score_against: Literal["plain", "rewrite"] = "plain"
-    """text the extra scorers judge a rewrite's images against (rewrite: the official variant)"""
+    score_against: Literal["plain", "rewrite"] = "rewrite"
+    """text the extra scorers judge a rewrite's images against: rewrite, its own text (official, eval.py:193-212:
+    the baseline's images are judged against the baseline text, and the report adds `<scorer>_gain`); plain: the
+    plain prompt's baseline text"""
     rule_suffix: str = RULE_SUFFIX
     """the rule-based method's fixed modifier suffix"""
     workers: Optional[int] = Field(None, ge=1)

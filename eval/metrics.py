@@ -49,13 +49,18 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 
 def rewrite_scores(plain: dict[str, Any], rewrite: dict[str, Any], threshold: float, weight: float) -> dict[str, float]:
-    """One rewrite's aes, aes_gain, clip, rel, reward (+ extra scorers' means) from the two cached records."""
+    """One rewrite's aes, aes_gain, clip, rel, reward (+ each extra scorer's mean and its gain over the baseline's
+    images) from the two cached records."""
     aes = float(np.mean(rewrite["aes"]))
     rel = float(relevance(torch.tensor(rewrite["clip"], dtype=torch.float64), threshold, weight))
     out = {"aes": aes, "aes_gain": aes - float(np.mean(plain["aes"])), "clip": float(np.mean(rewrite["clip"])),
            "rel": rel}
     out["reward"] = out["aes_gain"] + rel
-    out.update({name: float(np.mean(v)) for name, v in (rewrite.get("extra") or {}).items()})
+    plain_extra = plain.get("extra") or {}
+    for name, v in (rewrite.get("extra") or {}).items():
+        out[name] = float(np.mean(v))
+        if name in plain_extra:  # the official report: the gain over the baseline's images (eval.py:193-212)
+            out[f"{name}_gain"] = out[name] - float(np.mean(plain_extra[name]))
     return out
 
 

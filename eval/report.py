@@ -222,7 +222,8 @@ def write_report(data: EvalData, out_dir: Path) -> Path:
                          + "".join(f" | {_fmt(cell.get(k))}" for k in extra_keys) + " |")
     if extra:
         lines += ["", f"Extra scorers ({', '.join(extra)}) judge a rewrite's images against the "
-                      f"{'plain prompt' if ev.score_against == 'plain' else 'rewrite itself (the official variant)'}."]
+                      f"{'plain prompt' if ev.score_against == 'plain' else 'rewrite itself (the official variant)'}; "
+                      f"`<scorer>_gain` is the rewrite's score minus the baseline images' score."]
     if results["failures"]:
         lines += ["", "**Failed rewrites** (not in the means; see rewrites.jsonl `error`): "
                   + ", ".join(f"{k}: {v}" for k, v in results["failures"].items())]

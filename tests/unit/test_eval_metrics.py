@@ -46,7 +46,9 @@ def test_plain_against_itself_has_gain_zero_and_hinge_per_image():
     better = {"aes": [6.0, 7.0, 8.0], "clip": [0.3, 0.3, 0.3], "extra": {"imagereward": [0.1, 0.2, 0.3]}}
     s = rewrite_scores(plain, better, 0.28, 20.0)
     assert (s["aes_gain"], s["rel"], s["reward"]) == (pytest.approx(1.0), 0.0, pytest.approx(1.0))
-    assert s["imagereward"] == pytest.approx(0.2)
+    assert s["imagereward"] == pytest.approx(0.2) and "imagereward_gain" not in s  # the baseline has no score
+    s = rewrite_scores({**plain, "extra": {"imagereward": [-0.4, -0.2, 0.0]}}, better, 0.28, 20.0)
+    assert s["imagereward_gain"] == pytest.approx(0.2 - (-0.2))  # official eval.py:193-212: a gain over the baseline
 
 
 def test_prompt_metrics_and_summary():
