@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +61,44 @@ _DATASETS: dict[str, tuple[str, str]] = {  # name -> (file under PROMPTS_DIR, de
     "diffusiondb_ipgo": ("diffusiondb_data.txt", "IPGO: 398 DiffusionDB prompts"),
     "pickapic": ("pickapic_data.txt", "IPGO: 300 Pick-a-Pic prompts (11 longer than 75 GPT-2 tokens)"),
 }
+
+#: sets a user imports from a file of their own (`pag datasets import NAME FILE`; not redistributable here), kept
+#: under $PAG_CACHE/datasets: name -> (file there, description)
+IMPORTED: dict[str, tuple[str, str]] = {
+    "promptist": ("promptist_train.jsonl", "PAG's training prompts (sd14's default): Promptist's "
+                  "filtered_mix_train_for_ft.txt less its lines of 45+ words (official main.py:28, "
+                  "prompts/convert_format.ipynb); import it with `pag datasets import promptist FILE`"),
+}
+#: convert_format.ipynb: `if len(line.strip().split()) >= 45: continue`
+PROMPTIST_MAX_WORDS = 45
+
+
+def cache_root() -> Path:
+    """$PAG_CACHE or ~/.cache/pag: the SFT checkpoints, the style classifier and imported datasets live under it."""
+    return Path(os.environ.get("PAG_CACHE") or "~/.cache/pag").expanduser()
+
+
+def imported_path(name: str) -> Path:
+    return cache_root() / "datasets" / IMPORTED[name][0]
+
+
+def import_promptist(source: Path) -> tuple[Path, int, int]:
+    """Promptist's `filtered_mix_train_for_ft.txt` (one prompt per line) → the official training set, written as
+    {"initial_prompt": x} lines (the official `initial_prompt.jsonl`). Returns (path, kept, removed)."""
+    if not source.is_file():
+        raise DatasetError(f"{source}: no such file; pass Promptist's filtered_mix_train_for_ft.txt "
+                           f"(from the Promptist authors, microsoft/LMOps)")
+    lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+    kept = [line for line in lines if len(line.split()) < PROMPTIST_MAX_WORDS]
+    if not any(kept):
+        raise DatasetError(f"{source}: no prompt under {PROMPTIST_MAX_WORDS} words; is it the right file?")
+    out = imported_path("promptist")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"initial_prompt": x}) + "\n" for x in kept), encoding="utf-8")
+    tmp.replace(out)
+    return out, len(kept), len(lines) - len(kept)
+
 
 Split = Literal["all", "train", "eval"]
 TokenCounter = Callable[[str], int]
@@ -116,19 +155,28 @@ class PromptSet:
 
 
 def list_datasets() -> dict[str, str]:
-    """Packaged dataset names and one-line descriptions (for ``pag datasets``)."""
-    return {name: desc for name, (_, desc) in _DATASETS.items()}
+    """Packaged and importable dataset names and one-line descriptions (for ``pag datasets``)."""
+    out = {name: desc for name, (_, desc) in _DATASETS.items()}
+    for name, (_, desc) in IMPORTED.items():
+        out[name] = desc + ("" if imported_path(name).is_file() else " [not imported yet]")
+    return out
 
 
 def dataset_path(name: str | Path) -> Path:
     """The file behind a packaged name, or ``name`` itself if it is an existing file."""
     if isinstance(name, str) and name in _DATASETS:
         return PROMPTS_DIR / _DATASETS[name][0]
+    if isinstance(name, str) and name in IMPORTED:
+        path = imported_path(name)
+        if not path.is_file():
+            raise DatasetError(f"dataset {name!r} is not imported: run `pag datasets import {name} FILE` once "
+                               f"(it writes {path}), or set sampler.datasets to packaged sets (`pag datasets`)")
+        return path
     path = Path(name).expanduser()
     if path.is_file():
         return path
     raise DatasetError(f"unknown dataset {str(name)!r}: not a packaged name nor an existing file; "
-                       f"known names: {', '.join(_DATASETS)}")
+                       f"known names: {', '.join([*_DATASETS, *IMPORTED])}")
 
 
 def normalize(text: str) -> str:

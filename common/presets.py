@@ -15,6 +15,11 @@ Tree = dict[str, Any]
 WORLD_ASSETS = Path(__file__).resolve().parents[1] / "world" / "assets"
 
 
+#: packaged training prompts (IPGO's sets) for the presets that must run offline without an import; sd14 trains on
+#: the official Promptist set (`pag datasets import promptist FILE`)
+PACKAGED_TRAIN_SETS = ("diffusiondb_ipgo", "pickapic", "coco_all")
+
+
 def merge(*trees: Tree) -> Tree:
     """The trees laid over each other left to right: a later leaf wins, sections merge key by key."""
     out: Tree = {}
@@ -40,6 +45,7 @@ def tiny() -> Tree:
             "sentence_encoder": "auto", "image_size": 32,
         },
         "sampler": {
+            "datasets": list(PACKAGED_TRAIN_SETS),
             "prompts_per_batch": 4, "samples_per_prompt": 4, "min_len": 4, "max_len": 16,
             "temp_anneal_steps": 60, "max_pending": 64, "temp_start": 1.5, "temp_end": 0.7,
         },
@@ -69,7 +75,7 @@ def sd14_arch() -> Tree:
     """The paper's settings and full-size architectures (SD v1.4 UNet/VAE/CLIP text encoder, open_clip
     ViT-L-14, GPT-2 124M) with seeded random weights: compute and memory are the paper's, images are
     noise. For measuring speed anywhere without downloads (bench/gpu.py), not for training results."""
-    return {"model": {"kind": "arch", "sentence_encoder": "auto"}}
+    return {"model": {"kind": "arch", "sentence_encoder": "auto"}, "sampler": {"datasets": list(PACKAGED_TRAIN_SETS)}}
 
 
 def tiny_proxy() -> Tree:

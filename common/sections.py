@@ -76,8 +76,9 @@ class SamplerConfig(Section):
     response: Literal["full", "suffix"] = "full"
     """full: the policy writes the whole rewrite; suffix: it continues '{x},' and the rewrite is x + ', ' +
     continuation (log-probs over the continuation only; common/formats.py)"""
-    datasets: list[str] = Field(default_factory=lambda: ["diffusiondb_ipgo", "pickapic", "coco_all"])
-    """training prompt sets (names or files); their train split, minus the paper's evaluation sets"""
+    datasets: list[str] = Field(default_factory=lambda: ["promptist"])
+    """training prompt sets (names or files); their train split, minus the paper's evaluation sets. promptist (the
+    official set) must be imported once: `pag datasets import promptist FILE`"""
 
     @model_validator(mode="after")
     def _lengths(self) -> "SamplerConfig":

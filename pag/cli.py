@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from actors.scaling import register as register_workers
@@ -56,11 +57,24 @@ def _config_command(sub) -> None:
 
 
 def _datasets_command(sub) -> None:
-    p = sub.add_parser("datasets", help="list the packaged prompt sets")
+    p = sub.add_parser("datasets", help="list the prompt sets, or import one of your own files (promptist)",
+                       description="`pag datasets` lists the packaged prompt sets and the importable ones; "
+                                   "`pag datasets import promptist FILE` turns Promptist's "
+                                   "filtered_mix_train_for_ft.txt into the official training set (sd14's default "
+                                   "sampler.datasets), as the official prompts/convert_format.ipynb does.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", help="the packaged and importable sets (the default)")
+    imp = actions.add_parser("import", help="import a prompt file under $PAG_CACHE/datasets")
+    imp.add_argument("name", choices=["promptist"], help="which set the file is")
+    imp.add_argument("file", type=Path, help="Promptist's filtered_mix_train_for_ft.txt, one prompt per line")
 
     def run(args) -> int:
-        from common.data import list_datasets
+        from common.data import import_promptist, list_datasets
 
+        if args.action == "import":
+            path, kept, removed = import_promptist(args.file)
+            print(f"{path}: {kept} prompts ({removed} lines of 45+ words left out, as convert_format.ipynb does)")
+            return 0
         for name, text in list_datasets().items():
             print(f"{name:22s} {text}")
         return 0

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from common.data import ENGINEERED_SETS, PLAIN_SETS, load_prompts
+from common.data import ENGINEERED_SETS, PLAIN_SETS, cache_root, load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,6 @@ class StyleModel:
 
     def accuracy(self, embeddings: np.ndarray, labels: np.ndarray) -> float:
         return float(((self.logits(embeddings) > 0).astype(np.int64) == labels).mean())
-
-
-def cache_root() -> Path:
-    """$PAG_CACHE or ~/.cache/pag (the same root as the tiny SFT cache)."""
-    return Path(os.environ.get("PAG_CACHE") or "~/.cache/pag").expanduser()
 
 
 def style_key(encoder_id: str, texts: Sequence[str], labels: np.ndarray, l2: float = L2) -> str:

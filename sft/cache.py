@@ -4,20 +4,16 @@ once and cached under ``$PAG_CACHE/sft/<preset>-<hash>`` (default ``~/.cache/pag
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from common.config import Config, ConfigError
+from common.data import cache_root
 from sft.pairs import Pair, pairs_for
 from sft.train import SFT_META, Log, SFTSettings, settings_for, sft_hash, train_sft
 
 logger = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PAG_CACHE") or "~/.cache/pag").expanduser()
 
 
 @contextmanager

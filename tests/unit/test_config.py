@@ -149,7 +149,11 @@ def test_presets_and_methods_are_trees_merged_the_same_way():
 
 def test_old_config_yaml_loads_with_one_warning_listing_the_old_keys():
     cfg, messages = _load_warned("tiny", OLD_TINY)
-    assert cfg == load_config("tiny") and len(messages) == 1, "the same config, one warning"
+    # a saved config keeps the values it was saved with where a default changed since (issue 19: the official
+    # eval.score_against=rewrite); everything else is today's tiny
+    assert cfg.eval.score_against == "plain"
+    today = load_config("tiny", overrides=["eval.score_against=plain"])
+    assert cfg == today and len(messages) == 1, "the same config, one warning"
     for note in ("learner.ppo_clip → learner.ppo.clip", "learner.ppo_lambda → learner.ppo.gae_lambda",
                  "learner.ppo_kl_init → learner.ppo.kl_coef", "reward.attention → reward.speed.attention",
                  "reward.render_batch → reward.speed.render_batch", "reward.steps → reward.images.steps",

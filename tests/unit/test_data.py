@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from common.data import (
-    ASSETS_DIR, PAPER_EVAL_SETS, DatasetError, LoadStats, PromptSet, dataset_path, default_token_counter,
+    ASSETS_DIR, IMPORTED, PAPER_EVAL_SETS, DatasetError, LoadStats, PromptSet, dataset_path, default_token_counter,
     in_eval_split, list_datasets, load_prompts, load_train_prompts,
 )
 
@@ -22,12 +22,36 @@ def words(text: str) -> int:
 
 # ---------------------------------------------------------------- packaged sets
 
-def test_list_datasets_names_and_files():
+def test_list_datasets_names_and_files(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAG_CACHE", str(tmp_path))
     names = list_datasets()
-    assert set(names) == set(PAPER_EVAL_SETS) | set(IPGO_SETS)
+    assert set(names) == set(PAPER_EVAL_SETS) | set(IPGO_SETS) | {"promptist"}
+    assert names.pop("promptist").endswith("[not imported yet]")
     for name, desc in names.items():
         assert desc and dataset_path(name).is_file()
         assert dataset_path(name).is_relative_to(ASSETS_DIR)
+
+
+def test_promptist_import_is_convert_format_ipynb_and_sd14_trains_on_it(monkeypatch, tmp_path, capsys):
+    """Official prompts/convert_format.ipynb: every line of filtered_mix_train_for_ft.txt, stripped, but those of
+    45 or more words. Until it is imported, sd14's default sampler.datasets fails naming the command."""
+    from common.config import load_config
+    from pag.cli import main
+
+    monkeypatch.setenv("PAG_CACHE", str(tmp_path / "cache"))
+    assert load_config("sd14").sampler.datasets == ["promptist"]
+    with pytest.raises(DatasetError, match="pag datasets import promptist FILE"):
+        load_train_prompts(load_config("sd14").sampler.datasets)
+    source = tmp_path / "filtered_mix_train_for_ft.txt"
+    long, edge = " ".join(["word"] * 45), " ".join(["w"] * 44)
+    source.write_text(f"  a castle on a hill, oil painting  \n{long}\n{edge}\na red car\n")
+    assert main(["datasets", "import", "promptist", str(source)]) == 0
+    assert "3 prompts (1 lines of 45+ words left out" in capsys.readouterr().out
+    rows = [json.loads(line) for line in dataset_path("promptist").read_text().splitlines()]
+    assert rows == [{"initial_prompt": "a castle on a hill, oil painting"}, {"initial_prompt": edge},
+                    {"initial_prompt": "a red car"}]
+    assert load_prompts("promptist").prompts == ["a castle on a hill, oil painting", edge, "a red car"]
+    assert main(["datasets", "import", "promptist", str(tmp_path / "missing.txt")]) == 2
 
 
 # name: (lines, blank, duplicates, prompts) -- measured on the packaged files
@@ -200,12 +224,13 @@ def test_same_prompt_same_split_across_datasets(tmp_path):
 
 def test_paper_eval_prompts_never_in_train():
     paper = {p for n in PAPER_EVAL_SETS for p in load_prompts(n).prompts}
-    train = load_train_prompts(list(list_datasets()))
+    packaged = [name for name in list_datasets() if name not in IMPORTED]
+    train = load_train_prompts(packaged)
     assert train.prompts and paper.isdisjoint(train.prompts)
     assert train.stats.in_eval_sets > 0
     assert len(set(train.prompts)) == len(train.prompts)
     assert not any(in_eval_split(p) for p in train.prompts)
-    loose = load_train_prompts(list(list_datasets()), exclude_eval_sets=False)
+    loose = load_train_prompts(packaged, exclude_eval_sets=False)
     assert not paper.isdisjoint(loose.prompts) and loose.stats.in_eval_sets == 0
 
 
