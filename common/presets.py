@@ -57,7 +57,9 @@ def tiny() -> Tree:
         # templated baseline would be an out-of-vocabulary picture; sd14 keeps the official policy_input
         "reward": {"num_gpus": 0.0, "images": {"steps": 4}, "batch_size": 8, "clip_threshold": 0.0,
                    "baseline": "plain"},
-        "buffer": {"capacity": 2000},
+        # per-trajectory priority: tiny's batches of 4 prompts x 4 rewrites make groups too small for the official
+        # group softmax (docs/paper.md, "priority")
+        "buffer": {"capacity": 2000, "priority_of": "reward"},
         "learner": {
             "steps": 120, "batch_size": 16, "grad_accum": 1, "lr": 3e-4, "flow_lr": 1e-3,
             "reward_temp_anneal_steps": 60, "reactivation_every": 50, "checkpoint_every": 10,

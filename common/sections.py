@@ -54,10 +54,10 @@ class SamplerConfig(Section):
     """sampler actors"""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per sampler actor (fractional allowed)"""
-    prompts_per_batch: int = Field(16, ge=1)
-    """plain prompts per sampling batch"""
-    samples_per_prompt: int = Field(4, ge=1)
-    """K rewrites sampled per prompt"""
+    prompts_per_batch: int = Field(1, ge=1)
+    """plain prompts per sampling batch (official: 1, gfn_trainer.py:433-436)"""
+    samples_per_prompt: int = Field(64, ge=1)
+    """K rewrites sampled per prompt (official: the batch size, 64)"""
     min_len: int = Field(15, ge=1)
     """minimum response tokens (EOS masked before)"""
     max_len: int = Field(75, ge=2)
@@ -195,9 +195,9 @@ class BufferConfig(Section):
     """replay sampling: P ∝ exp(log R / T) or uniform"""
     priority_temperature: float = Field(1.0, gt=0)
     """T in P ∝ exp(log R / T)"""
-    priority_of: Literal["reward", "paper"] = "reward"
-    """reward: each trajectory by exp(log R / T) (exact, O(log N) in Lua); paper: the official per-prompt
-    groups by exp(mean(log p_ref(y|x) + log R) / T), read from an O(N) index (buffer/groups.py)"""
+    priority_of: Literal["reward", "paper"] = "paper"
+    """paper: the official per-prompt groups by exp(mean(log p_ref(y|x) + log R) / T), read from an O(N) index
+    (buffer/groups.py); reward: each trajectory by exp(log R / T) (exact, O(log N) in Lua)"""
     dedup: bool = True
     """keep one copy of an identical (prompt, response), the higher reward"""
     allow_loopback: bool = False

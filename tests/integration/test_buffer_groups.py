@@ -79,6 +79,8 @@ def test_config_key_and_from_config(redis_url, run_name):
     cfg = load_config("tiny", overrides=["buffer.priority_of=paper"])
     with ReplayBuffer.from_config(cfg.buffer, run_name, redis_url=redis_url) as buf:
         assert buf.priority_of == "paper"
-    assert load_config("tiny").buffer.priority_of == "reward"
+    assert load_config("tiny").buffer.priority_of == "reward" and load_config("sd14").buffer.priority_of == "paper"
+    sd14 = load_config("sd14").sampler  # the official micro-batch: 1 prompt x 64 rewrites (gfn_trainer.py:433-436)
+    assert (sd14.prompts_per_batch, sd14.samples_per_prompt) == (1, 64)
     with pytest.raises(ValueError, match="priority_of"):
         ReplayBuffer(redis_url, run_name, priority_of="group")
