@@ -121,14 +121,21 @@ def mini() -> Tree:
 MINI_CLIP_THRESHOLD = 0.3
 
 
+def ipgo_notebook() -> Tree:
+    """IPGO as the reference notebook runs it (Demos750/IPGO Colab_Notebook_for_IPGO.ipynb): SD v1.5, the prompt
+    unpadded with the tokens around it, coefficients clamped; the learning-rate schedules are the defaults."""
+    return {"model": {"sd": "sd-legacy/stable-diffusion-v1-5"}, "ipgo": {"layout": "nopad", "bound": "clamp"}}
+
+
 PRESETS: dict[str, Callable[[], Tree]] = {"sd14": sd14, "tiny": tiny, "sd14-arch": sd14_arch,
-                                           "tiny-proxy": tiny_proxy, "mini": mini}
+                                           "tiny-proxy": tiny_proxy, "mini": mini, "ipgo-notebook": ipgo_notebook}
 
 
 #: the preset of every command run without --preset, unless $PAG_PRESET names another (the test suite sets tiny)
 DEFAULT_PRESET = "tiny"
 PRESET_HELP = (f"tiny (random weights, CPU, minutes), mini (the miniature world: models trained here, CPU, minutes), "
-               f"tiny-proxy (text-only reward), sd14 (the paper), sd14-arch (full-size, random weights); "
+               f"tiny-proxy (text-only reward), sd14 (the paper), sd14-arch (full-size, random weights), "
+               f"ipgo-notebook (IPGO's notebook: SD v1.5); "
                f"default: $PAG_PRESET, else {DEFAULT_PRESET}")
 
 

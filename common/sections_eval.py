@@ -13,7 +13,10 @@ from common.sections import ImagesConfig, Section
 
 class IpgoConfig(Section):
     """IPGO (arXiv 2503.21812): continuous tokens around the text encoder's states, optimised by the
-    gradient of an image reward through the last K sampler steps. Defaults are the reference notebook's."""
+    gradient of an image reward through the last K sampler steps. Defaults are the reference notebook's
+    (Demos750/IPGO, Colab_Notebook_for_IPGO.ipynb) except `bound` (tanh; the notebook clamps) and `layout`
+    (pad77; the notebook does not pad) -- ours, see their docs -- and the model (SD v1.4; the notebook's is
+    SD v1.5): preset `ipgo-notebook` sets all three as the notebook has them."""
 
     prefix_tokens: int = Field(10, ge=0)
     """injected tokens before the encoder states"""
@@ -42,9 +45,14 @@ class IpgoConfig(Section):
     lr: float = Field(1e-3, gt=0)
     """Adam learning rate"""
     lr_step: int = Field(10, ge=1)
-    """StepLR step size (optimiser steps)"""
+    """prompt-wise StepLR step size (optimiser steps; the notebook's prompt-wise cell: 10)"""
     lr_gamma: float = Field(0.9, gt=0, le=1)
-    """StepLR decay factor"""
+    """prompt-wise StepLR decay factor (the notebook: 0.9)"""
+    batch_lr_step: int = Field(15, ge=1)
+    """prompt-batch StepLR step size (the notebook's prompt-batch cell: 15; with 0.9 every 10 steps the rate
+    would be near 0 after a few epochs of 300 prompts)"""
+    batch_lr_gamma: float = Field(0.95, gt=0, le=1)
+    """prompt-batch StepLR decay factor (the notebook: 0.95)"""
     grad_clip: float = Field(1.0, gt=0)
     """gradient-norm clip"""
     iterations: int = Field(50, ge=1)
@@ -55,6 +63,10 @@ class IpgoConfig(Section):
     """prompt-batch: prompts per optimiser step"""
     heldout_fraction: float = Field(0.2, ge=0, lt=1)
     """prompt-batch: fraction of the prompt set (by a hash of the text) held out to apply the learned tokens to"""
+    heldout_seeds: int = Field(3, ge=0)
+    """prompt-batch: held-out prompts are also scored on this many seeds other than `seed` (eval.images.seed
+    upward, as `pag eval` does), so their reward is measured on neither the training prompts nor the training
+    noise"""
     checkpointing: bool = False
     """gradient checkpointing of the K differentiated UNet calls and the VAE decode (less memory, one more forward)"""
     num_gpus: float = Field(1.0, ge=0)

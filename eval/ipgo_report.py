@@ -23,22 +23,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from eval.metrics import summarize
+from ipgo.optimize import heldout_seeds  # noqa: F401 -- the seeds IPGO's measurements use, part of this interface
 
 #: the measured fields averaged over prompts: (key, header)
 FIELDS = [("train_reward", "reward, training noise"), ("train_gain", "gain, training noise"),
           ("heldout_reward", "reward, held-out seeds"), ("heldout_gain", "gain, held-out seeds")]
 #: the harness's columns repeated in the section (the eval's own sampler and seeds)
 HARNESS = [("aes_gain", "aesthetic gain"), ("rel", "relevance")]
-
-
-def heldout_seeds(eval_seed: int, k: int, train_seed: int) -> list[int]:
-    """The first `k` seeds from eval_seed upward, skipping the training noise's seed."""
-    seeds, s = [], eval_seed
-    while len(seeds) < k:
-        if s != train_seed:
-            seeds.append(s)
-        s += 1
-    return seeds
 
 
 def measure(models, text: str, tokens, seeds: Sequence[int], cost: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from ipgo.optimize import IpgoModels, PromptResult, Tokens, build_models, optimize_prompt, render
+from ipgo.optimize import IpgoModels, PromptResult, Tokens, build_models, heldout_seeds, optimize_prompt, render
 
 #: version of the results.jsonl / result.json line
 RESULT_SCHEMA = 1
@@ -119,7 +119,8 @@ def finished(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def heldout_job(cfg_dict: dict[str, Any], index: int, prompt: str, out: str, tokens_path: str,
                 seed: Optional[int] = None) -> dict[str, Any]:
-    """Apply prompt-batch tokens to a (held-out) prompt: its reward with and without the tokens."""
+    """Apply prompt-batch tokens to a (held-out) prompt: its reward with and without the tokens, on the training
+    noise and (mean over `ipgo.heldout_seeds` seeds) on held-out noise."""
     from common.config import Config
 
     cfg = Config.model_validate(cfg_dict)
@@ -127,12 +128,17 @@ def heldout_job(cfg_dict: dict[str, Any], index: int, prompt: str, out: str, tok
     tokens = load_tokens(tokens_path)
     plain_image, plain = render(models, prompt, None, seed)
     image, scores = render(models, prompt, tokens, seed)
+    seeds = heldout_seeds(cfg.eval.images.seed, cfg.ipgo.heldout_seeds, cfg.ipgo.seed)  # neither prompt nor noise seen
+    held: dict[str, Any] = {"heldout_seeds": seeds}
+    if seeds:
+        for key, tok in (("heldout_seed_initial_reward", None), ("heldout_seed_best_reward", tokens)):
+            held[key] = sum(render(models, prompt, tok, s)[1]["reward"] for s in seeds) / len(seeds)
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     save_image(image, path / "best.png")
     save_image(plain_image, path / "initial.png")
     line = {"schema": RESULT_SCHEMA, "index": index, "prompt": prompt, "initial_reward": plain["reward"],
             "best_reward": scores["reward"], "heldout": True, "dir": path.name,
-            "truncated": models.encoder.encode(prompt).truncated}
+            "truncated": models.encoder.encode(prompt).truncated, **held}
     write_json(path / "result.json", line)
     return line

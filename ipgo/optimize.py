@@ -75,6 +75,16 @@ def reward(models: IpgoModels, images: torch.Tensor, prompts: Sequence[str]) -> 
 
 
 @torch.no_grad()
+def heldout_seeds(eval_seed: int, k: int, train_seed: int) -> list[int]:
+    """The first `k` seeds from eval_seed upward, skipping the training noise's seed."""
+    seeds, s = [], eval_seed
+    while len(seeds) < k:
+        if s != train_seed:
+            seeds.append(s)
+        s += 1
+    return seeds
+
+
 def render(models: IpgoModels, prompt: str, tokens: Optional[Tokens] = None, seed: Optional[int] = None,
            scorers: Optional[Callable] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Image (3, H, W) in [0, 1] on the CPU and its scores, for the plain prompt (tokens=None) or the prompt
@@ -95,12 +105,13 @@ def render(models: IpgoModels, prompt: str, tokens: Optional[Tokens] = None, see
 class _Trainer:
     """Adam + StepLR + grad-norm clip + GradScaler around one PromptTokens."""
 
-    def __init__(self, models: IpgoModels) -> None:
+    def __init__(self, models: IpgoModels, batch: bool = False) -> None:
         ic = models.cfg.ipgo
         self.models, self.ic = models, ic
         self.tokens = PromptTokens.from_config(ic, models.dim).to(models.device)
         self.opt = torch.optim.Adam(self.tokens.parameters(), lr=ic.lr)
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=ic.lr_step, gamma=ic.lr_gamma)
+        step, gamma = (ic.batch_lr_step, ic.batch_lr_gamma) if batch else (ic.lr_step, ic.lr_gamma)  # the notebook's
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=step, gamma=gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=models.half)
         self.noise = models.sampler.noise(ic.seed, models.cfg.model.image_size)
 
@@ -245,7 +256,7 @@ def optimize_batch(models: IpgoModels, prompts: Sequence[str], epochs: Optional[
     epochs = ic.epochs if epochs is None else epochs
     _peak_start(models.device)
     start = time.perf_counter()
-    trainer = _Trainer(models)
+    trainer = _Trainer(models, batch=True)
     rng = random.Random(ic.seed)
     epoch_reward, curve, steps, first = [], [], 0, 0
     if state is not None and state.with_suffix(".json").is_file():

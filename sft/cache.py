@@ -46,8 +46,9 @@ def require_sft(cfg: Config) -> None:
         f"model.sft_checkpoint is not set for preset {cfg.preset!r}: the policy and the frozen reference must start "
         "from an SFT checkpoint, vanilla GPT-2 changes the target distribution. Get one with "
         f"`pag sft --preset {cfg.preset}` (trains GPT-2 on the packaged plain -> engineered pairs and prints the "
-        "checkpoint directory), or use a copy of the Promptist SFT model (a Hugging Face directory or hub id; set "
-        "model.input_format=promptist for it), then pass model.sft_checkpoint=DIR.")
+        "checkpoint directory), or use the official reference, Promptist's SFT model (from microsoft/LMOps promptist, "
+        "a Hugging Face directory or hub id; the official PAG feeds it 'x Rephrase:\\n', model.input_format=pag, the "
+        "default; model.input_format=promptist is Promptist's own 'x Rephrase:'), then pass model.sft_checkpoint=DIR.")
 
 
 def ensure_sft(cfg: Config, *, log: Log = logger.info) -> str:

@@ -66,7 +66,22 @@ def test_prompt_batch_trains_once_and_applies_to_held_out(tmp_path):
     assert summary["train_prompts"] == len(train) and train and held
     lines = _lines(run / "results.jsonl")
     assert sorted(line["prompt"] for line in lines) == sorted(held) and all(line["heldout"] for line in lines)
+    assert all(line["heldout_seeds"] == [42, 43, 44] for line in lines)  # eval.images.seed upward, not ipgo.seed 0
+    assert all(line["heldout_seed_best_reward"] != line["best_reward"] for line in lines), "other noise, other pictures"
     assert (run / "batch" / "tokens.safetensors").is_file()
+
+
+def test_prompt_batch_uses_the_notebooks_batch_schedule_and_the_notebook_preset_resolves():
+    """The notebook's prompt-batch cell: StepLR(15, 0.95); its prompt-wise cell: StepLR(10, 0.9)."""
+    from common.config import load_config
+    from ipgo.optimize import _Trainer, build_models
+
+    models = build_models(load_config("tiny", overrides=["run.device=cpu"]))
+    for batch, expected in ((True, (15, 0.95)), (False, (10, 0.9))):
+        sched = _Trainer(models, batch=batch).sched
+        assert (sched.step_size, sched.gamma) == expected
+    nb = load_config("ipgo-notebook")
+    assert (nb.model.sd, nb.ipgo.layout, nb.ipgo.bound) == ("sd-legacy/stable-diffusion-v1-5", "nopad", "clamp")
 
 
 @pytest.mark.ray
