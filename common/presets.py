@@ -69,7 +69,8 @@ def tiny() -> Tree:
         # the tiny text encoder is 32 wide, so E is 32 × 16; 6 LMS steps keep an iteration well under a second
         "ipgo": {"rank": 16, "steps": 6, "iterations": 20, "epochs": 2, "num_gpus": 0.0},
         "run": {"log_every": 5},
-        "eval": {"images": {"steps": 4}, "min_new_tokens": 4, "max_new_tokens": 16},
+        # inception off: the FID weights cannot be downloaded here, and on 32-px pictures they would mean little
+        "eval": {"images": {"steps": 4}, "min_new_tokens": 4, "max_new_tokens": 16, "inception": False},
     }
 
 
@@ -77,7 +78,8 @@ def sd14_arch() -> Tree:
     """The paper's settings and full-size architectures (SD v1.4 UNet/VAE/CLIP text encoder, open_clip
     ViT-L-14, GPT-2 124M) with seeded random weights: compute and memory are the paper's, images are
     noise. For measuring speed anywhere without downloads (bench/gpu.py), not for training results."""
-    return {"model": {"kind": "arch", "sentence_encoder": "auto"}, "sampler": {"datasets": list(PACKAGED_TRAIN_SETS)}}
+    return {"model": {"kind": "arch", "sentence_encoder": "auto"}, "sampler": {"datasets": list(PACKAGED_TRAIN_SETS)},
+            "eval": {"inception": False}}  # no download: the FID weights are not random-initialised on purpose
 
 
 def tiny_proxy() -> Tree:

@@ -118,6 +118,10 @@ class EvalConfig(Section):
     """rewrites have at most this many tokens"""
     images: EvalImagesConfig = Field(default_factory=EvalImagesConfig)
     """the protocol's images (the paper's 3 per text, 20 steps), from seeds training never rendered with"""
+    inception: bool = True
+    """also report the official image diversity, `image_similarity_inception`: the mean pairwise cosine similarity
+    of pytorch-fid InceptionV3 pool-3 features with eval.py's input scaling (eval/inception.py; `pip install
+    'pag[fid]'`, weights cached once); tiny and mini: off"""
     scorers: list[str] = Field(default_factory=list)
     """extra scorers from the registry (imagereward, hps), reported beside the reward"""
     score_against: Literal["plain", "rewrite"] = "rewrite"

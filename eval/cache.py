@@ -36,13 +36,16 @@ CREATE TABLE IF NOT EXISTS rewrites (method TEXT, prompt TEXT, texts TEXT, creat
 
 
 def encode_record(rec: dict[str, Any]) -> bytes:
-    """{aes: [k], clip: [k], extra: {name: [k]}, emb: (k, D) float array, thumb: PNG bytes | None} → msgpack."""
+    """{aes: [k], clip: [k], extra: {name: [k]}, emb: (k, D) float array, inc: (k, 2048) float array (only with
+    eval.inception), thumb: PNG bytes | None} → msgpack."""
     emb = np.asarray(rec["emb"], dtype=np.float16)
-    return msgpack.packb({
-        "v": RECORD_SCHEMA, "aes": [float(x) for x in rec["aes"]], "clip": [float(x) for x in rec["clip"]],
-        "extra": {k: [float(x) for x in v] for k, v in (rec.get("extra") or {}).items()},
-        "emb": emb.tobytes(), "emb_shape": list(emb.shape), "thumb": rec.get("thumb"),
-    }, use_bin_type=True)
+    out = {"v": RECORD_SCHEMA, "aes": [float(x) for x in rec["aes"]], "clip": [float(x) for x in rec["clip"]],
+           "extra": {k: [float(x) for x in v] for k, v in (rec.get("extra") or {}).items()},
+           "emb": emb.tobytes(), "emb_shape": list(emb.shape), "thumb": rec.get("thumb")}
+    if rec.get("inc") is not None:
+        inc = np.asarray(rec["inc"], dtype=np.float16)
+        out.update({"inc": inc.tobytes(), "inc_shape": list(inc.shape)})
+    return msgpack.packb(out, use_bin_type=True)
 
 
 def decode_record(blob: bytes) -> Optional[dict[str, Any]]:
@@ -52,7 +55,10 @@ def decode_record(blob: bytes) -> Optional[dict[str, Any]]:
         if raw.get("v") != RECORD_SCHEMA:
             return None
         emb = np.frombuffer(raw["emb"], dtype=np.float16).reshape(raw["emb_shape"])  # float16: a full sd14 eval holds ~60k
-        return {"aes": raw["aes"], "clip": raw["clip"], "extra": raw["extra"], "emb": emb, "thumb": raw["thumb"]}
+        rec = {"aes": raw["aes"], "clip": raw["clip"], "extra": raw["extra"], "emb": emb, "thumb": raw["thumb"]}
+        if "inc" in raw:
+            rec["inc"] = np.frombuffer(raw["inc"], dtype=np.float16).reshape(raw["inc_shape"])
+        return rec
     except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException):
         return None
 

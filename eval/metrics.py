@@ -14,7 +14,7 @@ then mean ± 95 % CI over prompts (normal approximation: 1.96 · sd / √N). A s
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,14 +64,18 @@ def rewrite_scores(plain: dict[str, Any], rewrite: dict[str, Any], threshold: fl
     return out
 
 
-def prompt_metrics(per_rewrite: list[dict[str, float]], text_emb: np.ndarray, image_emb: np.ndarray) -> dict[str, float]:
+def prompt_metrics(per_rewrite: list[dict[str, float]], text_emb: np.ndarray, image_emb: np.ndarray,
+                   inception: Optional[np.ndarray] = None) -> dict[str, float]:
     """A prompt's row: the mean over its rewrites of every score, and its text and image diversity.
-    `image_emb` (n·k, D): every image of every rewrite."""
+    `image_emb` (n·k, D): every image of every rewrite; `inception` (n·k, 2048), when given: the official
+    `image_similarity_inception`, the mean pairwise cosine *similarity* (eval/inception.py)."""
     if not per_rewrite:
         raise ValueError("a prompt with no scored rewrite has no metrics")
     out = {name: float(np.mean([r[name] for r in per_rewrite])) for name in per_rewrite[0]}
     out["text_diversity"] = diversity(text_emb)
     out["image_diversity"] = diversity(image_emb)
+    if inception is not None and len(inception) > 1:
+        out["image_similarity_inception"] = 1.0 - diversity(inception)
     return out
 
 

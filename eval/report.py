@@ -81,7 +81,7 @@ def _score_prompt(data: EvalData, label: str, set_name: str, out: MethodOutput,
     thr, weight = data.cfg.reward.clip_threshold, data.cfg.reward.clip_weight
     base = baseline_text(data.cfg, out.prompt)
     plain = data.records.get((base, base))
-    scored, texts, images, lines = [], [], [], []
+    scored, texts, images, inception, lines = [], [], [], [], []
     for rank, rw in enumerate(out.rewrites):
         key = (base, rw.render_key())
         rec = data.records.get(key)
@@ -94,11 +94,14 @@ def _score_prompt(data: EvalData, label: str, set_name: str, out: MethodOutput,
             scored.append(s)
             texts.append(rw.text)
             images.append(rec["emb"])
+            if rec.get("inc") is not None:
+                inception.append(rec["inc"])
         lines.append(line)
     failed = len(lines) - len(scored)
     if not scored:
         return None, lines, failed
-    m = prompt_metrics(scored, np.stack([text_emb[t] for t in texts]), np.concatenate(images))
+    inc = np.concatenate(inception) if inception and len(inception) == len(images) else None
+    m = prompt_metrics(scored, np.stack([text_emb[t] for t in texts]), np.concatenate(images), inc)
     return {"prompt": out.prompt, "rewrites": len(scored), **m}, lines, failed
 
 
@@ -224,6 +227,10 @@ def write_report(data: EvalData, out_dir: Path) -> Path:
         lines += ["", f"Extra scorers ({', '.join(extra)}) judge a rewrite's images against the "
                       f"{'plain prompt' if ev.score_against == 'plain' else 'rewrite itself (the official variant)'}; "
                       f"`<scorer>_gain` is the rewrite's score minus the baseline images' score."]
+    if "image_similarity_inception" in extra_keys:
+        lines += ["", "`image_similarity_inception` is the official eval's image measure (eval.py:372-381): the mean "
+                      "pairwise cosine *similarity* of InceptionV3 pool-3 features (higher: less diverse; "
+                      "eval/inception.py); `image diversity` is ours, 1 − the same over CLIP image embeddings."]
     if results["failures"]:
         lines += ["", "**Failed rewrites** (not in the means; see rewrites.jsonl `error`): "
                   + ", ".join(f"{k}: {v}" for k, v in results["failures"].items())]

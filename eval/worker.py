@@ -43,6 +43,8 @@ def render_id(cfg: Config, dtype_name: str) -> str:
     rc = render_config(cfg)
     extra = {"scorers": sorted(cfg.eval.scorers), "against": cfg.eval.score_against if cfg.eval.scorers else None,
              "thumb": cfg.eval.thumb_size, "clip": [rc.reward.clip_threshold, rc.reward.clip_weight]}
+    if cfg.eval.inception:  # records then hold Inception features too (a key only when on: old caches stay valid)
+        extra["inception"] = True
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
     return f"{cache_model_id(rc, dtype_name)}~{digest}"
 
@@ -96,6 +98,11 @@ class EvalWorker:
         self.ctx = ScorerContext(model=self.cfg.model, device=self.device, dtype=self.dtype)
         self.aesthetic, self.clip = SCORERS["aesthetic"](self.ctx), SCORERS["clip"](self.ctx)
         self.extra = build_scorers(ev.scorers, self.cfg.model, self.device, self.dtype) if ev.scorers else None
+        self.inception = None
+        if ev.inception:
+            from eval.inception import build_inception
+
+            self.inception = build_inception(self.device)
         self.id = render_id(self.cfg, str(self.dtype).removeprefix("torch."))
         self.images = 0
 
@@ -149,9 +156,15 @@ class EvalWorker:
         if self.extra is not None:
             judged = against if ev.score_against == "plain" else [it["text"] for it in items for _ in range(k)]
             extra = {name: v.view(len(items), k) for name, v in self.extra(images, judged).items()}
+        inc = None
+        if self.inception is not None:
+            from eval.inception import official_features
+
+            inc = official_features(self.inception, images).view(len(items), k, -1)
         self.images += images.shape[0]
         return [encode_record({"aes": aes[j].tolist(), "clip": clip[j].tolist(),
                                "extra": {n: v[j].tolist() for n, v in extra.items()}, "emb": emb[j].numpy(),
+                               **({"inc": inc[j].numpy()} if inc is not None else {}),
                                "thumb": _png(images[j * k], ev.thumb_size) if items[j].get("thumb") else None})
                 for j in range(len(items))]
 
