@@ -79,7 +79,7 @@ def sd14_arch() -> Tree:
     ViT-L-14, GPT-2 124M) with seeded random weights: compute and memory are the paper's, images are
     noise. For measuring speed anywhere without downloads (bench/gpu.py), not for training results."""
     return {"model": {"kind": "arch", "sentence_encoder": "auto"}, "sampler": {"datasets": list(PACKAGED_TRAIN_SETS)},
-            "eval": {"inception": False}}  # no download: the FID weights are not random-initialised on purpose
+            "eval": {"inception": False}}  # nothing downloads here, and the FID weights would have to
 
 
 def tiny_proxy() -> Tree:
