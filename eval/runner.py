@@ -87,7 +87,8 @@ def generate(cfg: Config, specs: list[MethodSpec], sets: dict[str, list[str]], c
 def work_items(cfg: Config, sets: dict[str, list[str]],
                outputs: dict[str, dict[str, list[MethodOutput]]]) -> list[dict[str, Any]]:
     """One item per distinct (against, key): every plain prompt's baseline (`reward.baseline`), every rewrite,
-    each against its prompt's baseline text; thumbnails where the grid shows them (the first `eval.grid_prompts` prompts of a set: the plain image and each method's first rewrite)."""
+    each against its prompt's baseline text; thumbnails where the grid shows them (the first `eval.grid_prompts`
+    prompts of a set: the plain image and each method's first rewrite)."""
     items: dict[tuple[str, str], dict[str, Any]] = {}
 
     def add(against: str, rewrite: Rewrite, thumb: bool) -> None:

@@ -105,7 +105,8 @@ def test_official_baseline_is_the_policy_input_for_every_method(workdir):
         rows[b] = {r["method"]: r for r in map(json.loads, (path / "runs" / f"eval-base-{b}" / "rewrites.jsonl")
                                                .read_text().splitlines())}
     official, ours = rows["policy_input"], rows["plain"]
-    assert official["plain"]["text"] == official["plain"]["prompt"] + " Rephrase:\n" and official["plain"]["aes_gain"] == 0
+    assert official["plain"]["text"] == official["plain"]["prompt"] + " Rephrase:\n"
+    assert official["plain"]["aes_gain"] == 0
     assert ours["plain"]["text"] == ours["plain"]["prompt"]
     assert official["rule"]["text"] == ours["rule"]["text"]
     assert official["rule"]["aes"] == ours["rule"]["aes"], "the same rewrite, the same pictures"

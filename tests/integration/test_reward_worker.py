@@ -149,7 +149,8 @@ def test_official_baseline_renders_and_judges_against_the_policy_input(cfg, mode
         against = {text: float(models.score_fn(mine, [text] * k, [response] * k)["clip"].mean())
                    for text in (template, prompt)}
     assert s["aes_plain"] == pytest.approx(float(base["aes"].mean()), abs=1e-5)
-    assert s["clip"] == pytest.approx(against[template], abs=1e-5) and against[template] != pytest.approx(against[prompt])
+    assert s["clip"] == pytest.approx(against[template], abs=1e-5)
+    assert against[template] != pytest.approx(against[prompt])
 
 
 def test_plain_cache_entries_are_readable_and_finite(redis_url, cfg):
