@@ -34,7 +34,7 @@ from world.data import Pictures, pictures, to_unit, training_caption
 from world.weights import MANIFEST, load_clip, load_pipeline, load_vae, pipeline, record, save_stage, text_tower  # noqa: F401
 
 STAGES = ("vae", "clip", "unet", "aesthetic")
-STEPS = {"vae": 1500, "clip": 1500, "unet": 2500, "aesthetic": 1500}
+STEPS = {"vae": 3000, "clip": 1500, "unet": 4000, "aesthetic": 1500}
 BATCH = {"vae": 32, "clip": 64, "unet": 64, "aesthetic": 128}
 LR = {"vae": 1e-3, "clip": 5e-4, "unet": 4e-4, "aesthetic": 1e-3}
 N_PICTURES = 24000
