@@ -45,7 +45,7 @@ def _trajectories(B: int, T: int, min_len: int, vocab: int, eos: int, seed: int 
 
 def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, log_pf (B, T)) computed one response token per forward, like the official trainer."""
-    from common.decoding import eos_forbidden_steps, position_ids_from_mask, trunk_step
+    from common.decoding import eos_forbidden_steps, pool_prompt, position_ids_from_mask, trunk_step
     from learner.batch import collate
     from learner.losses import gflownet_loss, temper
 
@@ -73,9 +73,8 @@ def token_loop_loss(learner, trajs: list, step: int = 0) -> tuple[torch.Tensor, 
         token, position = response_ids[:, t:t + 1], position + 1
         mask = torch.cat([mask, response_mask[:, t:t + 1].long()], dim=1)
     log_pf = torch.where(response_mask.bool(), torch.stack(log_pfs, 1), torch.zeros_like(response_mask, dtype=torch.float32))
-    hidden = torch.cat(prompt_states, 1)  # (B, P, H)
-    pm = prompt_mask.to(hidden.dtype).unsqueeze(-1)
-    log_flow = learner.flow(torch.stack(states, 1), (hidden * pm).sum(1) / pm.sum(1))
+    pooled = pool_prompt(torch.cat(prompt_states, 1), prompt_mask)  # from the prompt's states (B, P, H)
+    log_flow = learner.flow(torch.stack(states, 1), pooled[learner.flow.prompt_input])
     ref, terminal = temper(b["ref_logprobs"], b["log_reward"], response_mask, gamma=learner.schedules.reference_temperature(step),
                            tau=learner.schedules.reward_temperature(step), min_len=cfg.sampler.min_len,
                            len_penalty=cfg.learner.min_len_penalty)

@@ -107,14 +107,13 @@ def _e2e_config(ctx: G.Context):
 
 def generate_with_grad(policy, flow, ids, mask, max_len: int, min_len: int, temperature: float, eos: int, gen):
     """Sampling and log P_F / log F̃ in the same token-by-token loop, with gradients (the official online path)."""
-    from common.decoding import eos_forbidden_steps, position_ids_from_mask, trunk_step
+    from common.decoding import eos_forbidden_steps, pool_prompt, position_ids_from_mask, trunk_step
 
     mask = mask.long()
     positions = position_ids_from_mask(mask)
     hidden, past = trunk_step(policy, ids, mask, positions, None)
     h, position = hidden[:, -1], positions[:, -1:] + 1
-    pm = mask.unsqueeze(-1).to(hidden.dtype)
-    prompt_hidden = (hidden * pm).sum(1) / pm.sum(1)
+    prompt_hidden = pool_prompt(hidden, mask)[flow.prompt_input]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens, valid, log_pfs, states = [], [], [], []
     for t in range(max_len):

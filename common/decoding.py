@@ -164,12 +164,16 @@ def teacher_forced(
     log_pf, entropy = _chunked_head(model.get_output_embeddings(), states, response_ids, response_mask, n_forbid,
                                     eos_id, chunk_tokens, with_entropy, recompute)
 
-    P = prompt_ids.shape[1]
+    pooled = pool_prompt(hidden[:, :prompt_ids.shape[1]], prompt_mask)
+    return {"log_pf": log_pf, "state_hidden": states, **pooled, "entropy": entropy}
+
+
+def pool_prompt(hidden: Tensor, prompt_mask: Tensor) -> dict[str, Tensor]:
+    """The flow heads' prompt inputs from the final hidden states of a LEFT-padded prompt (B, P, H):
+    `prompt_hidden`, the mean over its real tokens (`film`), and `prompt_sum`, their sum but the last token's
+    (`official`, gfn_trainer.py:300: `state[:, :-1]`; column P-1 is the last token)."""
     pm = prompt_mask.to(hidden.dtype).unsqueeze(-1)  # (B, P, 1)
-    prompt_hidden = (hidden[:, :P] * pm).sum(1) / pm.sum(1)  # (B, H)
-    prompt_sum = (hidden[:, :P - 1] * pm[:, :P - 1]).sum(1)  # (B, H): left-padded, so column P-1 is the last token
-    return {"log_pf": log_pf, "state_hidden": states, "prompt_hidden": prompt_hidden, "prompt_sum": prompt_sum,
-            "entropy": entropy}
+    return {"prompt_hidden": (hidden * pm).sum(1) / pm.sum(1), "prompt_sum": (hidden[:, :-1] * pm[:, :-1]).sum(1)}
 
 
 @torch.no_grad()

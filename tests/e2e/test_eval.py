@@ -109,7 +109,8 @@ def test_official_baseline_is_the_policy_input_for_every_method(workdir):
     assert official["plain"]["aes_gain"] == 0
     assert ours["plain"]["text"] == ours["plain"]["prompt"]
     assert official["rule"]["text"] == ours["rule"]["text"]
-    assert official["rule"]["aes"] == ours["rule"]["aes"], "the same rewrite, the same pictures"
+    # the same rewrite, the same pictures (rendered in other batches: equal to float noise)
+    assert official["rule"]["aes"] == pytest.approx(ours["rule"]["aes"], abs=1e-4)
     assert official["rule"]["aes_gain"] != ours["rule"]["aes_gain"], "measured against another baseline"
 
 
