@@ -34,14 +34,13 @@ HARNESS = [("aes_gain", "aesthetic gain"), ("rel", "relevance")]
 
 def measure(models, text: str, tokens, seeds: Sequence[int], cost: dict[str, Any]) -> dict[str, Any]:
     """One prompt's info: training-noise and held-out-seed reward with and without `tokens`, plus `cost`."""
-    from ipgo.optimize import render
+    from ipgo.optimize import mean_reward, render
 
     def r(tok, seed: Optional[int]) -> float:
         return render(models, text, tok, seed)[1]["reward"]
 
     train, train_plain = r(tokens, None), r(None, None)
-    held = float(np.mean([r(tokens, s) for s in seeds]))
-    held_plain = float(np.mean([r(None, s) for s in seeds]))
+    held, held_plain = mean_reward(models, text, tokens, seeds), mean_reward(models, text, None, seeds)
     return {"train_reward": train, "train_plain": train_plain, "train_gain": train - train_plain,
             "heldout_reward": held, "heldout_plain": held_plain, "heldout_gain": held - held_plain,
             "heldout_seeds": list(seeds), **cost}

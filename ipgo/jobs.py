@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from ipgo.optimize import IpgoModels, PromptResult, Tokens, build_models, heldout_seeds, optimize_prompt, render
+from ipgo.optimize import (IpgoModels, PromptResult, Tokens, build_models, heldout_seeds, mean_reward,
+                           optimize_prompt, render)
 
 #: version of the results.jsonl / result.json line
 RESULT_SCHEMA = 1
@@ -131,8 +132,8 @@ def heldout_job(cfg_dict: dict[str, Any], index: int, prompt: str, out: str, tok
     seeds = heldout_seeds(cfg.eval.images.seed, cfg.ipgo.heldout_seeds, cfg.ipgo.seed)  # neither prompt nor noise seen
     held: dict[str, Any] = {"heldout_seeds": seeds}
     if seeds:
-        for key, tok in (("heldout_seed_initial_reward", None), ("heldout_seed_best_reward", tokens)):
-            held[key] = sum(render(models, prompt, tok, s)[1]["reward"] for s in seeds) / len(seeds)
+        held["heldout_seed_initial_reward"] = mean_reward(models, prompt, None, seeds)
+        held["heldout_seed_best_reward"] = mean_reward(models, prompt, tokens, seeds)
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     save_image(image, path / "best.png")

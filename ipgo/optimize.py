@@ -85,6 +85,11 @@ def heldout_seeds(eval_seed: int, k: int, train_seed: int) -> list[int]:
     return seeds
 
 
+def mean_reward(models: IpgoModels, prompt: str, tokens: Optional[Tokens], seeds: Sequence[int]) -> float:
+    """IPGO's training reward of `prompt` (with `tokens`, or plain with None) averaged over the noise of `seeds`."""
+    return sum(render(models, prompt, tokens, s)[1]["reward"] for s in seeds) / len(seeds)
+
+
 def render(models: IpgoModels, prompt: str, tokens: Optional[Tokens] = None, seed: Optional[int] = None,
            scorers: Optional[Callable] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Image (3, H, W) in [0, 1] on the CPU and its scores, for the plain prompt (tokens=None) or the prompt

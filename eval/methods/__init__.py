@@ -43,7 +43,7 @@ def build_method(spec: MethodSpec, cfg: Config, device: str = "cpu") -> Method:
         from eval.methods.plain import PlainMethod
         from scoring.reward import baseline_text
 
-        return PlainMethod(lambda p: baseline_text(cfg, p), baseline_text(cfg, "{x}"))
+        return PlainMethod(lambda p: baseline_text(cfg, p))
     if spec.kind == "rule":
         from eval.methods.rule import RuleMethod
 

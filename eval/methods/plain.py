@@ -12,11 +12,11 @@ from eval.methods.base import Method, MethodOutput, Rewrite
 class PlainMethod(Method):
     name = "plain"
 
-    def __init__(self, baseline: Callable[[str], str] = str, template: str = "{x}") -> None:
-        self.baseline, self.template = baseline, template  # template: the baseline of "{x}", for the cache key
+    def __init__(self, baseline: Callable[[str], str] = str) -> None:
+        self.baseline = baseline
 
     def identity(self) -> dict:
-        return {"name": self.name, "baseline": self.template}
+        return {"name": self.name, "baseline": self.baseline("{x}")}  # the template, for the cache key
 
     def rewrite(self, prompts: Sequence[str], n: int) -> list[MethodOutput]:
         return [MethodOutput(p, [Rewrite(self.baseline(p))]) for p in prompts]
