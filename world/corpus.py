@@ -14,8 +14,13 @@ Split: the project's own rule, `common.data.in_eval_split` (sha256 bucket < 0.2 
 How people write modifiers here: each rewrite appends 2-6 distinct modifiers drawn without
 replacement from a Zipf-like popularity (weight 1 / rank), where six no-effect words ("highly
 detailed", "8k", ...) hold the top ranks, then the other no-effect words, the style phrasings and
-the harmful words in a seeded shuffled order. So rewrites are mostly mediocre: they rarely name all three values of a mode
-(`mode_hit_rate`), which leaves the policy something to discover.
+the harmful words in a seeded shuffled order. A share of the rewrites (`LOOK_RATE`) also copies a
+*look* seen in other people's prompts, as real prompt writers pass around "octane render, unreal
+engine": two of a mode's three values, in random phrasings, mixed in among the popular words. So
+rewrites are mostly mediocre: they rarely name all three values of a mode (`mode_hit_rate`), and
+the reference policy reaches a mode only when the values the look leaves open happen to fall
+right; completing the looks, dropping the harmful words and keeping the modes apart is what the
+policy has to discover.
 Note for SFT: 3-object captions contain a comma ("a red circle, a blue ring and a green cross"), so
 read the pairs file rather than splitting engineered prompts at their first comma.
 """
@@ -39,6 +44,8 @@ PROMPTS = ASSETS / "prompts"
 ZIPF_EXPONENT = 1.0
 TOP_NO_EFFECT = 6  # "highly detailed", "8k", "4k", "masterpiece", "trending on artstation", "award winning"
 MODIFIERS_PER_REWRITE = (2, 6)
+#: the share of rewrites that copy two values of a mode (a "look"); measured effect on the run: world/README.md
+LOOK_RATE = 0.4
 
 
 @dataclass
@@ -70,12 +77,23 @@ def plain_prompts(n: int, seed: int = 0) -> list[str]:
     return list(seen)
 
 
+def look(rng: np.random.Generator) -> list[str]:
+    """Two of a random mode's three values, each in a random phrasing: a partial recipe people copy."""
+    mode = MODES[sorted(MODES)[int(rng.integers(len(MODES)))]]
+    axes = [sorted(mode)[i] for i in rng.choice(len(mode), size=2, replace=False)]
+    return [PHRASINGS[a][mode[a]][int(rng.integers(len(PHRASINGS[a][mode[a]])))] for a in axes]
+
+
 def rewrite(plain: str, vocab: Sequence[tuple[str, float]], rng: np.random.Generator) -> str:
-    """The plain caption with 2-6 distinct modifiers drawn by popularity."""
+    """The plain caption with 2-6 distinct modifiers drawn by popularity; with probability LOOK_RATE two
+    of them are a copied look (`look`), the rest popular words, all in a random order."""
     words, probs = zip(*vocab)
     k = int(rng.integers(MODIFIERS_PER_REWRITE[0], MODIFIERS_PER_REWRITE[1] + 1))
-    picked = rng.choice(len(words), size=k, replace=False, p=np.asarray(probs))
-    return engineered_caption(parse_content(plain), [words[i] for i in picked])
+    copied = look(rng) if rng.random() < LOOK_RATE else []
+    p = np.asarray(probs) * np.array([w not in copied for w in words])
+    picked = [words[i] for i in rng.choice(len(words), size=k - len(copied), replace=False, p=p / p.sum())]
+    modifiers = copied + picked
+    return engineered_caption(parse_content(plain), [modifiers[i] for i in rng.permutation(len(modifiers))])
 
 
 def build(n_prompts: int = 3000, rewrites_per_prompt: int = 2, seed: int = 0) -> Corpus:
