@@ -105,6 +105,9 @@ def mini() -> Tree:
             "sd": str(WORLD_ASSETS / "sd"), "clip_arch": str(WORLD_ASSETS / "clip"),
             "aesthetic_weights": str(WORLD_ASSETS / "aesthetic.safetensors"),
             "sft_pairs": str(prompts / "world_sft_pairs.jsonl"), "image_size": 32,
+            # 400 steps (1.3 epochs) leave the reference near unigram popularity: 7 % of its rewrites within
+            # one value of a mode (the corpus: 41 %); 2,000 (90 s on 2 cores): 25 %, 2.8 % complete (world/README.md)
+            "sft_steps": 2000,
         },
         "sampler": {"response": "suffix", "datasets": [str(prompts / "world_train.txt")], "min_len": 3,
                     "max_len": 24},

@@ -29,6 +29,8 @@ class ModelConfig(Section):
     """SFT checkpoint (hub id or dir) for policy and reference; None: `policy` (tiny: auto-SFT, cached)"""
     sft_pairs: Optional[str] = None
     """.jsonl of {"plain", "engineered"} pairs for SFT; None: pairs mined from sampler.datasets (sft/pairs.py)"""
+    sft_steps: Optional[int] = Field(None, ge=1)
+    """optimiser steps of the automatic SFT (`pag sft --steps` wins); None: the kind's default (tiny 400)"""
     tokenizer: Optional[str] = None
     """tokenizer id/dir; None: the policy's, or the packaged GPT-2 files for tiny"""
     sd: str = "CompVis/stable-diffusion-v1-4"

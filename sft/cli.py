@@ -32,8 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="checkpoint directory (default: $PAG_CACHE/sft/<preset>-<hash>, where tiny's "
                                  "automatic SFT looks)")
     tiny, sd14 = DEFAULTS["tiny"], DEFAULTS["pretrained"]
-    p.add_argument("--steps", type=int, help=f"optimiser steps (default: tiny {tiny.steps}; sd14 {sd14.epochs:g} "
-                                             "epochs over the pairs)")
+    p.add_argument("--steps", type=int, help=f"optimiser steps (default: model.sft_steps, else tiny {tiny.steps}; "
+                                             f"sd14 {sd14.epochs:g} epochs over the pairs)")
     p.add_argument("--batch-size", type=int, help=f"pairs per step (default: tiny {tiny.batch_size}, "
                                                   f"sd14 {sd14.batch_size})")
     p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default: tiny {tiny.lr:g}, sd14 {sd14.lr:g})")

@@ -79,6 +79,7 @@ def settings_for(cfg: Config, steps: Optional[int] = None, batch_size: Optional[
                  lr: Optional[float] = None) -> SFTSettings:
     """The preset's defaults (by model kind) with any explicit value replacing its field."""
     base = DEFAULTS[cfg.model.kind]
+    steps = steps if steps is not None else cfg.model.sft_steps
     over = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     for key, value in over.items():
         if value <= 0:

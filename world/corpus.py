@@ -16,8 +16,8 @@ replacement from a Zipf-like popularity (weight 1 / rank), where six no-effect w
 detailed", "8k", ...) hold the top ranks, then the other no-effect words, the style phrasings and
 the harmful words in a seeded shuffled order. A share of the rewrites (`LOOK_RATE`) also copies a
 *look* seen in other people's prompts, as real prompt writers pass around "octane render, unreal
-engine": two of a mode's three values, in random phrasings, mixed in among the popular words. So
-rewrites are mostly mediocre: they rarely name all three values of a mode (`mode_hit_rate`), and
+engine": two of a mode's three values, copied verbatim (first phrasings), side by side among the
+popular words. So rewrites are mostly mediocre: they rarely name all three values of a mode (`mode_hit_rate`), and
 the reference policy reaches a mode only when the values the look leaves open happen to fall
 right; completing the looks, dropping the harmful words and keeping the modes apart is what the
 policy has to discover.
@@ -78,22 +78,23 @@ def plain_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def look(rng: np.random.Generator) -> list[str]:
-    """Two of a random mode's three values, each in a random phrasing: a partial recipe people copy."""
+    """Two of a random mode's three values in their first phrasings, in either order: a partial recipe
+    people copy verbatim (15 of them)."""
     mode = MODES[sorted(MODES)[int(rng.integers(len(MODES)))]]
     axes = [sorted(mode)[i] for i in rng.choice(len(mode), size=2, replace=False)]
-    return [PHRASINGS[a][mode[a]][int(rng.integers(len(PHRASINGS[a][mode[a]])))] for a in axes]
+    return [PHRASINGS[a][mode[a]][0] for a in axes]
 
 
 def rewrite(plain: str, vocab: Sequence[tuple[str, float]], rng: np.random.Generator) -> str:
     """The plain caption with 2-6 distinct modifiers drawn by popularity; with probability LOOK_RATE two
-    of them are a copied look (`look`), the rest popular words, all in a random order."""
+    of them are a copied look (`look`), side by side at a random place among the popular words."""
     words, probs = zip(*vocab)
     k = int(rng.integers(MODIFIERS_PER_REWRITE[0], MODIFIERS_PER_REWRITE[1] + 1))
     copied = look(rng) if rng.random() < LOOK_RATE else []
     p = np.asarray(probs) * np.array([w not in copied for w in words])
     picked = [words[i] for i in rng.choice(len(words), size=k - len(copied), replace=False, p=p / p.sum())]
-    modifiers = copied + picked
-    return engineered_caption(parse_content(plain), [modifiers[i] for i in rng.permutation(len(modifiers))])
+    at = int(rng.integers(len(picked) + 1))  # a look is copied as one piece: its two phrases side by side
+    return engineered_caption(parse_content(plain), picked[:at] + copied + picked[at:])
 
 
 def build(n_prompts: int = 3000, rewrites_per_prompt: int = 2, seed: int = 0) -> Corpus:

@@ -219,3 +219,14 @@ def test_cli_runs_a_tiny_sft(tmp_path, capsys):
     assert f"model.sft_checkpoint={out}" in printed and "sampled rewrites" in printed
     assert json.loads((out / "sft.json").read_text())["seed"] == 2
     assert pag(["sft", "--steps", "0", "--out", str(out)]) == 2  # a config error, not a traceback
+
+
+def test_sft_steps_come_from_the_config_unless_given_and_key_the_cache():
+    tiny, mini = load_config(preset="tiny"), load_config(preset="mini")
+    assert sft.train.settings_for(tiny).steps == sft.train.DEFAULTS["tiny"].steps
+    assert sft.train.settings_for(mini).steps == mini.model.sft_steps == 2000
+    assert sft.train.settings_for(mini, steps=7).steps == 7, "pag sft --steps wins over model.sft_steps"
+    shorter = load_config(preset="mini", overrides=["model.sft_steps=400"])
+    some = [("a red circle", "a red circle, neon palette")]
+    assert sft.train.sft_hash(mini, some, sft.train.settings_for(mini)) != \
+        sft.train.sft_hash(shorter, some, sft.train.settings_for(shorter))
