@@ -155,3 +155,21 @@ def test_corpus_rarely_completes_a_mode_and_splits_like_the_loader(tmp_path):
     train_file, heldout_file, _ = corpus.write(built, tmp_path)
     assert load_prompts(train_file, "train").prompts == built.train
     assert load_prompts(heldout_file, "eval").prompts == built.heldout
+
+
+def test_coverage_counts_modes_named_over_a_runs_course(tmp_path):
+    from world import coverage
+
+    rows = [("a red circle, 8k, masterpiece", -1.0), ("a red circle, neon palette, dark background", 0.5),
+            ("a red circle, neon palette, dark background, soft glow", 2.0),
+            ("a red circle, monochrome, thick outline, spotlight, blurry", 1.0)]
+    export = tmp_path / "export.jsonl"
+    export.write_text("".join(json.dumps({"response": r, "log_reward": lr, "created_at": i, "id": str(i)}) + "\n"
+                              for i, (r, lr) in reversed(list(enumerate(rows)))))  # out of order on disk
+    first, second = coverage.coverage(coverage.read_export(export), parts=2)
+    assert (first["complete"], first["within_one"], first["mean_log_reward"]) == (0.0, 0.5, -0.25)
+    assert second["complete"] == 1.0 and second["harmful"] == 0.5
+    assert second["complete_by_mode"]["neon night"] == second["complete_by_mode"]["ink noir"] == 0.5
+    export.write_text('{"response": "a red circle"}\n')
+    with pytest.raises(ValueError, match=r"export.jsonl:1: .*log_reward"):
+        coverage.read_export(export)
