@@ -110,10 +110,14 @@ def mini() -> Tree:
             "sft_steps": 2000,
         },
         "sampler": {"response": "suffix", "datasets": [str(prompts / "world_train.txt")], "min_len": 3,
-                    "max_len": 24},
+                    "max_len": 24, "temp_start": 1.0, "temp_end": 1.0},
         "render": {"guidance": 5.0},
-        # clip_threshold: the world CLIP's cosines are not ViT-L/14's; MINI_CLIP_THRESHOLD is measured (see below)
-        "reward": {"images": {"steps": 10}, "clip_threshold": MINI_CLIP_THRESHOLD},
+        # clip_threshold: the world CLIP's cosines are not ViT-L/14's; MINI_CLIP_THRESHOLD is measured (see below).
+        # beta 0.2, tau 1, T 1, no reactivation: what moved the policy towards the modes in 120 steps (README.md,
+        # "The miniature world"); tau from 2 and T 1.5 made token soup, beta 0.05 a loss growing tenfold, beta 0.5
+        # a third of the movement, and tiny's reactivation every 50 steps re-drew the flow head twice a run
+        "reward": {"images": {"steps": 10}, "clip_threshold": MINI_CLIP_THRESHOLD, "beta": 0.2},
+        "learner": {"reward_temp_start": 1.0, "reactivation_every": 0},
         "eval": {"datasets": [str(prompts / "world_heldout.txt")], "images": {"steps": 10},
                  "min_new_tokens": 3, "max_new_tokens": 24},
     })
