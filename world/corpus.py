@@ -17,10 +17,9 @@ detailed", "8k", ...) hold the top ranks, then the other no-effect words, the st
 the harmful words in a seeded shuffled order. A share of the rewrites (`LOOK_RATE`) also copies a
 *look* seen in other people's prompts, as real prompt writers pass around "octane render, unreal
 engine": two of a mode's three values, copied verbatim (first phrasings), side by side among the
-popular words. So rewrites are mostly mediocre: they rarely name all three values of a mode (`mode_hit_rate`), and
-the reference policy reaches a mode only when the values the look leaves open happen to fall
-right; completing the looks, dropping the harmful words and keeping the modes apart is what the
-policy has to discover.
+popular words. So rewrites are mostly mediocre: they rarely name all three values of a mode
+(`mode_hit_rate`), but often come within one; completing the looks, dropping the harmful words and
+keeping the modes apart is what the policy has to discover.
 Note for SFT: 3-object captions contain a comma ("a red circle, a blue ring and a green cross"), so
 read the pairs file rather than splitting engineered prompts at their first comma.
 """
