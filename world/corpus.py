@@ -106,10 +106,25 @@ def build(n_prompts: int = 3000, rewrites_per_prompt: int = 2, seed: int = 0) ->
     return Corpus(train, heldout, pairs)
 
 
+def named_values(text: str) -> dict[str, int]:
+    """How many of each mode's values the modifiers of a caption set (the last mention of an axis wins)."""
+    named = parse_modifiers(text)
+    return {name: sum(named.get(a) == v for a, v in mode.items()) for name, mode in MODES.items()}
+
+
+def closest_mode(text: str) -> int:
+    """The most values of any one mode a caption names: 3 completes it, 2 is within one value."""
+    return max(named_values(text).values())
+
+
 def completes_mode(text: str) -> bool:
     """Whether the modifiers a caption names set all values of some mode (unnamed axes ignored)."""
-    named = parse_modifiers(text)
-    return any(all(named.get(a) == v for a, v in mode.items()) for mode in MODES.values())
+    return closest_mode(text) == 3
+
+
+def names_harm(text: str) -> bool:
+    """Whether the text contains a harmful phrasing (blurry, cluttered, grain, ...)."""
+    return any(h in text for h in HARMFUL)
 
 
 def mode_hit_rate(engineered: Sequence[str]) -> float:
@@ -122,7 +137,7 @@ def stats(corpus: Corpus) -> dict[str, float]:
     return {"train_prompts": len(corpus.train), "heldout_prompts": len(corpus.heldout),
             "pairs": len(corpus.pairs), "mode_hit_rate": mode_hit_rate(engineered),
             "mean_axes_named": float(np.mean([len(n) for n in named])),
-            "with_harmful": float(np.mean([any(h in e for h in HARMFUL) for e in engineered]))}
+            "with_harmful": float(np.mean([names_harm(e) for e in engineered]))}
 
 
 def write(corpus: Corpus, folder: Path = PROMPTS) -> list[Path]:

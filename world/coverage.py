@@ -17,14 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from world.captions import HARMFUL, parse_modifiers
+from world.corpus import named_values, names_harm
 from world.taste import MODES
-
-
-def named_values(text: str) -> dict[str, int]:
-    """How many of each mode's values the text names (the last mention of an axis wins)."""
-    named = parse_modifiers(text)
-    return {mode: sum(named.get(axis) == value for axis, value in values.items()) for mode, values in MODES.items()}
 
 
 def read_export(path: Path) -> list[dict[str, Any]]:
@@ -53,7 +47,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "complete": round(float((best == 3).mean()), 4),
         "within_one": round(float((best == 2).mean()), 4),
         "complete_by_mode": {m: round(float(np.mean([c[m] == 3 for c in counts])), 4) for m in MODES},
-        "harmful": round(float(np.mean([any(h in r["response"] for h in HARMFUL) for r in rows])), 4),
+        "harmful": round(float(np.mean([names_harm(r["response"]) for r in rows])), 4),
         "mean_log_reward": round(float(np.mean([r["log_reward"] for r in rows])), 4),
     }
 

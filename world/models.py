@@ -67,7 +67,8 @@ def new_vae(seed: int = 0):
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(32, 64, 64), layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(32, 64, 64),
+        layers_per_block=1,
         norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         sample_size=32,
     )
@@ -78,7 +79,8 @@ def new_unet(seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1, block_out_channels=(64, 128),
+        sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+        block_out_channels=(64, 128),
         norm_num_groups=16, cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
