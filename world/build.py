@@ -43,6 +43,7 @@ HF_WEIGHT = 0.5
 KL_WEIGHT = 1e-6
 GENERATED = 2000  # pictures generated for the aesthetic stage (10 % held out)
 GEN_STEPS, GEN_GUIDANCE = 10, 5.0
+EMA_DECAY = 0.999
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -56,9 +57,10 @@ def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_schedule
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _loop(name: str, steps: int, params, lr: float, step_fn: Callable[[int], torch.Tensor]) -> float:
+def _loop(name: str, steps: int, params, lr: float, step_fn: Callable[[int], torch.Tensor],
+          after_step: Optional[Callable[[], None]] = None) -> float:
     """AdamW over `steps` calls of step_fn (which returns the loss), with a progress bar; the mean
-    loss of the last 10 % of steps."""
+    loss of the last 10 % of steps. `after_step` runs after each optimiser step (an EMA update)."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps)
@@ -71,6 +73,8 @@ def _loop(name: str, steps: int, params, lr: float, step_fn: Callable[[int], tor
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if after_step is not None:
+            after_step()
         if step >= steps - max(1, steps // 10):
             tail.append(loss.item())
         if step % 50 == 0:
@@ -139,10 +143,26 @@ def encode_text(text_encoder, tokenizer, texts: Sequence[str]) -> torch.Tensor:
         return text_encoder(_tokenize(tokenizer, texts))[0]
 
 
-def train_unet(data: Pictures, vae, clip, steps: int, seed: int):
+def _ema(model: torch.nn.Module, decay: float) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """A frozen copy of `model` and the update that moves it `1 - decay` of the way to `model` (the
+    exponential moving average diffusion models are sampled from)."""
+    import copy
+
+    shadow = copy.deepcopy(model).eval().requires_grad_(False)
+    live, kept = list(model.parameters()), list(shadow.parameters())
+
+    def update() -> None:
+        with torch.no_grad():
+            torch._foreach_lerp_(kept, live, 1 - decay)
+    return shadow, update
+
+
+def train_unet(data: Pictures, vae, clip, steps: int, seed: int, start=None, lr: float = LR["unet"]):
+    """Train a UNet (from seeds, or go on training `start`) and return its EMA weights."""
     from diffusers import DDPMScheduler
 
-    unet = wm.new_unet(seed).train()
+    unet = (start if start is not None else wm.new_unet(seed)).train()
+    ema, update = _ema(unet, EMA_DECAY)
     tokenizer = wm.clip_tokenizer()
     text_encoder = text_tower(clip)
     noise = DDPMScheduler(**{k: v for k, v in wm.SCHEDULE.items() if k != "steps_offset"})
@@ -164,8 +184,8 @@ def train_unet(data: Pictures, vae, clip, steps: int, seed: int):
         eps = torch.randn(latents.shape, generator=gen)
         pred = unet(noise.add_noise(latents, eps, t), t, encode_text(text_encoder, tokenizer, captions)).sample
         return F.mse_loss(pred, eps)
-    loss = _loop("unet", steps, unet.parameters(), LR["unet"], step)
-    return unet.eval(), {"final_loss": loss}
+    loss = _loop("unet", steps, unet.parameters(), lr, step, after_step=update)
+    return ema, {"final_loss": loss, "ema_decay": EMA_DECAY, "resumed": start is not None, "lr": lr}
 
 
 def generate(pipe, captions: Sequence[str], seed: int, batch: int = 64, steps: int = GEN_STEPS,
@@ -256,6 +276,17 @@ def train_aesthetic(pipe, clip, steps: int, seed: int, n: int = GENERATED):
                  "taste_mean": float(target.mean() / 10)}
 
 
+def _stage_steps(text: str) -> dict[str, int]:
+    """"unet=6000,aesthetic=2000" -> {"unet": 6000, "aesthetic": 2000}; ValueError naming the bad part."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = part.partition("=")
+        if name not in STAGES or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{part!r} is not STAGE=N with STAGE one of {list(STAGES)} and N a positive integer")
+        out[name] = int(count)
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m world.build", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,6 +296,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply every stage's steps and the picture count (0.01: a smoke run)")
+    ap.add_argument("--steps", default="", metavar="STAGE=N,...",
+                    help="training steps of some stages instead of the defaults "
+                         f"({', '.join(f'{k}={v}' for k, v in STEPS.items())}), before --scale")
+    ap.add_argument("--resume-unet", action="store_true",
+                    help="go on training the UNet under --out (at half the learning rate) instead of a fresh one")
     ap.add_argument("--out", type=Path, default=wm.ASSETS, help="where the weights go (default world/assets)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     return ap.parse_args(argv)
@@ -280,7 +316,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     root = args.out
     root.mkdir(parents=True, exist_ok=True)
-    steps = {k: max(2, int(v * args.scale)) for k, v in STEPS.items()}
+    try:
+        chosen = {**STEPS, **_stage_steps(args.steps)}
+    except ValueError as err:
+        print(f"--steps: {err}", file=sys.stderr)
+        return 2
+    steps = {k: max(2, int(v * args.scale)) for k, v in chosen.items()}
     command = "python -m world.build " + " ".join(sys.argv[1:] if argv is None else argv)
     needs_data = any(s in only for s in ("vae", "clip", "unet"))
     data = pictures(max(64, int(N_PICTURES * args.scale)), args.seed) if needs_data else None
@@ -299,7 +340,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif stage == "unet":
             vae = vae or load_vae(root)
             clip = clip or load_clip(root)
-            unet, figures = train_unet(data, vae, clip, steps["unet"], args.seed)
+            start = load_pipeline(root).unet if args.resume_unet else None
+            unet, figures = train_unet(data, vae, clip, steps["unet"], args.seed, start,
+                                       LR["unet"] / 2 if start is not None else LR["unet"])
             model = pipe = pipeline(vae, clip, unet)
         else:
             pipe = pipe or load_pipeline(root)

@@ -115,3 +115,47 @@ def test_each_training_stage_runs_and_the_manifest_names_every_file_it_wrote(smo
 def test_the_shipped_world_weights_match_their_manifest():
     assert (bench.wm.SD_DIR / "model_index.json").is_file() and bench.wm.AESTHETIC.is_file()
     assert _manifest_mismatches(bench.wm.ASSETS) == []
+
+
+def test_resuming_the_unet_goes_on_from_the_built_one(smoke_build, tmp_path, monkeypatch):
+    """`--resume-unet` starts from the UNet under --out and saves its moving average (here of decay 0.5,
+    so that three steps show through the float16 files)."""
+    import shutil
+
+    from world import build
+    from world.weights import load_pipeline
+
+    monkeypatch.setattr(build, "EMA_DECAY", 0.5)
+    out = tmp_path / "resumed"
+    shutil.copytree(smoke_build, out)
+    before = load_pipeline(out).unet.state_dict()
+    assert build.main(["--only", "unet", "--resume-unet", "--steps", "unet=3", "--out", str(out), "--threads", "1"]) == 0
+    after = load_pipeline(out).unet.state_dict()
+    moved = max((after[k].float() - before[k].float()).abs().max().item() for k in before)
+    assert 0 < moved < 1e-2  # three Adam steps of at most 2e-4 each: a continuation, not a fresh UNet
+    figures = json.loads((out / "MANIFEST.json").read_text())["_build"]["unet"]
+    assert figures["resumed"] is True and figures["steps"] == 3 and figures["lr"] == build.LR["unet"] / 2
+
+
+def test_stage_steps_names_the_bad_part():
+    from world import build
+
+    assert build._stage_steps("unet=6000, aesthetic=20") == {"unet": 6000, "aesthetic": 20}
+    assert build._stage_steps("") == {}
+    for bad in ("unet", "unet=0", "decoder=5", "unet=5k"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            build._stage_steps(bad)
+    assert build.main(["--steps", "unet=five", "--only", "unet"]) == 2
+
+
+def test_the_moving_average_moves_a_thousandth_of_the_way_each_step():
+    from world.build import _ema
+
+    live = torch.nn.Linear(2, 2)
+    shadow, update = _ema(live, 0.999)
+    start = shadow.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    update()
+    assert torch.allclose(shadow.weight, start + 0.001, atol=1e-6)
+    assert not shadow.weight.requires_grad
