@@ -184,7 +184,8 @@ def load_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """StableDiffusionPipeline with DPM-Solver++ (multistep), no safety checker."""
+    """The text-to-image pipeline `model.sd` names: the tiny or SD v1.4-architecture StableDiffusionPipeline
+    built here, else loaded (`load_text_to_image`); SD v1.x with DPM-Solver++ (multistep), no safety checker."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -227,20 +228,44 @@ def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtyp
         if torch.device(device).type == "meta":
             return pipe
     else:
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                cfg.sd, safety_checker=None, requires_safety_checker=False, **load_dtype(dtype),
-            )
-        except Exception as exc:
-            raise load_error("Stable Diffusion pipeline", cfg.sd, exc, f"`hf download {cfg.sd}`") from exc
-        pipe.scheduler = _dpm_solver(pipe.scheduler.config)
+        pipe = load_text_to_image(cfg.sd, dtype)
     pipe = pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and getattr(pipe, "unet", None) is not None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA (flash / memory-efficient kernels)
     return pipe
+
+
+def load_text_to_image(source: str, dtype: torch.dtype = torch.float32):
+    """Any diffusers text-to-image pipeline from a hub id or a saved directory, the class named by its
+    model_index.json: SD v1.x (the paper's; its scheduler becomes DPM-Solver++, as in training), SDXL, SD3
+    (the paper's transfer target; they keep their own schedulers). Components the index records as absent
+    (SD3 saved without its T5 encoder, SD without a safety checker) load as None."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(source)
+        kwargs = {name: None for name, spec in index.items()
+                  if not name.startswith("_") and isinstance(spec, list) and spec[0] is None}
+        if "safety_checker" in index:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs, **load_dtype(dtype))
+    except Exception as exc:
+        raise load_error("diffusion pipeline", source, exc, f"`hf download {source}`") from exc
+    if denoiser(pipe) is None:
+        raise ModelLoadError(f"{source!r} is a {type(pipe).__name__}, not a text-to-image pipeline with a UNet or a "
+                             "transformer (model.sd takes SD v1.x, SDXL or SD3)")
+    if isinstance(pipe, StableDiffusionPipeline):
+        pipe.scheduler = _dpm_solver(pipe.scheduler.config)
+    return pipe
+
+
+def denoiser(pipe) -> Optional[torch.nn.Module]:
+    """The pipeline's noise predictor: the UNet of SD v1.x / SDXL, the transformer of SD3; None if neither."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else getattr(pipe, "transformer", None)
 
 
 # ------------------------------------------------------------------ sentence encoder (diversity)

@@ -42,6 +42,10 @@ def register(sub) -> None:
     p.add_argument("--decode", choices=["beam", "sample"], help="diverse beam search (default) or i.i.d. samples")
     p.add_argument("--temperature", type=float, help="sampling temperature for --decode sample")
     p.add_argument("--workers", type=int, help="render/score actors (default: one per cluster GPU, else 1 in-process)")
+    p.add_argument("--target-model", metavar="ID_OR_DIR",
+                   help="render with another diffusers text-to-image pipeline than the policies were trained with "
+                        "(model.sd): a hub id or a saved directory of SD v1.x, SDXL or SD3 -- the paper's zero-shot "
+                        "transfer (e.g. stabilityai/stable-diffusion-3-medium-diffusers); scoring is unchanged")
     p.add_argument("--scorers", help="extra scorers, e.g. imagereward,hps (eval.scorers)")
     p.add_argument("--score-against", choices=["plain", "rewrite"], help="what the extra scorers judge against")
     p.add_argument("--name", help="output runs/eval-<name>/ (default: <preset>__<time>); reuse it to resume")
@@ -59,7 +63,7 @@ def _flag_overrides(args) -> list[str]:
     pairs = [("eval.datasets", listed(args.datasets)), ("eval.limit", args.limit), ("eval.rewrites", args.rewrites),
              ("eval.decode", args.decode), ("eval.temperature", args.temperature), ("eval.workers", args.workers),
              ("eval.scorers", listed(args.scorers)), ("eval.score_against", args.score_against),
-             ("run.runs_dir", args.runs_dir), ("run.ray_address", args.ray_address)]
+             ("run.runs_dir", args.runs_dir), ("run.ray_address", args.ray_address), ("model.sd", args.target_model)]
     return [f"{k}={v}" for k, v in pairs if v is not None]
 
 

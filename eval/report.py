@@ -57,7 +57,7 @@ def tabulate(data: EvalData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "methods": [{"label": s.label, "kind": s.kind, "source": s.raw, "weights": s.path} for s in data.specs],
         "sets": {name: len(p) for name, p in data.sets.items()},
         "text_encoder": data.text_encoder, "image_encoder": f"open_clip {cfg.model.clip_arch}/{cfg.model.clip_pretrained}",
-        "render_id": data.render_id, "eval": ev.model_dump(mode="json"),
+        "render_id": data.render_id, "target_model": cfg.model.sd, "eval": ev.model_dump(mode="json"),
         "reward": {"clip_threshold": cfg.reward.clip_threshold, "clip_weight": cfg.reward.clip_weight},
         "stats": {k: v for k, v in data.stats.items() if k != "text_encoder_obj"},
         "failures": failures, "table": table, "per_prompt": per_prompt,
@@ -189,7 +189,8 @@ def _preamble(data: EvalData, results: dict[str, Any]) -> list[str]:
     return [f"# Evaluation `{cfg.run.name}`", "",
             f"Preset `{cfg.preset}`; sets: " + ", ".join(f"`{s}` ({n})" for s, n in results["sets"].items())
             + f"; rewrites: {decode}, {ev.min_new_tokens}–{ev.max_new_tokens} new tokens.",
-            f"Images: {ev.images.per_prompt} per text, {ev.images.steps} DPM-Solver++ steps, guidance {cfg.render.guidance}, "
+            f"Images: rendered by `{cfg.model.sd}`, {ev.images.per_prompt} per text, {ev.images.steps} steps (DPM-Solver++ "
+            f"for SD v1.x, the pipeline's own scheduler otherwise), guidance {cfg.render.guidance}, "
             f"{cfg.model.image_size}², image i from the noise of seed {ev.images.seed} + i for every text "
             "(the plain prompt is rendered as written, without the policy's template).",
             f"Relevance: mean over images of {cfg.reward.clip_weight:g}·min(0, max(0, cos) − {cfg.reward.clip_threshold:g}). "

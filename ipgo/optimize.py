@@ -51,13 +51,18 @@ class IpgoModels:
 
 def build_models(cfg, device: torch.device | str = "cpu") -> IpgoModels:
     """SD (text encoder, UNet, VAE) and the differentiable reward of `cfg.ipgo.reward`, frozen, on `device`."""
+    from diffusers import StableDiffusionPipeline
+
+    from common.models import ModelLoadError, build_sd_pipeline
     from scoring.scorers import build_scorers
-    from common.models import build_sd_pipeline
 
     device = torch.device(device)
     half = device.type == "cuda" and cfg.render.fp16
     dtype = torch.float16 if half else torch.float32
     pipe = build_sd_pipeline(cfg.model, device, dtype)
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise ModelLoadError(f"IPGO optimises tokens in SD v1.x's single CLIP text space; model.sd = {cfg.model.sd!r} "
+                             f"is a {type(pipe).__name__}: point model.sd at an SD v1.x pipeline")
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     ic = cfg.ipgo

@@ -39,8 +39,11 @@ class Renderer:
         self.guidance = guidance
         self.size = size
         self.max_prompts = max_prompts_per_call
-        device, dtype = pipe.unet.device, pipe.unet.dtype
-        shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+        from common.models import denoiser
+
+        net = denoiser(pipe)  # the UNet (SD v1.x, SDXL) or the transformer (SD3)
+        device, dtype = net.device, net.dtype
+        shape = (1, net.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
         # one generator per image index: the noise of image i is the same for every prompt and batch
         self.noise = torch.cat([
             torch.randn(shape, generator=torch.Generator(device).manual_seed(seed + i), device=device, dtype=dtype)
@@ -48,11 +51,12 @@ class Renderer:
         ])  # (k, C, h, w)
         self.unet_calls = 0  # forward passes
         self.unet_rows = 0  # latents evaluated (×2 with classifier-free guidance)
-        pipe.unet.register_forward_pre_hook(self._count)
+        net.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    def _count(self, module, args) -> None:
+    def _count(self, module, args, kwargs) -> None:
         self.unet_calls += 1
-        self.unet_rows += int(args[0].shape[0]) if args else 0
+        latents = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet / SD3 transformer
+        self.unet_rows += int(latents.shape[0]) if latents is not None else 0
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:

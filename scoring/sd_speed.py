@@ -39,7 +39,12 @@ def set_attention(pipe, kind: str) -> None:
     if kind not in ("sdpa", "classic"):
         raise ValueError(f"reward.speed.attention = {kind!r}: choose sdpa or classic")
     processor = AttnProcessor2_0 if kind == "sdpa" else AttnProcessor
-    pipe.unet.set_attn_processor(processor())
+    if getattr(pipe, "unet", None) is None:  # SD3's transformer: its own joint-attention processors (SDPA)
+        if kind == "classic":
+            raise ValueError(f"reward.speed.attention = classic is for UNet pipelines; {type(pipe).__name__} keeps "
+                             "its own SDPA processors: use sdpa")
+    else:
+        pipe.unet.set_attn_processor(processor())
     pipe.vae.set_attn_processor(processor())
 
 
@@ -67,38 +72,42 @@ def _compile_forward(module: torch.nn.Module, mode: str | None) -> None:
 
 def apply_speed(pipe, speed: SpeedConfig) -> dict[str, Any]:
     """Apply the `reward.speed` switches to `pipe` in place; returns what was applied (for bench JSON)."""
-    r = speed
-    cuda = pipe.unet.device.type == "cuda"
+    from common.models import denoiser
+
+    r, net = speed, denoiser(pipe)  # the UNet, or SD3's transformer: `compile_unet` and the rest apply to it
+    cuda = net.device.type == "cuda"
     set_attention(pipe, r.attention)
     if not r.vae_fp16 and pipe.vae.dtype == torch.float16:  # a half-precision pipeline (render.fp16 on GPU)
         keep_vae_float32(pipe)
     if r.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if r.cuda_graphs and not cuda:
-        log.warning("reward.speed.cuda_graphs is CUDA only: compiling without CUDA graphs on %s", pipe.unet.device)
+        log.warning("reward.speed.cuda_graphs is CUDA only: compiling without CUDA graphs on %s", net.device)
     mode = COMPILE_MODES[bool(r.cuda_graphs and cuda)]
     if r.compile_unet:
-        _compile_forward(pipe.unet, mode)
+        _compile_forward(net, mode)
     if r.compile_vae:
         _compile_forward(pipe.vae.decoder, mode)
     return {
         "attention": r.attention, "channels_last": r.channels_last, "compile_unet": r.compile_unet,
         "compile_vae": r.compile_vae, "compile_mode": (mode or "default") if (r.compile_unet or r.compile_vae) else None,
-        "vae_dtype": str(pipe.vae.dtype).removeprefix("torch."), "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "vae_dtype": str(pipe.vae.dtype).removeprefix("torch."), "unet_dtype": str(net.dtype).removeprefix("torch."),
     }
 
 
 def reset_speed(pipe, dtype: torch.dtype) -> None:
     """Undo `apply_speed` (benchmarks switch variants on one pipeline): SDPA, contiguous NCHW, eager
     forwards, the VAE in the pipeline's dtype."""
+    from common.models import denoiser
+
     compiled = False
-    for module in (pipe.unet, pipe.vae.decoder):
+    for module in (denoiser(pipe), pipe.vae.decoder):
         compiled |= module.__dict__.pop("forward", None) is not None
     pipe.vae.__dict__.pop("decode", None)
     pipe.vae.to(dtype)
     set_attention(pipe, "sdpa")
-    pipe.unet.to(memory_format=torch.contiguous_format)
+    denoiser(pipe).to(memory_format=torch.contiguous_format)
     pipe.vae.to(memory_format=torch.contiguous_format)
     if compiled:
         torch._dynamo.reset()

@@ -131,3 +131,60 @@ def fresh_root_logging():
     before = list(root.handlers)
     yield
     root.handlers[:] = before
+
+
+def _tiny_clip_text(kind: str):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=49408, max_position_embeddings=77, projection_dim=32)
+    return (CLIPTextModelWithProjection if kind == "projected" else CLIPTextModel)(cfg)
+
+
+def _save_tiny_pipeline(kind: str, folder) -> None:
+    """A tiny, seeded, random-weight SD3 or SDXL pipeline of the real classes, saved with save_pretrained
+    (SD3 without its optional T5 encoder, as diffusers allows)."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+
+    from common.models import clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32, shift_factor=0.0)
+    if kind == "sd3":
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+            text_encoder=_tiny_clip_text("projected"), tokenizer=tok, text_encoder_2=_tiny_clip_text("projected"),
+            tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            norm_num_groups=8, cross_attention_dim=64, attention_head_dim=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_tiny_clip_text("plain"), tokenizer=tok,
+                                         text_encoder_2=_tiny_clip_text("projected"), tokenizer_2=tok, unet=unet,
+                                         scheduler=EulerDiscreteScheduler())
+    pipe.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="session")
+def transfer_target(tmp_path_factory):
+    """`transfer_target("sd3" | "sdxl")`: the directory of a tiny saved pipeline of that family (built once)."""
+    built = {}
+
+    def get(kind: str):
+        if kind not in built:
+            built[kind] = tmp_path_factory.mktemp(f"tiny_{kind}")
+            _save_tiny_pipeline(kind, built[kind])
+        return built[kind]
+
+    return get

@@ -333,3 +333,18 @@ def test_conditioning_renders_like_the_text_it_encodes():
     by_text, by_embeds = results["a red car, 8k"], results[f"embeds:{cond.digest()}"]
     assert by_embeds["aes"] == pytest.approx(by_text["aes"], abs=1e-4)
     assert by_embeds["clip"] == pytest.approx(by_text["clip"], abs=1e-4)
+
+
+def test_eval_renders_with_a_transfer_target(workdir, transfer_target):
+    """`--target-model DIR`: the paper's zero-shot transfer -- the same methods, rendered by another pipeline
+    class (a tiny SD3 here), named in results.json and report.md."""
+    path, _ = workdir
+    target = transfer_target("sd3")
+    proc = pag(["--methods", "plain,rule", "--name", "sd3", "--target-model", str(target), "--limit", "1",
+                "--rewrites", "2", "--decode", "sample", "--datasets", "lexica", "--no-progress"], workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = path / "runs" / "eval-sd3"
+    results = json.loads((out / "results.json").read_text())
+    assert results["target_model"] == str(target)
+    assert math_finite(results["table"]["rule"]["lexica"]["reward"]["mean"])
+    assert f"rendered by `{target}`" in (out / "report.md").read_text()
