@@ -18,6 +18,7 @@ from common.errors import add_verbose_everywhere, command_path, run_handled
 from driver.train import register as register_train
 from eval.cli import register as register_eval
 from ipgo.cli import register as register_ipgo
+from serving.cli import register as register_serve
 from sft.cli import register as register_sft
 
 #: each function adds its subcommands to the subparsers object; a registering module imports
@@ -29,6 +30,7 @@ _REGISTRARS: tuple[Callable, ...] = (
     register_workers,   # pag workers …
     register_eval,      # pag eval
     register_ipgo,      # pag ipgo
+    register_serve,     # pag serve
 )
 
 

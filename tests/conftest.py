@@ -15,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Serve's proxy gets 5 s to start by default, too few on a busy 2-core machine (serving/cli.py); Ray reads it
+# when the session's local Ray starts
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 # commands run without --preset use tiny (random weights, seconds), not the default mini world
 os.environ["PAG_PRESET"] = "tiny"
 # One cache for the whole session, seen by every test and every `pag` subprocess it starts: the tiny preset's
@@ -188,3 +191,24 @@ def transfer_target(tmp_path_factory):
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A `tiny` run directory with a config.yaml and one checkpoint (random policy weights): what `pag adapt`,
+    `pag serve` and `pag eval` load from a trained run."""
+    import torch
+
+    from common.config import load_config
+    from common.models import build_policy, build_tokenizer
+    from learner.checkpoint import save_checkpoint
+
+    run_dir = tmp_path_factory.mktemp("runs") / "served"
+    cfg = load_config("tiny")
+    cfg.run.name = "served"
+    cfg.save(run_dir / "config.yaml")
+    tok = build_tokenizer(cfg.model)
+    policy = build_policy(cfg.model, tok)
+    flow = torch.nn.Linear(2, 2)
+    save_checkpoint(run_dir, 1, policy, tok, flow, torch.optim.AdamW(flow.parameters()), {})
+    return run_dir

@@ -1,0 +1,69 @@
+"""`pag serve`: start the Ray Serve application (serving/app.py) on a local Ray or a cluster, and keep serving
+until Ctrl-C. `serve run deploy/serve.yaml` starts the same application from a config file."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+#: seconds Serve's HTTP proxy may take to start (Ray's default: 5)
+PROXY_READY_S = 60
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a trained run's rewriter: HTTP API, a page at /, optional rendering (Ray Serve)",
+        description="Start a Ray Serve application answering POST /v1/rewrite (rewrites, optionally rendered and "
+                    "scored), GET /healthz, GET /v1/info, the OpenAPI docs at /docs and a page at / to try it in a "
+                    "browser. Ctrl-C stops it.",
+        epilog="Example: pag serve --checkpoint runs/a --port 8000, then open http://127.0.0.1:8000/. "
+               "On a cluster: ray job submit --working-dir . -- pag serve --checkpoint RUN --ray-address auto "
+               "--host 0.0.0.0, or `serve run deploy/serve.yaml`.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (runs/<name>) or one of its checkpoints")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--no-render", action="store_true", help="rewrites only: no render + score deployment")
+    p.add_argument("--policy-replicas", type=int, default=1, help="replicas of the policy deployment (default 1)")
+    p.add_argument("--scorer-replicas", type=int, default=1, help="replicas of the render + score deployment")
+    p.add_argument("--scorer-gpus", type=float, default=0, help="GPUs per render + score replica (default 0: CPU)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_serve)
+
+
+def start(args) -> str:
+    """Start the application (checking the checkpoint first, so a bad one fails here in one line); its URL."""
+    from pathlib import Path
+
+    from ray import serve
+
+    from common.cluster import init_ray
+    from serving.app import build
+    from serving.core import resolve_checkpoint
+
+    resolve_checkpoint(Path(args.checkpoint))  # ValueError naming what is missing, before Ray starts
+    # Serve gives its HTTP proxy 5 s to come up; importing it takes longer on a busy 2-core machine, where the
+    # controller would then kill and restart it forever (seen here). Ray reads this when it starts (a local Ray).
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
+    init_ray(args.ray_address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build({"checkpoint": args.checkpoint, "render": not args.no_render,
+                     "policy_replicas": args.policy_replicas, "scorer_replicas": args.scorer_replicas,
+                     "scorer_gpus": args.scorer_gpus}), name="pag", route_prefix="/")
+    return f"http://{args.host}:{args.port}"
+
+
+def cmd_serve(args) -> int:
+    try:
+        url = start(args)
+    except ValueError as exc:
+        print(f"pag serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"pag serve: serving {args.checkpoint} at {url}/ (API docs: {url}/docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0

@@ -1,0 +1,151 @@
+"""What `pag serve` does, as plain classes: load a run's policy and rewrite prompts (sampling or the paper's
+diverse beam search, the code `pag eval` decodes with), render and score rewrites against the plain prompt
+(the reward workers' renderer and scorers), and the HTTP request schema with its limits.
+
+    rewriter = Rewriter.from_run(Path("runs/a"))
+    texts = rewriter.rewrite([RewriteRequest(prompt="a cat", n=4)])[0]
+    judge = Judge(rewriter.cfg)
+    cards = judge.judge("a cat", texts)   # {"plain": {...}, "rewrites": [{...}, ...]}
+"""
+from __future__ import annotations
+
+import base64
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.config import Config, read_saved
+
+#: most rewrites one request may ask for (beam search runs n groups; sampling n rows)
+MAX_REWRITES = 16
+#: Stable Diffusion's text encoder reads 77 tokens (with its start and end tokens): a longer prompt is cut
+MAX_CLIP_TOKENS = 77
+
+
+class RewriteRequest(BaseModel):
+    """`POST /v1/rewrite`."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=2000, description="the plain prompt to rewrite")
+    n: int = Field(4, ge=1, le=MAX_REWRITES, description=f"rewrites to return (1-{MAX_REWRITES})")
+    decode: Literal["sample", "beam"] = Field("sample", description="i.i.d. samples, or diverse beam search "
+                                                                     "(the paper's eval: deterministic, best first)")
+    temperature: float = Field(1.0, gt=0, le=5, description="sampling temperature (decode=sample)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed (decode=sample); same seed, same rewrites")
+    render: bool = Field(False, description="render and score the plain prompt and every rewrite")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank: give the words to rewrite")
+        return value.strip()
+
+
+def clip_token_count(prompt: str) -> int:
+    """Tokens Stable Diffusion's text encoder would read, with its start and end tokens."""
+    from common.models import clip_tokenizer
+
+    return len(clip_tokenizer()(prompt)["input_ids"])
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) of a run directory or one of its checkpoints; ValueError naming
+    what is missing."""
+    from common.runs import latest_checkpoint
+
+    path = Path(path)
+    if (path / "policy").is_dir():
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        run_dir, ckpt = path, latest_checkpoint(path)
+        if ckpt is None:
+            raise ValueError(f"{path} has no checkpoint (expected {path}/checkpoints/latest): give a run directory "
+                             "(runs/<name>) of a run that saved one, or a checkpoint directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir}/config.yaml not found: give a run directory (runs/<name>) or one of its "
+                         "checkpoints")
+    return run_dir, ckpt
+
+
+class Rewriter:
+    """A run's policy, decoding as `pag eval` does (eval/methods/policy.py) with each request's settings."""
+
+    def __init__(self, cfg: Config, policy_dir: Path, device: str = "cpu") -> None:
+        from common.formats import PolicyFormat
+        from eval.methods.policy import PolicyMethod
+
+        self.cfg, self.policy_dir = cfg, Path(policy_dir)
+        self.method = PolicyMethod("serve", str(policy_dir), cfg.model, cfg.eval, fmt=PolicyFormat.from_config(cfg),
+                                   device=device)
+
+    @classmethod
+    def from_run(cls, path: Path, device: str = "cpu") -> "Rewriter":
+        run_dir, ckpt = resolve_checkpoint(path)
+        return cls(Config.model_validate(read_saved(run_dir / "config.yaml")), ckpt / "policy", device)
+
+    def rewrite(self, requests: Sequence[RewriteRequest]) -> list[list[str]]:
+        """The rewrites of each request, in order; requests with the same decoding run as one batch."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            key = (req.decode, req.n) if req.decode == "beam" else (req.decode, req.n, req.temperature, req.seed)
+            groups[key].append(i)
+        out: list[list[str]] = [[] for _ in requests]
+        for key, rows in groups.items():
+            first = requests[rows[0]]
+            ev = self.cfg.eval.model_copy(update={"decode": first.decode, "temperature": first.temperature,
+                                                  "images": self.cfg.eval.images.model_copy(update={"seed": first.seed})})
+            self.method.ev = ev
+            results = self.method.rewrite([requests[i].prompt for i in rows], first.n)
+            for i, result in zip(rows, results):
+                out[i] = [r.text for r in result.rewrites]
+        return out
+
+
+def _png(image: torch.Tensor) -> str:
+    from PIL import Image
+
+    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Judge:
+    """Render the plain prompt's baseline and each rewrite on the same noise, score them as the reward
+    workers do: aesthetic gain over the baseline plus the CLIP relevance penalty, per rewrite."""
+
+    def __init__(self, cfg: Config, device: Optional[str] = None) -> None:
+        from scoring.render import build_reward_models
+
+        self.cfg = cfg
+        self.models = build_reward_models(cfg, device)
+        if self.models.renderer is None:
+            raise ValueError("reward.render=false: this run scores texts only; serve it without rendering "
+                             "(pag serve --no-render)")
+
+    @torch.no_grad()
+    def judge(self, plain: str, rewrites: Sequence[str]) -> dict[str, Any]:
+        from scoring.reward import baseline_text, relevance, reward_parts
+
+        r, renderer = self.cfg.reward, self.models.renderer
+        base = baseline_text(self.cfg, plain)
+        texts, k = [base, *rewrites], renderer.k
+        images = renderer(texts)
+        per_image = self.models.score_fn(images, [base] * len(images), [t for t in texts for _ in range(k)])
+        means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
+        rel = relevance(per_image["clip"].view(len(texts), k).double(), r.clip_threshold, r.clip_weight)
+        rows = [{name: float(m[j]) for name, m in means.items()} for j in range(len(texts))]
+        plain_scores = rows[0]
+        cards = []
+        for j, text in enumerate(rewrites, start=1):
+            mine = {**rows[j], "rel": float(rel[j])}
+            cards.append({"text": text, "scores": {**mine, **reward_parts(mine, plain_scores)},
+                          "images": [_png(img) for img in images[j * k:(j + 1) * k]]})
+        return {"plain": {"text": base, "scores": plain_scores, "images": [_png(img) for img in images[:k]]},
+                "rewrites": cards}

@@ -1,0 +1,82 @@
+"""`pag serve` on a real local Ray Serve (serving/app.py): the HTTP API, its 4xx errors naming the field, the
+page at `/`, OpenAPI at /docs, and the render + score deployment composed behind the ingress. Tiny random run."""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from argparse import Namespace
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_run):
+    from ray import serve
+
+    from serving.cli import start
+
+    url = start(Namespace(checkpoint=str(tiny_run), host="127.0.0.1", port=_free_port(), no_render=False,
+                          policy_replicas=1, scorer_replicas=1, scorer_gpus=0, ray_address=None))
+    yield url
+    serve.shutdown()
+
+
+def _call(url: str, body: dict | None = None) -> tuple[int, dict | str]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as res:
+            raw, status, kind = res.read().decode(), res.status, res.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        raw, status, kind = err.read().decode(), err.code, err.headers.get("content-type", "")
+    return status, json.loads(raw) if "json" in kind else raw
+
+
+def test_health_info_page_and_docs(server, tiny_run):
+    assert _call(server + "/healthz")[1]["ok"] is True
+    status, info = _call(server + "/v1/info")
+    assert status == 200 and info["run"] == "served" and info["render"] is True and info["preset"] == "tiny"
+    status, page = _call(server + "/")
+    assert status == 200 and '<form id="form">' in page and "/v1/rewrite" in page
+    status, spec = _call(server + "/openapi.json")
+    assert status == 200 and "/v1/rewrite" in spec["paths"]
+
+
+def test_rewrites_by_sampling_and_by_beam_search(server):
+    body = {"prompt": "a cat on a sofa", "n": 3, "seed": 5}
+    status, out = _call(server + "/v1/rewrite", body)
+    assert status == 200 and len(out["rewrites"]) == 3 and "plain" not in out
+    assert _call(server + "/v1/rewrite", body)[1] == out  # same seed, same rewrites
+    status, beam = _call(server + "/v1/rewrite", {"prompt": "a cat on a sofa", "n": 4, "decode": "beam"})
+    assert status == 200 and len({r["text"] for r in beam["rewrites"]}) == 4
+
+
+def test_rendered_rewrites_come_with_pictures_and_scores(server):
+    status, out = _call(server + "/v1/rewrite", {"prompt": "a red house", "n": 2, "render": True})
+    assert status == 200, out
+    assert out["plain"]["images"][0].startswith("data:image/png;base64,")
+    for card in out["rewrites"]:
+        assert card["images"] and set(card["scores"]) >= {"reward", "aes_gain", "rel", "aes", "clip"}
+
+
+@pytest.mark.parametrize("body, field, says", [
+    ({"prompt": "a cat", "n": 99}, "n", "less than or equal to 16"),
+    ({"prompt": ""}, "prompt", "at least 1 character"),
+    ({"prompt": " ".join(["cat"] * 80)}, "prompt", "82 CLIP tokens; the limit is 77"),
+    ({"prompt": "a cat", "decode": "greedy"}, "decode", "'sample' or 'beam'"),
+])
+def test_a_bad_request_is_a_422_naming_the_field(server, body, field, says):
+    status, out = _call(server + "/v1/rewrite", body)
+    assert status == 422
+    (error,) = out["detail"]
+    assert error["loc"][-1] == field and says in error["msg"]
