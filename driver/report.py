@@ -23,6 +23,7 @@ from common.constants import (BUFFER_SIZE, FLOW_DORMANT, FRESH_FRACTION, FRESH_F
                               LAG_MEAN, LOG_REWARD, LOSS_ENTROPY, LOSS_TOTAL, NS_REWARD, POLICY_DORMANT, REWARD,
                               TEXT_DIVERSITY, metric)
 from common.images import image_grid
+from common.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,12 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
 # ---------------------------------------------------------------------- pag adapt
 
 def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: int = 0,
-          score: bool = True) -> list[str]:
+          score: bool = True, decode: str = "sample") -> list[str]:
+    """n rewrites of `prompt` from a run's checkpoint, decoded as `pag eval` and `pag serve` do (common/rewriting.py:
+    `sample` seeded by (seed, prompt), or diverse beam search); scored lines "[r=… parts] text", best first."""
+    from common.formats import PolicyFormat
     from common.redis_server import RedisServer
+    from common.rewriting import Decoding, PromptRewriter
     from common.runs import latest_checkpoint
 
     path = Path(path)
@@ -239,9 +244,17 @@ def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: i
         raise SystemExit(f"pag adapt: {run_dir}/config.yaml not found; pass a run directory (runs/<name>)")
     cfg = Config.model_validate(read_saved(run_dir / "config.yaml"))
     tok, policy = load_run_policy(cfg, ckpt)
-    trajs = sample_rewrites(cfg, tok, policy, [prompt], n, temperature, seed)
+    fmt = PolicyFormat.from_config(cfg)
+    decoding = Decoding.from_eval(cfg.eval, decode=decode, temperature=temperature, seed=seed)
+    texts = PromptRewriter(policy, tok, fmt).rewrite([prompt], n, decoding)[0]
     if not score:
-        return [t.response for t in trajs]
+        return texts
+    prompt_ids = tok(fmt.policy_input(prompt))["input_ids"]
+    trajs = []
+    for text in texts:  # what the reward worker reads: the prompt and the rewrite text
+        ids = tok(text)["input_ids"]
+        trajs.append(Trajectory(prompt=prompt, response=text, prompt_ids=prompt_ids, response_ids=ids,
+                                ref_logprobs=[0.0] * len(ids)))
     with tempfile.TemporaryDirectory() as tmp, RedisServer(tmp) as server:
         results, _ = score_and_render(cfg, server.url, "adapt", trajs, [])
     lines = []

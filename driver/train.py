@@ -64,8 +64,10 @@ def register(sub) -> None:
     a.add_argument("prompt", help="the plain prompt, e.g. 'a cat on a sofa'")
     a.add_argument("--checkpoint", required=True, help="a run directory (runs/<name>) or a checkpoint directory")
     a.add_argument("-n", type=int, default=8, help="number of rewrites")
-    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--decode", choices=["sample", "beam"], default="sample",
+                   help="i.i.d. samples (default), or the paper's diverse beam search (deterministic, best first)")
+    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--decode sample)")
+    a.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed and prompt, the same rewrites")
     a.add_argument("--no-score", action="store_true", help="do not render and score the rewrites")
     a.set_defaults(func=cmd_adapt)
 
@@ -374,6 +376,6 @@ def cmd_adapt(args) -> int:
     from driver.report import adapt
 
     for line in adapt(args.prompt, Path(args.checkpoint), n=args.n, temperature=args.temperature, seed=args.seed,
-                      score=not args.no_score):
+                      score=not args.no_score, decode=args.decode):
         print(line)
     return 0

@@ -95,15 +95,16 @@ class Rewriter:
         for i, req in enumerate(requests):
             key = (req.decode, req.n) if req.decode == "beam" else (req.decode, req.n, req.temperature, req.seed)
             groups[key].append(i)
+        from common.rewriting import Decoding
+
         out: list[list[str]] = [[] for _ in requests]
-        for key, rows in groups.items():
+        for rows in groups.values():
             first = requests[rows[0]]
-            ev = self.cfg.eval.model_copy(update={"decode": first.decode, "temperature": first.temperature,
-                                                  "images": self.cfg.eval.images.model_copy(update={"seed": first.seed})})
-            self.method.ev = ev
-            results = self.method.rewrite([requests[i].prompt for i in rows], first.n)
-            for i, result in zip(rows, results):
-                out[i] = [r.text for r in result.rewrites]
+            decoding = Decoding.from_eval(self.cfg.eval, decode=first.decode, temperature=first.temperature,
+                                          seed=first.seed)
+            for i, texts in zip(rows, self.method.rewriter.rewrite([requests[i].prompt for i in rows], first.n,
+                                                                   decoding)):
+                out[i] = texts
         return out
 
 

@@ -199,14 +199,14 @@ def test_beam_decoding_is_deterministic_and_ranked(workdir):
     from common.beam_search import diverse_beam_search
 
     ev = cfg.eval
-    ids, mask = method._encode(["a red car", "a blue boat"])
+    ids, mask = method.rewriter.encode(["a red car", "a blue boat"])
     out_ids, out_mask, scores = diverse_beam_search(
         method.model, ids, mask, num_groups=3, beams_per_group=ev.beams_per_group,
         diversity_penalty=ev.diversity_penalty, length_penalty=ev.length_penalty, min_new_tokens=2,
         max_new_tokens=6, eos_id=method.tokenizer.eos_token_id)
     for b, (out, prompt) in enumerate(zip(first, ["a red car", "a blue boat"])):
         best_first = sorted(range(3), key=lambda r: -float(scores[b, r]))
-        texts = method._texts(out_ids[b, best_first], out_mask[b, best_first])
+        texts = method.rewriter.texts(out_ids[b, best_first], out_mask[b, best_first])
         assert [r.text for r in out.rewrites] == [method.fmt.rewrite(prompt, t) for t in texts]
 
 
@@ -246,13 +246,13 @@ def test_suffix_run_is_evaluated_in_its_own_format(workdir, tmp_path):
     cfg = load_config("tiny", overrides=["eval.decode=sample", "eval.max_new_tokens=4", "eval.min_new_tokens=2"])
     (spec,) = parse_methods(f"pag:{run}")
     method = build_method(spec, cfg)
-    ids, _ = method._encode(["a red car."])
+    ids, _ = method.rewriter.encode(["a red car."])
     assert method.tokenizer.decode(ids[0]) == "a red car. Rephrase: a red car,"
     outs = method.rewrite(["a red car.", "a blue boat"], 2)
     for out, stem in zip(outs, ["a red car, ", "a blue boat, "]):
         assert len(out.rewrites) == 2 and all(r.text.startswith(stem) for r in out.rewrites), out.rewrites
     plain = build_method(parse_methods(f"pag:{path / 'runs' / 'trained'}")[0], cfg)  # a full run: unchanged
-    assert plain.tokenizer.decode(plain._encode(["a red car."])[0][0]) == "a red car. Rephrase:\n"
+    assert plain.tokenizer.decode(plain.rewriter.encode(["a red car."])[0][0]) == "a red car. Rephrase:\n"
 
 
 def test_promptist_method_uses_its_template_and_the_packaged_tokenizer(tmp_path):
@@ -266,7 +266,7 @@ def test_promptist_method_uses_its_template_and_the_packaged_tokenizer(tmp_path)
     (spec,) = parse_methods(f"promptist:{tmp_path / 'promptist'}")
     method = build_method(spec, cfg)
     assert method.template == "{prompt} Rephrase:"
-    ids, _ = method._encode(["a red car"])
+    ids, _ = method.rewriter.encode(["a red car"])
     assert method.tokenizer.decode(ids[0]) == "a red car Rephrase:"
     (out,) = method.rewrite(["a red car"], 2)
     assert len(out.rewrites) == 2
