@@ -398,3 +398,24 @@ def test_start_redis_script_is_executable_bash():
     script = DEPLOY / "start-redis.sh"
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# ---------------------------------------------------------------------- rayservice.yaml (pag serve)
+
+def test_rayservice_cluster_passes_the_kuberay_schema_and_serves_deploy_serve_yaml(rayjob_schema):
+    """RayService.spec.rayClusterConfig is KubeRay's RayClusterSpec, the type of RayJob.spec.rayClusterSpec in the
+    shipped CRD; serveConfigV2 must pass Ray Serve's schema and be deploy/serve.yaml itself."""
+    pytest.importorskip("jsonschema")
+    from ray.serve.schema import ServeDeploySchema
+
+    service = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    cluster_schema = rayjob_schema["properties"]["spec"]["properties"]["rayClusterSpec"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert _schema_errors(cluster, cluster_schema) == [] and unknown_fields(cluster, cluster_schema) == []
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    assert serve_config == yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    images = {c["image"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+              for c in g["template"]["spec"]["containers"]}
+    assert images == {c["image"] for spec in _pod_specs(_job()) for c in spec["containers"]}  # one image everywhere
