@@ -42,8 +42,25 @@ def _save_half(model, folder: Path) -> None:
     model.float()
 
 
+def _drop_load_paths(folder: Path) -> None:
+    """Remove `_name_or_path` from the configs written under `folder`: a model loaded from a directory (a resumed
+    stage) would otherwise ship the path of the machine that built it."""
+    for config in folder.rglob("config.json"):
+        raw = json.loads(config.read_text())
+        if raw.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
 def save_stage(stage: str, model, root: Path) -> list[Path]:
     """Write one stage's weights under `root` (world/assets by default); the files written."""
+    paths = _save_stage(stage, model, root)
+    for path in paths:
+        if path.is_dir():
+            _drop_load_paths(path)
+    return paths
+
+
+def _save_stage(stage: str, model, root: Path) -> list[Path]:
     if stage == "vae":
         _save_half(model, root / "sd" / "vae")
         return [root / "sd" / "vae"]

@@ -133,6 +133,8 @@ def test_resuming_the_unet_goes_on_from_the_built_one(smoke_build, tmp_path, mon
     after = load_pipeline(out).unet.state_dict()
     moved = max((after[k].float() - before[k].float()).abs().max().item() for k in before)
     assert 0 < moved < 1e-2  # three Adam steps of at most 2e-4 each: a continuation, not a fresh UNet
+    for config in out.rglob("config.json"):  # a loaded-then-saved model would ship this machine's path
+        assert "_name_or_path" not in json.loads(config.read_text()), config
     figures = json.loads((out / "MANIFEST.json").read_text())["_build"]["unet"]
     assert figures["resumed"] is True and figures["steps"] == 3 and figures["lr"] == build.LR["unet"] / 2
 
