@@ -20,6 +20,23 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return path if (path / "state.json").is_file() else None
 
 
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) of a run directory or one of its checkpoints; ValueError naming
+    what is missing. What `pag adapt` and `pag serve` load."""
+    path = Path(path)
+    if (path / "policy").is_dir():
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        run_dir, ckpt = path, latest_checkpoint(path)
+        if ckpt is None:
+            raise ValueError(f"{path} has no checkpoint (expected {path}/checkpoints/latest): give a run directory "
+                             "(runs/<name>) of a run that saved one, or a checkpoint directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir}/config.yaml not found: give a run directory (runs/<name>) or one of its "
+                         "checkpoints")
+    return run_dir, ckpt
+
+
 def install_checkpoint(tmp: Path, root: Path, name: str) -> Path:
     """Move a complete checkpoint written in `tmp` to `root/name` (replacing one of that name), then point
     `root/latest` at it with an atomic rename: a reader sees the old checkpoint or the new one, never half."""

@@ -231,17 +231,12 @@ def adapt(prompt: str, path: Path, n: int = 8, temperature: float = 1.0, seed: i
     from common.formats import PolicyFormat
     from common.redis_server import RedisServer
     from common.rewriting import Decoding, PromptRewriter
-    from common.runs import latest_checkpoint
+    from common.runs import resolve_checkpoint
 
-    path = Path(path)
-    if (path / "policy").is_dir():
-        ckpt, run_dir = path, path.parent.parent
-    else:
-        run_dir, ckpt = path, latest_checkpoint(path)
-        if ckpt is None:
-            raise SystemExit(f"pag adapt: {path} has no checkpoint (expected {path}/checkpoints/latest)")
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"pag adapt: {run_dir}/config.yaml not found; pass a run directory (runs/<name>)")
+    try:
+        run_dir, ckpt = resolve_checkpoint(Path(path))
+    except ValueError as exc:
+        raise SystemExit(f"pag adapt: {exc}") from exc
     cfg = Config.model_validate(read_saved(run_dir / "config.yaml"))
     tok, policy = load_run_policy(cfg, ckpt)
     fmt = PolicyFormat.from_config(cfg)

@@ -62,7 +62,7 @@ class Policy:
 class Scorer:
     def __init__(self, checkpoint: str) -> None:
         from common.config import Config, read_saved
-        from serving.core import resolve_checkpoint
+        from common.runs import resolve_checkpoint
 
         run_dir, _ = resolve_checkpoint(Path(checkpoint))
         self.judge = Judge(Config.model_validate(read_saved(run_dir / "config.yaml")))

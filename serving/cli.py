@@ -38,7 +38,7 @@ def start(args) -> str:
 
     from common.cluster import init_ray
     from serving.app import build
-    from serving.core import resolve_checkpoint
+    from common.runs import resolve_checkpoint
 
     resolve_checkpoint(Path(args.checkpoint))  # ValueError naming what is missing, before Ray starts
     # Serve gives its HTTP proxy 5 s to come up; importing it takes longer on a busy 2-core machine, where the

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.config import Config, read_saved
+from common.runs import resolve_checkpoint
 
 #: most rewrites one request may ask for (beam search runs n groups; sampling n rows)
 MAX_REWRITES = 16
@@ -52,25 +53,6 @@ def clip_token_count(prompt: str) -> int:
     from common.models import clip_tokenizer
 
     return len(clip_tokenizer()(prompt)["input_ids"])
-
-
-def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) of a run directory or one of its checkpoints; ValueError naming
-    what is missing."""
-    from common.runs import latest_checkpoint
-
-    path = Path(path)
-    if (path / "policy").is_dir():
-        ckpt, run_dir = path, path.parent.parent
-    else:
-        run_dir, ckpt = path, latest_checkpoint(path)
-        if ckpt is None:
-            raise ValueError(f"{path} has no checkpoint (expected {path}/checkpoints/latest): give a run directory "
-                             "(runs/<name>) of a run that saved one, or a checkpoint directory")
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir}/config.yaml not found: give a run directory (runs/<name>) or one of its "
-                         "checkpoints")
-    return run_dir, ckpt
 
 
 class Rewriter:

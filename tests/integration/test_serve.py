@@ -80,3 +80,47 @@ def test_a_bad_request_is_a_422_naming_the_field(server, body, field, says):
     assert status == 422
     (error,) = out["detail"]
     assert error["loc"][-1] == field and says in error["msg"]
+
+
+def test_the_page_in_a_real_browser(server, tmp_path):
+    """Debian's chromium and chromedriver (.ci/run installs them) through selenium: type a prompt, ask for two
+    rendered rewrites, see the plain card and two rewrite cards with pictures and scores. A screenshot is saved
+    on failure (its path in the message), and to $PAG_SERVE_SCREENSHOT when set (docs/serve.png is one)."""
+    import os
+    import shutil
+
+    chromedriver = shutil.which("chromedriver")
+    if chromedriver is None or shutil.which("chromium") is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    shot = tmp_path / "page.png"
+    try:
+        driver.get(server + "/")
+        driver.find_element(By.ID, "prompt").send_keys("a red house by a lake")
+        n = driver.find_element(By.ID, "n")
+        n.clear()
+        n.send_keys("2")
+        driver.find_element(By.ID, "render").click()
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 180).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card.rewrite")) == 2)
+        plain = driver.find_element(By.CSS_SELECTOR, ".card.plain")
+        assert plain.find_elements(By.TAG_NAME, "img")
+        for card in driver.find_elements(By.CSS_SELECTOR, ".card.rewrite"):
+            assert card.find_elements(By.TAG_NAME, "img") and "reward" in card.find_element(By.CLASS_NAME, "scores").text
+        assert driver.find_element(By.ID, "error").text == ""
+        if os.environ.get("PAG_SERVE_SCREENSHOT"):
+            driver.save_screenshot(os.environ["PAG_SERVE_SCREENSHOT"])
+    except Exception:
+        driver.save_screenshot(str(shot))
+        raise AssertionError(f"the page test failed; screenshot: {shot}")
+    finally:
+        driver.quit()

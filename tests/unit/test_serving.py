@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serving.core import MAX_REWRITES, Judge, Rewriter, RewriteRequest, clip_token_count, resolve_checkpoint
+from common.runs import resolve_checkpoint
+from serving.core import MAX_REWRITES, Judge, Rewriter, RewriteRequest, clip_token_count
 
 
 @pytest.mark.parametrize("fields, where, says", [
