@@ -42,7 +42,19 @@ def unpack(blob: bytes) -> dict[str, Any]:
     return raw
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+#: CPUs each replica reserves: on a 2-core machine a policy, a renderer and the ingress must fit together (the
+#: ingress only forwards; the policy decodes in bursts); `required_cpus` checks the total before Serve waits forever
+CPUS = {"Policy": 0.5, "Scorer": 1.0, "Api": 0.0}
+
+
+def required_cpus(args: dict[str, Any]) -> float:
+    """CPUs the application reserves with these builder arguments."""
+    scorers = int(args.get("scorer_replicas", 1)) if args.get("render", True) else 0
+    return (CPUS["Policy"] * int(args.get("policy_replicas", 1)) + CPUS["Scorer"] * scorers
+            + CPUS["Api"])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": CPUS["Policy"]})
 class Policy:
     def __init__(self, checkpoint: str) -> None:
         self.rewriter = Rewriter.from_run(Path(checkpoint))
@@ -58,7 +70,7 @@ class Policy:
                      "input_format": cfg.model.input_format, "target_model": cfg.model.sd})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment(ray_actor_options={"num_cpus": CPUS["Scorer"]})
 class Scorer:
     def __init__(self, checkpoint: str) -> None:
         from common.config import Config, read_saved
@@ -72,7 +84,7 @@ class Scorer:
         return pack(self.judge.judge(work["plain"], work["rewrites"]))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": CPUS["Api"]})
 @serve.ingress(api)
 class Api:
     def __init__(self, policy: DeploymentHandle, scorer: Optional[DeploymentHandle]) -> None:
@@ -121,6 +133,7 @@ def build(args: dict[str, Any]):
     scorer = None
     if args.get("render", True):
         scorer = Scorer.options(num_replicas=int(args.get("scorer_replicas", 1)),
-                                ray_actor_options={"num_cpus": 1, "num_gpus": float(args.get("scorer_gpus", 0))}
+                                ray_actor_options={"num_cpus": CPUS["Scorer"],
+                                                   "num_gpus": float(args.get("scorer_gpus", 0))}
                                 ).bind(checkpoint)
     return Api.bind(policy, scorer)

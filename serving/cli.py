@@ -30,10 +30,25 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def check_resources(app_args: dict, resources: dict) -> None:
+    """ValueError when the cluster lacks the CPUs or GPUs the replicas reserve, naming what would fit."""
+    from serving.app import required_cpus
+
+    cpus, have = required_cpus(app_args), resources.get("CPU", 0)
+    if cpus > have:
+        raise ValueError(f"the replicas reserve {cpus:g} CPUs and this Ray cluster has {have:g}: lower "
+                         "--policy-replicas / --scorer-replicas, or --no-render")
+    gpus = float(app_args["scorer_gpus"]) * (int(app_args["scorer_replicas"]) if app_args["render"] else 0)
+    if gpus > resources.get("GPU", 0):
+        raise ValueError(f"--scorer-gpus {app_args['scorer_gpus']:g} x {app_args['scorer_replicas']} replicas "
+                         f"reserve {gpus:g} GPUs and this Ray cluster has {resources.get('GPU', 0):g}")
+
+
 def start(args) -> str:
     """Start the application (checking the checkpoint first, so a bad one fails here in one line); its URL."""
     from pathlib import Path
 
+    import ray
     from ray import serve
 
     from common.cluster import init_ray
@@ -45,10 +60,11 @@ def start(args) -> str:
     # controller would then kill and restart it forever (seen here). Ray reads this when it starts (a local Ray).
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
     init_ray(args.ray_address)
+    app_args = {"checkpoint": args.checkpoint, "render": not args.no_render, "policy_replicas": args.policy_replicas,
+                "scorer_replicas": args.scorer_replicas, "scorer_gpus": args.scorer_gpus}
+    check_resources(app_args, ray.cluster_resources())  # Serve would wait forever for a replica that cannot fit
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build({"checkpoint": args.checkpoint, "render": not args.no_render,
-                     "policy_replicas": args.policy_replicas, "scorer_replicas": args.scorer_replicas,
-                     "scorer_gpus": args.scorer_gpus}), name="pag", route_prefix="/")
+    serve.run(build(app_args), name="pag", route_prefix="/")
     return f"http://{args.host}:{args.port}"
 
 
