@@ -129,7 +129,9 @@ def test_resuming_the_unet_goes_on_from_the_built_one(smoke_build, tmp_path, mon
     out = tmp_path / "resumed"
     shutil.copytree(smoke_build, out)
     before = load_pipeline(out).unet.state_dict()
-    assert build.main(["--only", "unet", "--resume-unet", "--steps", "unet=3", "--out", str(out), "--threads", "1"]) == 0
+    # --scale renders as few pictures as the smoke build (at 1.0 the stage renders 24,000: 110 s); 1000 x 0.003 = 3 steps
+    assert build.main(["--only", "unet", "--resume-unet", "--steps", "unet=1000", "--scale", "0.003", "--out", str(out),
+                       "--threads", "1"]) == 0
     after = load_pipeline(out).unet.state_dict()
     moved = max((after[k].float() - before[k].float()).abs().max().item() for k in before)
     assert 0 < moved < 1e-2  # three Adam steps of at most 2e-4 each: a continuation, not a fresh UNet
