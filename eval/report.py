@@ -189,8 +189,8 @@ def _preamble(data: EvalData, results: dict[str, Any]) -> list[str]:
     return [f"# Evaluation `{cfg.run.name}`", "",
             f"Preset `{cfg.preset}`; sets: " + ", ".join(f"`{s}` ({n})" for s, n in results["sets"].items())
             + f"; rewrites: {decode}, {ev.min_new_tokens}–{ev.max_new_tokens} new tokens.",
-            f"Images: rendered by `{cfg.model.sd}`, {ev.images.per_prompt} per text, {ev.images.steps} steps (DPM-Solver++ "
-            f"for SD v1.x, the pipeline's own scheduler otherwise), guidance {cfg.render.guidance}, "
+            f"Images: rendered by `{cfg.model.sd}`, {ev.images.per_prompt} per text, {ev.images.steps} steps "
+            f"(DPM-Solver++ for SD v1.x, the pipeline's own scheduler otherwise), guidance {cfg.render.guidance}, "
             f"{cfg.model.image_size}², image i from the noise of seed {ev.images.seed} + i for every text "
             "(the plain prompt is rendered as written, without the policy's template).",
             f"Relevance: mean over images of {cfg.reward.clip_weight:g}·min(0, max(0, cos) − {cfg.reward.clip_threshold:g}). "

@@ -171,7 +171,8 @@ def _save_tiny_pipeline(kind: str, folder) -> None:
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             norm_num_groups=8, cross_attention_dim=64, attention_head_dim=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_tiny_clip_text("plain"), tokenizer=tok,
                                          text_encoder_2=_tiny_clip_text("projected"), tokenizer_2=tok, unet=unet,

@@ -115,7 +115,8 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         plain = driver.find_element(By.CSS_SELECTOR, ".card.plain")
         assert plain.find_elements(By.TAG_NAME, "img")
         for card in driver.find_elements(By.CSS_SELECTOR, ".card.rewrite"):
-            assert card.find_elements(By.TAG_NAME, "img") and "reward" in card.find_element(By.CLASS_NAME, "scores").text
+            assert card.find_elements(By.TAG_NAME, "img")
+            assert "reward" in card.find_element(By.CLASS_NAME, "scores").text
         assert driver.find_element(By.ID, "error").text == ""
         if os.environ.get("PAG_SERVE_SCREENSHOT"):
             driver.save_screenshot(os.environ["PAG_SERVE_SCREENSHOT"])

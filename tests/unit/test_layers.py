@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("pag", "serving", "driver", "eval", "ipgo", "sft", "learner", "actors", "buffer", "scoring", "world", "common")
+PACKAGES = ("pag", "serving", "driver", "eval", "ipgo", "sft", "learner", "actors", "buffer", "scoring", "world",
+            "common")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 #: a long function is allowed when its docstring says why it reads best in one piece

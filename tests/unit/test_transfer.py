@@ -82,5 +82,6 @@ def test_the_paper_reference_is_the_transfer_figure_when_rendering_with_another_
     transfer = published(load_config("sd14", overrides=["model.sd=stabilityai/stable-diffusion-3-medium-diffusers"]))
     assert transfer is TRANSFER
     text = (Path(__file__).resolve().parents[2] / "docs" / "paper-numbers.md").read_text()
-    pag, best = TRANSFER["table"]["pag"]["SD3 transfer"]["reward"], TRANSFER["table"]["best baseline"]["SD3 transfer"]["reward"]
+    table = TRANSFER["table"]
+    pag, best = table["pag"]["SD3 transfer"]["reward"], table["best baseline"]["SD3 transfer"]["reward"]
     assert f"applied to SD3: PAG {pag:.2f} vs {best:.2f} for the best baseline" in text

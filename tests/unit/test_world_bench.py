@@ -129,7 +129,8 @@ def test_resuming_the_unet_goes_on_from_the_built_one(smoke_build, tmp_path, mon
     out = tmp_path / "resumed"
     shutil.copytree(smoke_build, out)
     before = load_pipeline(out).unet.state_dict()
-    # --scale renders as few pictures as the smoke build (at 1.0 the stage renders 24,000: 110 s); 1000 x 0.003 = 3 steps
+    # --scale renders as few pictures as the smoke build (at 1.0 the stage renders 24,000: 110 s);
+    # 1000 x 0.003 = 3 steps
     assert build.main(["--only", "unet", "--resume-unet", "--steps", "unet=1000", "--scale", "0.003", "--out", str(out),
                        "--threads", "1"]) == 0
     after = load_pipeline(out).unet.state_dict()
