@@ -1,7 +1,9 @@
-"""Picture grids for reports (`pag train`'s samples.png, `pag eval`'s grid_<set>.png)."""
+"""Picture grids for reports (`pag train`'s samples.png, `pag eval`'s grid_<set>.png) and PNG encoding."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -20,3 +22,16 @@ def image_grid(rows: list[tuple[str, list[np.ndarray]]], path: Path, tile: int =
         for c, img in enumerate(images):
             grid.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, y + label_h))
     grid.save(path)
+
+
+def png_bytes(image, size: Optional[int] = None) -> bytes:
+    """A (3, H, W) float tensor in [0, 1] as PNG bytes, resized (bicubic) to size × size when given."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array)
+    if size is not None:
+        picture = picture.resize((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()

@@ -11,7 +11,6 @@ Work and results cross the process boundary as msgpack with a schema version (ne
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from common.config import Config
+from common.images import png_bytes
 from eval.cache import encode_record
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,6 @@ def _decode(blob: bytes, what: str) -> list[dict[str, Any]]:
 
 def decode_results(blob: bytes) -> list[dict[str, Any]]:
     return _decode(blob, "results")
-
-
-def _png(image: torch.Tensor, size: int) -> bytes:
-    from PIL import Image
-
-    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(array).resize((size, size), Image.BICUBIC).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class EvalWorker:
@@ -165,7 +156,7 @@ class EvalWorker:
         return [encode_record({"aes": aes[j].tolist(), "clip": clip[j].tolist(),
                                "extra": {n: v[j].tolist() for n, v in extra.items()}, "emb": emb[j].numpy(),
                                **({"inc": inc[j].numpy()} if inc is not None else {}),
-                               "thumb": _png(images[j * k], ev.thumb_size) if items[j].get("thumb") else None})
+                               "thumb": png_bytes(images[j * k], ev.thumb_size) if items[j].get("thumb") else None})
                 for j in range(len(items))]
 
     def process(self, work: bytes) -> bytes:

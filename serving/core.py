@@ -10,16 +10,15 @@ diverse beam search, the code `pag eval` decodes with), render and score rewrite
 from __future__ import annotations
 
 import base64
-import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.config import Config, read_saved
+from common.images import png_bytes
 from common.runs import resolve_checkpoint
 
 #: most rewrites one request may ask for (beam search runs n groups; sampling n rows)
@@ -91,12 +90,7 @@ class Rewriter:
 
 
 def _png(image: torch.Tensor) -> str:
-    from PIL import Image
-
-    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 class Judge:
@@ -114,21 +108,19 @@ class Judge:
 
     @torch.no_grad()
     def judge(self, plain: str, rewrites: Sequence[str]) -> dict[str, Any]:
-        from scoring.reward import baseline_text, relevance, reward_parts
+        from scoring.reward import PENALTIES, baseline_text, per_text_scores, reward_parts
 
-        r, renderer = self.cfg.reward, self.models.renderer
+        renderer = self.models.renderer
         base = baseline_text(self.cfg, plain)
         texts, k = [base, *rewrites], renderer.k
         images = renderer(texts)
         per_image = self.models.score_fn(images, [base] * len(images), [t for t in texts for _ in range(k)])
-        means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
-        rel = relevance(per_image["clip"].view(len(texts), k).double(), r.clip_threshold, r.clip_weight)
+        means = per_text_scores(per_image, len(texts), k, self.cfg.reward)
         rows = [{name: float(m[j]) for name, m in means.items()} for j in range(len(texts))]
-        plain_scores = rows[0]
+        plain_scores = {name: value for name, value in rows[0].items() if name not in PENALTIES}
         cards = []
         for j, text in enumerate(rewrites, start=1):
-            mine = {**rows[j], "rel": float(rel[j])}
-            cards.append({"text": text, "scores": {**mine, **reward_parts(mine, plain_scores)},
+            cards.append({"text": text, "scores": {**rows[j], **reward_parts(rows[j], plain_scores)},
                           "images": [_png(img) for img in images[j * k:(j + 1) * k]]})
         return {"plain": {"text": base, "scores": plain_scores, "images": [_png(img) for img in images[:k]]},
                 "rewrites": cards}
