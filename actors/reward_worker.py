@@ -28,8 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from common.config import Config
-from scoring.reward import baseline_text, relevance, reward_parts
-from scoring.style import text_relevance
+from scoring.reward import PENALTIES, baseline_text, per_text_scores, reward_parts
 from common.trajectory import Trajectory
 from scoring.render import RewardModels, build_reward_models, plain_text
 
@@ -132,8 +131,8 @@ class RewardWorker:
         for j, prompt in enumerate(missing):
             result = results[len(trajs) + j]
             if isinstance(result, dict):
-                result.pop("rel", None)  # the plain prompt's own relevance is not part of any reward
-                result.pop("rel_text", None)
+                for penalty in PENALTIES:  # the plain prompt's own relevance is not part of any reward
+                    result.pop(penalty, None)
             if isinstance(result, dict) and _bad(result) is None:
                 info = {"images": k, "steps": r.images.steps, "guidance": self.cfg.render.guidance,
                         "image_size": self.renderer.size if k else 0}
@@ -170,30 +169,25 @@ class RewardWorker:
             return [self._render_and_score([t], [p])[0] for t, p in zip(texts, prompts)]
 
     def _render_and_score_batch(self, texts: list[str], prompts: list[str]) -> list[dict[str, float]]:
-        r = self.cfg.reward
         if self.renderer is None:  # reward.render=false: text scorers on the rewrites themselves
             t0 = time.perf_counter()
-            means = {name: v.double() for name, v in self.score_fn(None, prompts, texts).items()}
+            k, scores = 1, self.score_fn(None, prompts, texts)
             self.stats.score_s += time.perf_counter() - t0
         else:
             k = self.renderer.k
             judged = [p for p in prompts for _ in range(k)]
             rewrites = [t for t in texts for _ in range(k)]  # for text scorers, if any
-            if r.speed.overlap_scoring:
-                per_image = self._render_and_score_overlapped(texts, judged, rewrites)
+            if self.cfg.reward.speed.overlap_scoring:
+                scores = self._render_and_score_overlapped(texts, judged, rewrites)
             else:
                 t0 = time.perf_counter()
                 images = self.renderer(texts)  # (len(texts)·k, 3, H, W)
                 t1 = time.perf_counter()
-                per_image = self.score_fn(images, judged, rewrites)
+                scores = self.score_fn(images, judged, rewrites)
                 self.stats.render_s += t1 - t0
                 self.stats.score_s += time.perf_counter() - t1
                 self.stats.images += images.shape[0]
-            means = {name: values.view(len(texts), k).double().mean(1) for name, values in per_image.items()}
-            if "clip" in per_image:
-                means["rel"] = relevance(per_image["clip"].view(len(texts), k).double(), r.clip_threshold, r.clip_weight)
-        if "text_cos" in means:
-            means["rel_text"] = text_relevance(means["text_cos"], r.text_threshold, r.text_weight)
+        means = per_text_scores(scores, len(texts), k, self.cfg.reward)
         return [{name: float(m[j]) for name, m in means.items()} for j in range(len(texts))]
 
     def _render_and_score_overlapped(self, texts: list[str], judged: list[str],

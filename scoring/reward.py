@@ -19,10 +19,13 @@ from __future__ import annotations
 import torch
 
 from common.formats import TEMPLATES
+from scoring.style import text_relevance
 
 #: the official defaults (gfn_trainer.py, eval.py: `threshold=0.28`, weight 20)
 CLIP_THRESHOLD = 0.28
 CLIP_WEIGHT = 20.0
+#: the relevance penalties a rewrite's scores carry; a plain prompt's own are no part of any reward
+PENALTIES = ("rel", "rel_text")
 
 
 def baseline_text(cfg, plain: str) -> str:
@@ -46,6 +49,20 @@ def relevance(clip_per_image: torch.Tensor, threshold: float = CLIP_THRESHOLD,
     return hinged.mean(-1)
 
 
+def per_text_scores(scores: dict[str, torch.Tensor], n: int, k: int, reward_cfg) -> dict[str, torch.Tensor]:
+    """n texts' scores from their images' (the reward workers' and `pag serve`'s): `scores[name]` holds n·k
+    values, text j's k images in rows j·k … j·k + k − 1 (k = 1: scores of the texts themselves). Returns (n,)
+    float64 per name, the mean over each text's images, plus the penalties: `rel` from the CLIP scores hinged
+    per image before the mean (`relevance`), `rel_text` from the sentence cosine (`text_relevance`)."""
+    per_image = {name: values.reshape(n, k).double() for name, values in scores.items()}
+    means = {name: values.mean(1) for name, values in per_image.items()}
+    if "clip" in per_image:
+        means["rel"] = relevance(per_image["clip"], reward_cfg.clip_threshold, reward_cfg.clip_weight)
+    if "text_cos" in means:
+        means["rel_text"] = text_relevance(means["text_cos"], reward_cfg.text_threshold, reward_cfg.text_weight)
+    return means
+
+
 def paper_reward(aes: float, aes_plain: float, rel: float) -> dict[str, float]:
     """r = (aes − aes_plain) + rel, every component by name; `rel` from `relevance`."""
     aes_gain = aes - aes_plain
@@ -65,7 +82,7 @@ def reward_parts(mine: dict[str, float], plain: dict[str, float]) -> dict[str, f
         if score in mine:
             out[gain] = mine[score] - plain[score]
             reward += out[gain]
-    for penalty in ("rel", "rel_text"):
+    for penalty in PENALTIES:
         if penalty in mine:
             out[penalty] = mine[penalty]
             reward += mine[penalty]

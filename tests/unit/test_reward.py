@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from scoring.reward import paper_reward, relevance
+from types import SimpleNamespace
+
+from scoring.reward import paper_reward, per_text_scores, relevance
 
 
 def test_relevance_hinges_each_image_before_the_mean():
@@ -31,3 +33,20 @@ def test_paper_reward_components():
     assert same == {"aes_gain": 0.0, "rel": 0.0, "reward": 0.0}
     low = paper_reward(6.0, 5.5, -0.6)
     assert low["aes_gain"] == pytest.approx(0.5) and low["reward"] == pytest.approx(-0.1)
+
+
+def test_per_text_scores_means_each_texts_images_and_hinges_clip_per_image():
+    """Two texts × three images, the reward workers' layout (text j's images in rows 3j … 3j + 2)."""
+    r = SimpleNamespace(clip_threshold=0.28, clip_weight=20.0, text_threshold=0.5, text_weight=10.0)
+    scores = {"aes": torch.tensor([5.0, 6.0, 7.0, 1.0, 2.0, 6.0]),
+              "clip": torch.tensor([0.25, 0.30, 0.31, 0.10, 0.40, 0.40]),
+              "text_cos": torch.tensor([0.6, 0.6, 0.6, 0.3, 0.3, 0.3])}
+    out = per_text_scores(scores, 2, 3, r)
+    assert out["aes"].dtype == torch.float64 and out["aes"].tolist() == pytest.approx([6.0, 3.0])
+    assert out["clip"].tolist() == pytest.approx([0.2867, 0.30], abs=1e-4)
+    # per image, not on the mean: text 0's mean 0.2867 is above 0.28 yet its first image costs 20·0.03 / 3;
+    # text 1's mean 0.30 too, yet its first image costs 20·0.18 / 3
+    assert out["rel"].tolist() == pytest.approx([-0.2, -1.2], abs=1e-6)
+    assert out["rel_text"].tolist() == pytest.approx([0.0, -2.0], abs=1e-6), "the sentence hinge, on the text"
+    text_only = per_text_scores({"style": torch.tensor([0.5, -1.0])}, 2, 1, r)
+    assert set(text_only) == {"style"} and text_only["style"].tolist() == [0.5, -1.0]
