@@ -1,13 +1,16 @@
 """Diverse beam search (`common.beam_search.diverse_beam_search`) on tiny random GPT-2s, against brute force:
-greedy decoding, exhaustive enumeration, the EOS rule, left padding and the Hamming penalty."""
+greedy decoding, exhaustive enumeration, the EOS rule, left padding and the Hamming penalty; and against
+transformers 4.46.3's group beam search, kept as a fixture (tests/fixtures/beam_hf4, bench/beam_search_vs_hf4.py)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from bench.beam_search_vs_hf4 import CASES, compare
 from common.beam_search import diverse_beam_search
 
 torch.set_num_threads(1)
@@ -170,3 +173,14 @@ def test_penalty_counts_each_earlier_group_not_just_presence(model):
     out_ids, out_mask, _ = _run(model, ids, mask, num_groups=3, diversity_penalty=0.75 * gap, min_new_tokens=1,
                                 max_new_tokens=3)
     assert sorted(row[0] for row in _rows(out_ids, out_mask, 0)) == sorted([a, a, b])
+
+
+def test_same_beams_and_scores_as_transformers_4_group_beam_search():
+    """Saved transformers 4.46.3 outputs: λ ∈ {0.5, 1, 2}, 1–3 beams per group, 3–16 groups, length penalty −2…1,
+    left-padded prompts: every sequence equal and every score within 1e-6 (4.x sums in float32)."""
+    lams = {case[3] for case in CASES}
+    assert {0.5, 2.0} <= lams and max(case[2] for case in CASES) == 3
+    verdict = compare(Path(__file__).resolve().parents[1] / "fixtures" / "beam_hf4")
+    assert verdict["transformers_reference"] == "4.46.3"
+    assert all(case["ids_equal"] for case in verdict["cases"]), verdict
+    assert max(case["max_rel_score_diff"] for case in verdict["cases"]) < 1e-6, verdict
