@@ -83,6 +83,45 @@ def test_shapes_and_mask_layout_are_checked():
         gflownet_loss("subtb", log_pf, log_flow, ref, terminal, mask)
 
 
+def _shape_errors():
+    log_pf, log_flow, ref, terminal, mask = _random_batch()
+    r = torch.zeros(4)
+    return [
+        ("^ref_logprobs has shape", lambda: db_residuals(log_pf, log_flow, ref[:, :-1], terminal, mask)),
+        (r"^log_pf has shape \(4,\); expected \(B, T\)", lambda: tb_residuals(r, log_pf[:, 0], ref, terminal, mask)),
+        ("^ref_logprobs has shape", lambda: tb_residuals(r, log_pf, ref[:, :-1], terminal, mask)),
+        ("^log_z has shape", lambda: tb_residuals(r[:-1], log_pf, ref, terminal, mask)),
+        ("^log_reward_terminal has shape", lambda: tb_residuals(r, log_pf, ref, terminal[:-1], mask)),
+        (r"^log_pf has shape \(4,\); expected \(B, T\)", lambda: reinforce_loss(log_pf[:, 0], r, mask)),
+        ("^reward has shape", lambda: reinforce_loss(log_pf, r[:-1], mask)),
+        ("^ref_logprobs has shape", lambda: reinforce_loss(log_pf, r, mask, ref_logprobs=ref[:, :-1], kl_coef=0.1)),
+        ("^reinforce_loss: kl_coef > 0 needs ref_logprobs$", lambda: reinforce_loss(log_pf, r, mask, kl_coef=0.1)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_every_shape_error_names_the_argument(case):
+    """The message starts with the argument's exact name (a user reads which tensor is wrong)."""
+    pattern, call = _shape_errors()[case]
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("objective", ["fl-db", "db", "tb"])
+def test_loss_is_the_batch_mean_of_each_trajectorys_squared_residuals(objective):
+    """L = (1/B) Σ_b Σ_t δ_bt² (TB: (1/B) Σ_b δ_b²), summed by hand; B = 4 ≠ T = 5 so no axis can stand in
+    for the other."""
+    log_pf, log_flow, ref, terminal, mask = _random_batch()
+    if objective == "tb":
+        delta = tb_residuals(log_flow[:, 0], log_pf, ref, terminal, mask)
+        want = sum(float(d) ** 2 for d in delta) / 4
+    else:
+        fn = fl_db_residuals if objective == "fl-db" else db_residuals
+        delta = fn(log_pf, log_flow, ref, terminal, mask)
+        want = sum(sum(float(delta[b, t]) ** 2 for t in range(5)) for b in range(4)) / 4
+    assert float(gflownet_loss(objective, log_pf, log_flow, ref, terminal, mask)) == pytest.approx(want, rel=1e-6)
+
+
 # ---------------------------------------------------------------- special cases and identities
 
 def test_fl_db_with_zero_reference_is_db():
@@ -220,6 +259,22 @@ def test_reinforce_kl_penalty_shapes_the_reward():
     assert log_pf.grad[0, 0] > 0 and log_pf.grad[1, 0] < 0
     with pytest.raises(ValueError, match="ref_logprobs"):
         reinforce_loss(log_pf, torch.zeros(2), mask, kl_coef=1.0)
+
+
+def test_reinforce_batch_of_one_has_no_baseline_and_kl_shapes_by_the_log_ratio():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    log_pf = torch.tensor([[-1.0, -2.0]])
+    # B = 1: b = 0, A = r, L = −r · log P(y) = −2 · (−3)
+    assert float(reinforce_loss(log_pf, torch.tensor([2.0]), mask)) == pytest.approx(6.0)
+    # A_i = r_i − c (log P_i − log P_ref,i) − mean_j(·), by hand with c = 0.5
+    log_pf = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    ref = torch.tensor([[-2.0, -2.0], [-1.0, -1.5]])  # log-ratios 1 and 1.5: the penalty differs
+    shaped = [1.0 - 0.5 * (-3.0 - -4.0), 3.0 - 0.5 * (-1.0 - -2.5)]
+    mean = sum(shaped) / 2
+    want = -((shaped[0] - mean) * -3.0 + (shaped[1] - mean) * -1.0) / 2
+    got = reinforce_loss(log_pf, torch.tensor([1.0, 3.0], dtype=torch.float64), mask.expand(2, 2), ref_logprobs=ref,
+                         kl_coef=0.5)
+    assert float(got) == pytest.approx(want) and got.dtype == torch.float32, "the reward is cast to log P_F's dtype"
 
 
 # ---------------------------------------------------------------- tempering, length penalty, schedules
