@@ -23,6 +23,12 @@ def test_group_probabilities_are_the_softmax_of_the_group_means():
     _, p2 = group_probabilities({"a": [0.0, 2.0], "b": [3.0]}, temperature=2.0)
     np.testing.assert_allclose(p2, np.exp([0.5, 1.5]) / np.exp([0.5, 1.5]).sum())
     assert group_probabilities({})[0] == []
+    # the default temperature is 1; large values do not overflow (the max is subtracted before exp)
+    _, p1 = group_probabilities({"a": [0.0, 2.0], "b": [3.0]})
+    np.testing.assert_allclose(p1, np.exp([1.0, 3.0]) / np.exp([1.0, 3.0]).sum())
+    _, big = group_probabilities({"a": [800.0], "b": [799.0]})
+    np.testing.assert_allclose(big, [1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(1.0))])
+    assert len(group_of("a prompt")) == 16 and group_of("a prompt") != group_of("a prompt ")
 
 
 def test_draw_groups_gives_whole_groups_in_proportion():
@@ -73,6 +79,18 @@ def test_paper_index_forgets_evicted_trajectories(paper_buffer):
     drawn = buf.sample(200)
     assert drawn and all(t.prompt == "high" for t in drawn)
     assert buf.client.zcard(f"pag:{buf.run}:gprio") == 6 and buf.client.hlen(f"pag:{buf.run}:group") == 6
+
+
+def test_group_index_counts_what_it_indexed_and_clears_both_keys(paper_buffer):
+    buf, index = paper_buffer, paper_buffer._groups
+    assert index.index([]) == 0
+    stray = _traj(99, "never stored", 1.0, [0.0, 0.0])
+    assert index.index([stray]) == 0, "an id prio does not hold is not indexed"
+    kept = [_traj(i, "p", 1.0, [0.0, 0.0]) for i in range(3)]
+    buf.add(kept)
+    assert index.index(kept) == 3
+    assert index.clear() == 2
+    assert not buf.client.exists(f"pag:{buf.run}:gprio") and not buf.client.exists(f"pag:{buf.run}:group")
 
 
 def test_config_key_and_from_config(redis_url, run_name):
