@@ -12,7 +12,8 @@ from learner.losses import (
     tb_residuals, temper,
 )
 from common.schedules import (
-    Anneal, Schedules, exponential_anneal, linear_anneal, reward_temperature, sampling_temperature,
+    Anneal, Schedules, exponential_anneal, linear_anneal, reference_temperature, reward_temperature,
+    sampling_temperature,
 )
 from bench.toy import build_problem
 
@@ -299,6 +300,13 @@ def test_schedules():
     assert Anneal(2.0, 1.0, 10, "constant")(5) == 2.0
     with pytest.raises(ValueError, match="positive"):
         exponential_anneal(1, 0.0, 1.0, 10)
+    with pytest.raises(ValueError, match="positive"):
+        exponential_anneal(1, 1.0, 0.0, 10)
+    assert exponential_anneal(50, 0.5, 2.0, 100) == pytest.approx(1.0), "a start below 1 is a valid start"
+    # the kind reaches the schedule; γ is 1 unless given
+    assert sampling_temperature(2500, kind="exponential") == pytest.approx(1.0)
+    assert reward_temperature(2500, 4.0, 1.0, 5000, kind="exponential") == pytest.approx(2.0)
+    assert reference_temperature(3) == 1.0 and reference_temperature(3, 1.7) == 1.7
 
 
 def test_schedules_from_config():
