@@ -58,5 +58,8 @@ def test_redis_hash_is_readable_and_decodes():
     assert mapping["created_at"].endswith("+00:00")
     raw = {k.encode(): (v if isinstance(v, bytes) else v.encode()) for k, v in mapping.items()}
     assert from_redis_hash(raw) == traj
-    with pytest.raises(CorruptBlobError):
+    with pytest.raises(CorruptBlobError, match="^hash has no 'blob' field$"):
         from_redis_hash({b"prompt": b"x"})
+    # a client that decodes responses (str keys, the blob as latin-1 text) reads the same trajectory
+    text = {k.decode(): v.decode("latin-1") for k, v in raw.items()}
+    assert from_redis_hash(text) == traj
