@@ -279,6 +279,8 @@ def test_dormant_ratio_known_answer():
     torch.manual_seed(0)
     acts = torch.randn(1000, 4).abs() * torch.tensor([1.0, 1.0, 1.0, 0.05])  # s = (1.3, 1.3, 1.3, 0.07)
     assert dormant_ratio(acts, tau=0.1) == 0.25
+    half = torch.randn(1000, 4).abs() * torch.tensor([1.0, 1.0, 1.0, 0.4])  # s ≈ (1.18, 1.18, 1.18, 0.47)
+    assert dormant_ratio(half) == 0.0 and dormant_ratio(half, tau=0.5) == 0.25, "tau defaults to the paper's 0.1"
     assert dormant_ratio(acts, tau=0.01) == 0.0
     # padding rows would wake the dormant unit up if they counted
     padded = torch.cat([acts, torch.full((1000, 4), 50.0)]).reshape(2, 1000, 4)
