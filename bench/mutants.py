@@ -1,18 +1,24 @@
-"""Mutation testing of the core maths with mutmut (issue 24): run it, then the kill rate per module as JSON.
+"""Mutation testing of the core maths with mutmut (issue 24): run it in passes, then the kill rate per module as JSON.
 
     pip install -c .ci/constraints.txt -e '.[mutation]'
-    python bench/mutants.py               # `mutmut run` (it resumes: tested mutants keep their verdict), then report
-    python bench/mutants.py --fresh       # from scratch (removes mutants/)
+    python bench/mutants.py               # every pass (each resumes: tested mutants keep their verdict), then report
+    python bench/mutants.py --only beam   # one pass (repeatable)
+    python bench/mutants.py --fresh       # from scratch (removes the chosen passes' folders)
     python bench/mutants.py --report      # report what is done so far, run nothing
 
-The modules mutated and the tests run are `[tool.mutmut]` in pyproject.toml. A mutant is *detected* when a test
-fails (killed) or runs past mutmut's time limit (timeout: a mutant that loops would hang the suite). Survivors
-judged equivalent -- no test can tell them from the original -- are listed in bench/mutants_equivalent.json with
-the mutated line and why; one whose line no longer matches is reported as stale. Per module:
+The passes are `[tool.pag.mutation.NAME]` in pyproject.toml: each mutates a few modules against the tests written
+for them -- run together, a codec mutant would be tested by every learner test that happens to reach the codec.
+mutmut reads its settings from the working directory, so each pass runs in mutants.passes/NAME/: the
+repository's top level linked in, and a pyproject.toml whose [tool.mutmut] is the shared one with the pass's
+modules, tests and time limit. A mutant is *detected* when a test fails (killed) or runs past the limit (timeout:
+a mutant that loops would hang the suite). Survivors judged equivalent -- no test can tell them from the
+original -- are listed in bench/mutants_equivalent.json with the mutated line and why; one whose line no longer
+matches is reported as stale. Per module:
 
-    detection rate = (killed + timeout) / (checked − equivalent)
+    detection rate = (killed + timeout) / (checked − equivalent),   kill rate = killed / (checked − equivalent)
 
-and every other survivor is listed by name (`mutmut show NAME` prints its diff). The last line is the JSON.
+and every other survivor is listed by name (`cd mutants.passes/PASS && mutmut show NAME` prints its diff). The
+last line is the JSON, with each pass's wall-clock seconds.
 """
 from __future__ import annotations
 
@@ -22,11 +28,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = Path(__file__).with_name("mutants_equivalent.json")
+PASSES_DIR = ROOT / "mutants.passes"
+PASS_KEYS = {"mutate", "tests", "timeout"}
 
 
 def _mutmut():
@@ -38,10 +48,70 @@ def _mutmut():
     return get_diff_for_mutant, status_by_exit_code
 
 
-def run(children: int) -> int:
+def passes(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, dict]:
+    """The passes in [tool.pag.mutation.NAME], checked: together they mutate exactly [tool.mutmut] only_mutate."""
+    tool = tomllib.loads(pyproject.read_text())["tool"]
+    table = tool.get("pag", {}).get("mutation", {})
+    if not table:
+        raise SystemExit(f"{pyproject}: no [tool.pag.mutation.NAME] passes")
+    covered: list[str] = []
+    for name, spec in table.items():
+        if set(spec) != PASS_KEYS:
+            raise SystemExit(f"{pyproject}: [tool.pag.mutation.{name}] has keys {sorted(spec)}; "
+                             f"expected {sorted(PASS_KEYS)}")
+        covered += spec["mutate"]
+    wanted = tool["mutmut"]["only_mutate"]
+    if sorted(covered) != sorted(wanted):
+        raise SystemExit(f"{pyproject}: the passes mutate {sorted(covered)} but [tool.mutmut] only_mutate is "
+                         f"{sorted(wanted)}: each module in exactly one pass")
+    return table
+
+
+def _toml_without(text: str, prefixes: tuple[str, ...]) -> str:
+    """pyproject.toml's text without the tables whose header starts with one of `prefixes`."""
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            skipping = line.strip("[] ").startswith(prefixes)
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def prepare(name: str, spec: dict) -> Path:
+    """A folder for one pass: the repository's top level linked in, and a pyproject.toml whose [tool.mutmut]
+    mutates the pass's modules against its tests (mutmut reads its settings from the working directory)."""
+    folder = PASSES_DIR / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in ROOT.iterdir():
+        if entry.name.startswith(".") or entry.name in ("mutants", PASSES_DIR.name, "pyproject.toml"):
+            continue
+        link = folder / entry.name
+        if not link.is_symlink():
+            link.symlink_to(entry)
+    text = (ROOT / "pyproject.toml").read_text()
+    base = dict(tomllib.loads(text)["tool"]["mutmut"])
+    multiplier, constant = spec["timeout"]
+    base.update(only_mutate=spec["mutate"], pytest_add_cli_args_test_selection=spec["tests"],
+                timeout_multiplier=float(multiplier), timeout_constant=float(constant))
+    settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in base.items())
+    (folder / "pyproject.toml").write_text(_toml_without(text, ("tool.mutmut", "tool.pag.mutation"))
+                                           + "\n[tool.mutmut]\n" + settings + "\n")
+    return folder
+
+
+def run(name: str, spec: dict, children: int) -> int:
+    folder = prepare(name, spec)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=ROOT,
-                           env=env)
+    start = time.monotonic()
+    rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=folder,
+                         env=env)
+    seconds = round(time.monotonic() - start, 1)
+    log = folder / "runs.json"
+    runs = json.loads(log.read_text()) if log.exists() else []
+    (folder / "runs.json").write_text(json.dumps(runs + [{"seconds": seconds, "rc": rc, "children": children}]))
+    print(f"pass {name}: mutmut run exited {rc} after {seconds} s", file=sys.stderr)
+    return rc
 
 
 def _added_line(diff: str) -> str:
@@ -49,59 +119,77 @@ def _added_line(diff: str) -> str:
                 "")
 
 
-def report() -> dict:
+def _module(folder: Path, meta: Path, equivalent: dict, stale: list) -> dict:
     get_diff, status_of = _mutmut()
+    source = str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
+    verdicts = json.loads(meta.read_text())["exit_code_by_key"]
+    counts = Counter(status_of[code] for code in verdicts.values())
+    survivors, judged = [], 0
+    for name, code in sorted(verdicts.items()):
+        if status_of[code] not in ("survived", "no tests"):
+            continue
+        known = equivalent.get(name)
+        if known and known["line"] == _added_line(get_diff(name, path=source)):
+            judged += 1
+        else:
+            survivors.append(name)
+            if known:
+                stale.append(name)
+    checked = len(verdicts) - counts["not checked"]
+    detected = counts["killed"] + counts["timeout"]
+    return {"mutants": len(verdicts), "checked": checked, "killed": counts["killed"], "timeout": counts["timeout"],
+            "survived": counts["survived"], "no_tests": counts["no tests"], "equivalent": judged,
+            "detection_rate": round(detected / max(checked - judged, 1), 3) if checked else None,
+            "kill_rate": round(counts["killed"] / max(checked - judged, 1), 3) if checked else None,
+            "survivors": survivors}
+
+
+def report() -> dict:
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
-    modules, stale = {}, []
+    modules, seconds, stale = {}, {}, []
+    for folder in sorted(p for p in PASSES_DIR.glob("*") if (p / "mutants").is_dir()):
+        os.chdir(folder)  # mutmut finds a mutant's source relative to the working directory
+        for meta in sorted((folder / "mutants").rglob("*.py.meta")):
+            source = str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
+            modules[source] = {"pass": folder.name, **_module(folder, meta, equivalent, stale)}
+        runs = folder / "runs.json"
+        seconds[folder.name] = sum(r["seconds"] for r in json.loads(runs.read_text())) if runs.exists() else None
     os.chdir(ROOT)
-    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
-        source = str(meta.relative_to(ROOT / "mutants"))[: -len(".meta")]
-        verdicts = json.loads(meta.read_text())["exit_code_by_key"]
-        counts = Counter(status_of[code] for code in verdicts.values())
-        survivors, judged = [], 0
-        for name, code in sorted(verdicts.items()):
-            if status_of[code] not in ("survived", "no tests"):
-                continue
-            known = equivalent.get(name)
-            if known and known["line"] == _added_line(get_diff(name, path=source)):
-                judged += 1
-            else:
-                survivors.append(name)
-                if known:
-                    stale.append(name)
-        checked = len(verdicts) - counts["not checked"]
-        detected = counts["killed"] + counts["timeout"]
-        modules[source] = {"mutants": len(verdicts), "checked": checked, "killed": counts["killed"],
-                           "timeout": counts["timeout"], "survived": counts["survived"], "no_tests": counts["no tests"],
-                           "equivalent": judged,
-                           "detection_rate": round(detected / max(checked - judged, 1), 3) if checked else None,
-                           "survivors": survivors}
-    total = {key: sum(m[key] for m in modules.values())
-             for key in ("mutants", "checked", "killed", "timeout", "survived", "no_tests", "equivalent")}
-    total["detection_rate"] = round((total["killed"] + total["timeout"])
-                                    / max(total["checked"] - total["equivalent"], 1), 3)
-    return {"tool": "mutmut", "modules": modules, "total": total, "stale_equivalents": stale}
+    keys = ("mutants", "checked", "killed", "timeout", "survived", "no_tests", "equivalent")
+    total = {key: sum(m[key] for m in modules.values()) for key in keys}
+    judged = max(total["checked"] - total["equivalent"], 1)
+    total["detection_rate"] = round((total["killed"] + total["timeout"]) / judged, 3)
+    total["kill_rate"] = round(total["killed"] / judged, 3)
+    return {"tool": "mutmut", "modules": modules, "total": total, "seconds_per_pass": seconds,
+            "stale_equivalents": stale}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", action="store_true", help="report what is done so far; run nothing")
-    parser.add_argument("--fresh", action="store_true", help="remove mutants/ first (every mutant tested again)")
+    parser.add_argument("--fresh", action="store_true", help="remove the passes' mutants first (test every one again)")
+    parser.add_argument("--only", action="append", metavar="PASS", help="run this pass only (repeatable)")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     args = parser.parse_args(argv)
     _mutmut()
+    table = passes()
+    chosen = args.only or list(table)
+    unknown = sorted(set(chosen) - set(table))
+    if unknown:
+        parser.error(f"--only {unknown[0]}: no such pass; the passes are {', '.join(table)}")
     if args.fresh:
-        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+        for name in chosen:
+            shutil.rmtree(PASSES_DIR / name, ignore_errors=True)
     if not args.report:
-        rc = run(args.children)
-        if rc:
-            print(f"mutmut run exited {rc}", file=sys.stderr)
-    if not (ROOT / "mutants").is_dir():
-        sys.exit("no mutants/ yet: run python bench/mutants.py without --report first")
+        for name in chosen:
+            run(name, table[name], args.children)
+    if not any(PASSES_DIR.glob("*/mutants")):
+        sys.exit("nothing checked yet: run python bench/mutants.py without --report first")
     out = report()
     for source, m in out["modules"].items():
         rate = "-" if m["detection_rate"] is None else f"{m['detection_rate']:.1%}"
-        print(f"{source:32s} {m['checked']:4d}/{m['mutants']:<4d} checked  detected {rate:>6s}  "
+        kills = "-" if m["kill_rate"] is None else f"{m['kill_rate']:.1%}"
+        print(f"{source:32s} {m['checked']:4d}/{m['mutants']:<4d} checked  detected {rate:>6s}  killed {kills:>6s}  "
               f"survivors {len(m['survivors'])}", file=sys.stderr)
     print(json.dumps(out))
     return 0
