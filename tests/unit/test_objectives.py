@@ -4,6 +4,8 @@ metrics, plasticity, publish, checkpoint, resume — on the small config, each r
 way its objective plans it (replay mix or on-policy) through the one reader, learner/collect.py.
 The buffer is an in-memory stand-in for the part of ReplayBuffer the learner reads: no server."""
 import math
+import threading
+import time
 
 import pytest
 
@@ -27,6 +29,7 @@ class ListBuffer:
         self.stream: list[tuple[str, Trajectory]] = []
         self.pool: list[Trajectory] = []
         self.sampled = 0
+        self.sample_calls = 0
         self.acked: list[str] = []
 
     def add(self, trajs: list[Trajectory]) -> None:
@@ -39,6 +42,7 @@ class ListBuffer:
 
     def sample(self, n: int) -> list[Trajectory]:
         self.sampled += n
+        self.sample_calls += 1
         return [self.pool[i % len(self.pool)] for i in range(n)] if self.pool else []
 
     def ack_fresh(self, entry_ids: list[str]) -> int:
@@ -107,3 +111,38 @@ def test_one_reader_serves_both_plans(trajectories):
     with pytest.raises(FreshTimeoutError, match=r"objective=ppo \(on-policy\): .*only 0 of the 4 fresh"):
         read_micro_batch(buffer, "learner-0", on_policy(4, "objective=ppo (on-policy)"), 0.01, valid, counters)
     assert buffer.sampled == drawn, "on-policy never draws replay"
+
+
+def _counters(dropped: int = 0) -> dict[str, int]:
+    return {"dropped_invalid": dropped, "micro_batches": 0, "fresh_total": 0, "replay_total": 0}
+
+
+def test_replay_only_waits_for_a_first_trajectory_and_counts_the_invalid_draws(trajectories):
+    buffer, counters = ListBuffer(), _counters(dropped=5)
+    threading.Timer(0.3, buffer.add, args=(trajectories[:2],)).start()  # pool: t0, t1; draws alternate
+    start = time.monotonic()
+    batch = read_micro_batch(buffer, "learner-0", ReadPlan(fresh=0, replay=4, required=0), 5,
+                             lambda t: t is trajectories[0], counters)
+    assert time.monotonic() - start >= 0.3, "returned before anything arrived"
+    assert batch.trajectories == [trajectories[0]] * 2 and (batch.fresh, batch.replay) == (0, 2)
+    assert counters == {"dropped_invalid": 7, "micro_batches": 1, "fresh_total": 0, "replay_total": 2}
+
+
+def test_replay_only_on_an_empty_buffer_times_out_naming_the_reward_workers():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as caught:
+        read_micro_batch(ListBuffer(), "learner-0", ReadPlan(fresh=0, replay=2, required=0), 0.4,
+                         lambda t: True, _counters())
+    assert str(caught.value) == "no scored trajectories arrived in 0s: are the reward workers running?"
+    assert time.monotonic() - start >= 0.4
+
+
+def test_replay_is_drawn_for_a_single_slot_and_not_at_all_for_none(trajectories):
+    buffer = ListBuffer()
+    buffer.add(trajectories[:4])
+    one = read_micro_batch(buffer, "learner-0", ReadPlan(fresh=2, replay=1, required=0), 5, lambda t: True,
+                           _counters())
+    assert (one.fresh, one.replay, buffer.sample_calls) == (2, 1, 1)
+    none = read_micro_batch(buffer, "learner-0", ReadPlan(fresh=2, replay=0, required=0), 5, lambda t: True,
+                            _counters())
+    assert (none.fresh, none.replay, buffer.sample_calls) == (2, 0, 1), "a plan with no replay slot draws none"
