@@ -102,3 +102,21 @@ def test_config_key_and_from_config(redis_url, run_name):
     assert (sd14.prompts_per_batch, sd14.samples_per_prompt) == (1, 64)
     with pytest.raises(ValueError, match="priority_of"):
         ReplayBuffer(redis_url, run_name, priority_of="group")
+
+
+def test_group_index_draws_at_its_temperature_and_drops_non_finite_values(paper_buffer):
+    buf, index = paper_buffer, paper_buffer._groups
+    good, bad, gone = (_traj(0, "good", 3.0, [0.0, 0.0]), _traj(1, "bad", 0.0, [0.0, 0.0]),
+                       _traj(2, "gone", 1.0, [0.0, 0.0]))
+    buf.add([good, bad, gone])
+    gprio, group = f"pag:{buf.run}:gprio", f"pag:{buf.run}:group"
+    buf.client.zadd(gprio, {gone.id: float("-inf")})  # a value that is not finite is dropped, and forgotten
+    members, values = index.snapshot()
+    assert members == {group_of("good"): [good.id], group_of("bad"): [bad.id]}, "str names, no -inf group"
+    assert values == {group_of("good"): [3.0], group_of("bad"): [0.0]}
+    assert buf.client.zscore(gprio, gone.id) is None and not buf.client.hexists(group, gone.id)
+    # group means 3 and 0: P(bad) = 1 / (1 + e^3) ≈ 0.047 at T = 1, ≈ e^-60 at T = 0.05
+    assert set(index.draw(2000, np.random.default_rng(0), temperature=0.05)) == {good.id}
+    default = index.draw(4000, np.random.default_rng(1))
+    assert default == index.draw(4000, np.random.default_rng(1), temperature=1.0), "the default temperature is 1"
+    assert 0.03 < default.count(bad.id) / len(default) < 0.065
