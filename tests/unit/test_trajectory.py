@@ -44,6 +44,13 @@ def test_wrong_field_type_is_corrupt():
         decode(msgpack.packb(record))
 
 
+def test_a_map_key_that_is_not_a_string_is_corrupt():
+    record = msgpack.unpackb(encode(make()))
+    record["scores"] = {1: 5.25}
+    with pytest.raises(CorruptBlobError, match="not a msgpack record: int is not allowed for map key"):
+        decode(msgpack.packb(record))
+
+
 def test_newer_schema_raises():
     record = msgpack.unpackb(encode(make()))
     record["v"] = TRAJECTORY_SCHEMA + 1
