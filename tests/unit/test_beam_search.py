@@ -184,3 +184,13 @@ def test_same_beams_and_scores_as_transformers_4_group_beam_search():
     assert verdict["transformers_reference"] == "4.46.3"
     assert all(case["ids_equal"] for case in verdict["cases"]), verdict
     assert max(case["max_rel_score_diff"] for case in verdict["cases"]) < 1e-6, verdict
+
+
+def test_the_smallest_vocabulary_the_check_accepts_decodes():
+    """Two tokens, two beams: the 2k = 4 candidates are the whole group (a wider top-k would overrun it)."""
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    out, mask, scores = diverse_beam_search(_gpt2(2), ids, torch.ones_like(ids), num_groups=1, beams_per_group=2,
+                                            diversity_penalty=0.0, length_penalty=1.0, min_new_tokens=1,
+                                            max_new_tokens=3, eos_id=1)
+    rewrites = {tuple(row[m.bool()].tolist()) for row, m in zip(out[0], mask[0])}
+    assert out.shape[:2] == (1, 2) and len(rewrites) == 2 and float(scores[0, 0]) >= float(scores[0, 1])
