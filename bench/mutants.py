@@ -5,6 +5,7 @@
     python bench/mutants.py --only beam   # one pass (repeatable)
     python bench/mutants.py --fresh       # from scratch (removes the chosen passes' folders)
     python bench/mutants.py --report      # report what is done so far, run nothing
+    python bench/mutants.py --judge NAME --why "..."   # record a survivor as equivalent, with why
 
 The passes are `[tool.pag.mutation.NAME]` in pyproject.toml: each mutates a few modules against the tests written
 for them -- run together, a codec mutant would be tested by every learner test that happens to reach the codec.
@@ -144,6 +145,23 @@ def _module(folder: Path, meta: Path, equivalent: dict, stale: list) -> dict:
             "survivors": survivors}
 
 
+def judge(name: str, why: str) -> dict:
+    """Record survivor `name` as equivalent in bench/mutants_equivalent.json, with its mutated line and `why`."""
+    get_diff, _ = _mutmut()
+    for meta in sorted(PASSES_DIR.glob("*/mutants/**/*.py.meta")):
+        if name in json.loads(meta.read_text())["exit_code_by_key"]:
+            folder = PASSES_DIR / meta.relative_to(PASSES_DIR).parts[0]
+            source = str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
+            os.chdir(folder)
+            entry = {"line": _added_line(get_diff(name, path=source)), "why": why}
+            os.chdir(ROOT)
+            equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
+            equivalent[name] = entry
+            EQUIVALENT.write_text(json.dumps(dict(sorted(equivalent.items())), indent=1, ensure_ascii=False) + "\n")
+            return entry
+    raise SystemExit(f"--judge {name}: no such mutant in {PASSES_DIR}")
+
+
 def report() -> dict:
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     modules, seconds, stale = {}, {}, []
@@ -169,9 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="report what is done so far; run nothing")
     parser.add_argument("--fresh", action="store_true", help="remove the passes' mutants first (test every one again)")
     parser.add_argument("--only", action="append", metavar="PASS", help="run this pass only (repeatable)")
+    parser.add_argument("--judge", metavar="MUTANT", help="record this survivor as equivalent (with --why); run nothing")
+    parser.add_argument("--why", help="why no test can tell the --judge mutant from the original")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     args = parser.parse_args(argv)
     _mutmut()
+    if args.judge:
+        if not args.why:
+            parser.error("--judge needs --why: the reason no test can tell the mutant from the original")
+        print(json.dumps(judge(args.judge, args.why), ensure_ascii=False))
+        return 0
     table = passes()
     chosen = args.only or list(table)
     unknown = sorted(set(chosen) - set(table))
