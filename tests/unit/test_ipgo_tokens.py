@@ -185,3 +185,14 @@ def test_differentiable_hps_without_its_package_names_it():
         pytest.skip("hpsv2 is installed here")
     with pytest.raises(ScorerUnavailableError, match="hpsv2"):
         build_scorers(["hps"], load_config("tiny").model, differentiable=True)
+
+
+def test_defaults_are_the_configs_and_from_config_passes_every_field():
+    from common.sections_eval import IpgoConfig
+
+    cfg = IpgoConfig()  # the notebook's: 10 + 10 tokens, rank 300, 2 rotation angles, seed 0
+    default, configured = PromptTokens(320).state_dict(), PromptTokens.from_config(cfg, 320).state_dict()
+    assert default.keys() == configured.keys()
+    assert all(torch.equal(default[k], configured[k]) for k in default)
+    seeded = PromptTokens.from_config(cfg.model_copy(update={"seed": 5, "rank": 8}), 320)()
+    assert all(torch.equal(x, y) for x, y in zip(seeded, PromptTokens(320, rank=8, seed=5)()))
