@@ -118,10 +118,11 @@ class PromptTokens(nn.Module):
                  bound: Bound = "tanh", seed: int = 0) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        # the orthogonal parametrisation completes E to a square basis with the *global* RNG: seed it too,
-        # so the same seed gives the same tokens (resume, prompt-wise jobs on different workers)
+        # the orthogonal parametrisation completes E to a square basis with the *global* CPU RNG: seed it too,
+        # so the same seed gives the same tokens (resume, prompt-wise jobs on different workers), and restore it
+        # after (only the CPU generator: torch.manual_seed would also reseed, and leave reseeded, every GPU's)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)
             self.prefix = InjectedTokens(prefix, dim, rank, angles, bound, gen)
             self.suffix = InjectedTokens(suffix, dim, rank, angles, bound, gen)
 
