@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from actors.sampler import Sampler
 from common.trajectory import Trajectory
@@ -96,6 +97,20 @@ def test_the_balance_objectives_are_one_class_parameterised_by_the_loss(small_le
     assert type(learner.objective) is BalanceObjective and learner.objective.loss == name
     loss, info = learner.objective.loss_on(trajectories[:8])
     assert math.isfinite(float(loss.detach())) and "log_z" in info
+
+
+def test_balance_update_is_at_its_step_and_averages_its_micro_batches(small_learner_config, tmp_path, trajectories):
+    objective = Learner(small_learner_config("learner.reward_temp_anneal_steps=10"), None, tmp_path,
+                        resume=False).objective
+    trajs = trajectories[:4]
+    with torch.no_grad():
+        at_5, at_0 = (float(objective.loss_on(trajs, step)[0]) for step in (5, 0))
+    assert at_5 != pytest.approx(at_0), "tau anneals between steps 0 and 10"
+    frozen = torch.optim.SGD(list(objective.policy.parameters()) + list(objective.flow.parameters()), lr=0.0)
+    one = objective.update([trajs], frozen, step=5)
+    two = objective.update([trajs, trajs], frozen, step=5)
+    assert one.losses == pytest.approx([at_5]) and two.losses == pytest.approx([at_5, at_5])
+    assert two.grad_norm == pytest.approx(one.grad_norm, rel=1e-5), "the gradient of the mean, not of the sum"
 
 
 def test_one_reader_serves_both_plans(trajectories):
