@@ -99,6 +99,19 @@ def test_the_balance_objectives_are_one_class_parameterised_by_the_loss(small_le
     assert math.isfinite(float(loss.detach())) and "log_z" in info
 
 
+def test_the_flow_head_trains_at_its_own_learning_rate(small_learner_config, tmp_path):
+    cfg = small_learner_config("learner.lr=0.002", "learner.flow_lr=0.03")
+    learner = Learner(cfg, None, tmp_path, resume=False)
+    groups = {group.get("name"): group for group in learner.optimizer.param_groups}
+    assert groups["flow"]["lr"] == 0.03 and groups["policy"]["lr"] == 0.002
+    flow_ids = {id(p) for p in learner.objective.flow.parameters()}
+    assert flow_ids and {id(p) for p in groups["flow"]["params"]} == flow_ids
+    message = r"^learner.objective='ppo' is not a balance objective; choose one of fl-db, db, tb$"
+    with pytest.raises(ValueError, match=message):
+        BalanceObjective(cfg, learner.policy, learner.objective.flow, 0, learner.objective.collate,
+                         learner.objective.schedules, "ppo")
+
+
 def test_balance_update_is_at_its_step_and_averages_its_micro_batches(small_learner_config, tmp_path, trajectories):
     objective = Learner(small_learner_config("learner.reward_temp_anneal_steps=10"), None, tmp_path,
                         resume=False).objective
