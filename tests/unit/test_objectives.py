@@ -118,7 +118,8 @@ def test_balance_update_is_at_its_step_and_averages_its_micro_batches(small_lear
     trajs = trajectories[:4]
     with torch.no_grad():
         at_5, at_0 = (float(objective.loss_on(trajs, step)[0]) for step in (5, 0))
-    assert at_5 != pytest.approx(at_0), "tau anneals between steps 0 and 10"
+        at_default = float(objective.loss_on(trajs)[0])
+    assert at_5 != pytest.approx(at_0) and at_default == at_0, "tau anneals from step 0, the default"
     frozen = torch.optim.SGD(list(objective.policy.parameters()) + list(objective.flow.parameters()), lr=0.0)
     one = objective.update([trajs], frozen, step=5)
     two = objective.update([trajs, trajs], frozen, step=5)
