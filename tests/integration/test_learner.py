@@ -184,3 +184,9 @@ def test_balance_loss_is_the_hand_computed_fl_db_with_tau_and_gamma_not_1(small_
                      - float(batch["ref_logprobs"][b, t]) / (gamma * tau) - after)
             total += delta ** 2
     assert float(loss) == pytest.approx(total / len(trajs), rel=1e-4)
+    mask = batch["response_mask"].bool()  # and the diagnostics, each from the same pass
+    lengths = mask.sum(-1).float()
+    assert info["length"] == pytest.approx(float(lengths.mean())) and mask.shape[0] != mask.shape[1]
+    assert info["log_pf_mean"] == pytest.approx(float(out["log_pf"][mask].mean()), rel=1e-5)
+    assert info["entropy"] == pytest.approx(float(out["entropy"][mask].mean()), rel=1e-5)
+    assert info["log_z"] == pytest.approx(float(log_flow[:, 0].mean()), rel=1e-5)

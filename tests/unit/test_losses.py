@@ -290,6 +290,17 @@ def test_temper_divides_and_penalises_short_responses():
     torch.testing.assert_close(min_length_penalty(torch.tensor([0, 5, 9]), 5, 0.5), torch.tensor([-2.5, 0.0, 0.0]))
 
 
+def test_temper_refuses_a_temperature_that_is_not_positive_and_checks_the_reward_shape():
+    mask, raw, reward = torch.ones(2, 3).bool(), torch.zeros(2, 3), torch.tensor([1.0, 2.0])
+    for gamma, tau in ((0.0, 1.0), (1.0, 0.0), (-1.0, 1.0), (1.0, -1.0)):
+        with pytest.raises(ValueError, match=rf"^gamma \({gamma}\) and tau \({tau}\) must be positive$"):
+            temper(raw, reward, mask, gamma=gamma, tau=tau)
+    _, terminal = temper(raw, reward, mask, gamma=0.5, tau=0.5)  # below 1 is fine
+    torch.testing.assert_close(terminal, torch.tensor([2.0, 4.0]))
+    with pytest.raises(ValueError, match=r"^log_reward "):
+        temper(raw, torch.tensor([1.0, 2.0, 3.0]), mask, gamma=1.0, tau=1.0)
+
+
 def test_schedules():
     assert sampling_temperature(0) == 2.0 and sampling_temperature(5000) == 0.5 and sampling_temperature(10**6) == 0.5
     assert sampling_temperature(2500) == pytest.approx(1.25)
