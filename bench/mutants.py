@@ -5,6 +5,7 @@
     python bench/mutants.py --only beam   # one pass (repeatable)
     python bench/mutants.py --fresh       # from scratch (removes the chosen passes' folders)
     python bench/mutants.py --report      # report what is done so far, run nothing
+    python bench/mutants.py --recheck     # only the survivors again, after writing tests for them
     python bench/mutants.py --judge NAME --why "..."   # record a survivor as equivalent, with why
 
 The passes are `[tool.pag.mutation.NAME]` in pyproject.toml: each mutates a few modules against the tests written
@@ -19,7 +20,7 @@ matches is reported as stale. Per module:
     detection rate = (killed + timeout) / (checked − equivalent),   kill rate = killed / (checked − equivalent)
 
 and every other survivor is listed by name (`cd mutants.passes/PASS && mutmut show NAME` prints its diff). The
-last line is the JSON, with each pass's wall-clock seconds.
+last line is the JSON, with each pass's runs (wall-clock seconds, mutants rechecked).
 """
 from __future__ import annotations
 
@@ -101,16 +102,31 @@ def prepare(name: str, spec: dict) -> Path:
     return folder
 
 
-def run(name: str, spec: dict, children: int) -> int:
+def _survivors(folder: Path) -> list[str]:
+    """The pass's mutants that no test caught yet (survived, or no test reached them)."""
+    _, status_of = _mutmut()
+    return sorted(name for meta in (folder / "mutants").rglob("*.py.meta")
+                  for name, code in json.loads(meta.read_text())["exit_code_by_key"].items()
+                  if status_of[code] in ("survived", "no tests"))
+
+
+def run(name: str, spec: dict, children: int, recheck: bool = False) -> int:
+    """mutmut over one pass (it resumes), or with `recheck` only its survivors again (after new tests:
+    mutmut keeps a verdict unless the mutant is named, and collects the new tests' coverage first)."""
     folder = prepare(name, spec)
+    names = _survivors(folder) if recheck and (folder / "mutants").is_dir() else []
+    if recheck and not names:
+        print(f"pass {name}: no survivors to recheck", file=sys.stderr)
+        return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = time.monotonic()
-    rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=folder,
-                         env=env)
+    rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names],
+                         cwd=folder, env=env)
     seconds = round(time.monotonic() - start, 1)
     log = folder / "runs.json"
     runs = json.loads(log.read_text()) if log.exists() else []
-    (folder / "runs.json").write_text(json.dumps(runs + [{"seconds": seconds, "rc": rc, "children": children}]))
+    log.write_text(json.dumps(runs + [{"seconds": seconds, "rc": rc, "children": children,
+                                       "rechecked": len(names) if recheck else None}]))
     print(f"pass {name}: mutmut run exited {rc} after {seconds} s", file=sys.stderr)
     return rc
 
@@ -164,21 +180,21 @@ def judge(name: str, why: str) -> dict:
 
 def report() -> dict:
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
-    modules, seconds, stale = {}, {}, []
+    modules, runs_of, stale = {}, {}, []
     for folder in sorted(p for p in PASSES_DIR.glob("*") if (p / "mutants").is_dir()):
         os.chdir(folder)  # mutmut finds a mutant's source relative to the working directory
         for meta in sorted((folder / "mutants").rglob("*.py.meta")):
             source = str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
             modules[source] = {"pass": folder.name, **_module(folder, meta, equivalent, stale)}
         runs = folder / "runs.json"
-        seconds[folder.name] = sum(r["seconds"] for r in json.loads(runs.read_text())) if runs.exists() else None
+        runs_of[folder.name] = json.loads(runs.read_text()) if runs.exists() else []
     os.chdir(ROOT)
     keys = ("mutants", "checked", "killed", "timeout", "survived", "no_tests", "equivalent")
     total = {key: sum(m[key] for m in modules.values()) for key in keys}
     judged = max(total["checked"] - total["equivalent"], 1)
     total["detection_rate"] = round((total["killed"] + total["timeout"]) / judged, 3)
     total["kill_rate"] = round(total["killed"] / judged, 3)
-    return {"tool": "mutmut", "modules": modules, "total": total, "seconds_per_pass": seconds,
+    return {"tool": "mutmut", "modules": modules, "total": total, "runs_per_pass": runs_of,
             "stale_equivalents": stale}
 
 
@@ -187,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="report what is done so far; run nothing")
     parser.add_argument("--fresh", action="store_true", help="remove the passes' mutants first (test every one again)")
     parser.add_argument("--only", action="append", metavar="PASS", help="run this pass only (repeatable)")
+    parser.add_argument("--recheck", action="store_true",
+                        help="run only the survivors of the chosen passes again (after writing tests for them)")
     parser.add_argument("--judge", metavar="MUTANT", help="record this survivor as equivalent (with --why); run nothing")
     parser.add_argument("--why", help="why no test can tell the --judge mutant from the original")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(PASSES_DIR / name, ignore_errors=True)
     if not args.report:
         for name in chosen:
-            run(name, table[name], args.children)
+            run(name, table[name], args.children, recheck=args.recheck)
     if not any(PASSES_DIR.glob("*/mutants")):
         sys.exit("nothing checked yet: run python bench/mutants.py without --report first")
     out = report()
