@@ -97,15 +97,27 @@ def _shape_errors():
         ("^reward has shape", lambda: reinforce_loss(log_pf, r[:-1], mask)),
         ("^ref_logprobs has shape", lambda: reinforce_loss(log_pf, r, mask, ref_logprobs=ref[:, :-1], kl_coef=0.1)),
         ("^reinforce_loss: kl_coef > 0 needs ref_logprobs$", lambda: reinforce_loss(log_pf, r, mask, kl_coef=0.1)),
+        (r"^log_pf has shape \(4,\); expected \(B, T\)",
+         lambda: fl_db_residuals(log_pf[:, 0], log_flow, ref, terminal, mask)),
+        ("^log_flow has shape", lambda: fl_db_residuals(log_pf, log_flow[:, :-1], ref, terminal, mask)),
+        ("^ref_logprobs has shape", lambda: fl_db_residuals(log_pf, log_flow, ref[:, :-1], terminal, mask)),
+        ("^log_reward_terminal has shape", lambda: fl_db_residuals(log_pf, log_flow, ref, terminal[:-1], mask)),
+        ("^unknown objective 'subtb'; choose one of fl-db, db, tb$",
+         lambda: gflownet_loss("subtb", log_pf, log_flow, ref, terminal, mask)),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(14))
 def test_every_shape_error_names_the_argument(case):
     """The message starts with the argument's exact name (a user reads which tensor is wrong)."""
     pattern, call = _shape_errors()[case]
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_fl_db_residuals_keep_log_flows_dtype_with_a_float64_reward():
+    log_pf, log_flow, ref, terminal, mask = _random_batch()
+    assert fl_db_residuals(log_pf, log_flow, ref, terminal.double(), mask).dtype == log_flow.dtype == torch.float32
 
 
 @pytest.mark.parametrize("objective", ["fl-db", "db", "tb"])
