@@ -330,6 +330,8 @@ def test_schedules():
     assert sampling_temperature(2500, kind="exponential") == pytest.approx(1.0)
     assert reward_temperature(2500, 4.0, 1.0, 5000, kind="exponential") == pytest.approx(2.0)
     assert reference_temperature(3) == 1.0 and reference_temperature(3, 1.7) == 1.7
+    assert linear_anneal(0, 2.0, 1.0, 1) == 2.0 and linear_anneal(1, 2.0, 1.0, 1) == 1.0, "a one-step anneal"
+    assert linear_anneal(0, 2.0, 1.0, 0) == 1.0, "no anneal: the end value from the start"
 
 
 def test_schedules_from_config():
