@@ -313,6 +313,23 @@ def test_dormant_metrics_on_policy_and_flow_head(model, batch):
     assert set(probe.ratios()) == {"policy_mlp0", "policy_mlp1"}
     assert probe._sums["policy_mlp0"][1] == 2 * 3 * (7 + 6)
     assert all(not m._forward_hooks for m in policy_mlp_activations(model).values())
+    with DormantProbe(policy_mlp_activations(model)) as once, torch.no_grad():
+        forward()
+    torch.testing.assert_close(probe._sums["policy_mlp0"][0], 2 * once._sums["policy_mlp0"][0])  # Σ|h| adds up
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    with DormantProbe(policy_mlp_activations(model), masks={"policy_mlp0": mask}) as masked, torch.no_grad():
+        forward()
+    assert masked._sums["policy_mlp0"][1] == mask.sum() < 3 * (7 + 6), "padding is not counted"
+    assert masked._sums["policy_mlp1"][1] == 3 * (7 + 6), "a module without a mask counts every position"
+
+
+def test_policy_mlp_activations_needs_gpt2_blocks():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"^Linear has no transformer.h blocks; expected a GPT-2 style model$"):
+        policy_mlp_activations(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"^SimpleNamespace has no transformer.h blocks"):
+        policy_mlp_activations(SimpleNamespace(transformer=SimpleNamespace()))
 
 
 def test_should_reactivate():
@@ -321,3 +338,5 @@ def test_should_reactivate():
     assert should_reactivate(7, 2000, dormant=0.4, threshold=0.3)
     assert not should_reactivate(7, 2000, dormant=0.2, threshold=0.3)
     assert not should_reactivate(7, 2000, dormant=0.9, threshold=None)
+    assert should_reactivate(1, 1) and should_reactivate(2, 1), "every step"
+    assert not should_reactivate(7, 2000, dormant=0.3, threshold=0.3), "passes the threshold: strictly above"
