@@ -323,6 +323,38 @@ def test_dormant_metrics_on_policy_and_flow_head(model, batch):
     assert masked._sums["policy_mlp1"][1] == 3 * (7 + 6), "a module without a mask counts every position"
 
 
+def test_dormant_metrics_are_the_probes_ratios_under_both_masks(model, batch):
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    head, policy_mask = FlowHead(32, 16), torch.cat([prompt_mask, response_mask], 1)
+
+    def forward():
+        out = teacher_forced(model, prompt_ids, prompt_mask, response_ids, response_mask, EOS)
+        head(out["state_hidden"], out[head.prompt_input])
+
+    def probed(masks, tau):
+        modules = {"flow": head.act, **policy_mlp_activations(model)}
+        with DormantProbe(modules, masks) as probe:
+            forward()
+        return probe.ratios(tau)
+
+    with torch.no_grad():
+        got = dormant_metrics(model, head, forward, tau=0.6, policy_mask=policy_mask, flow_mask=response_mask)
+        want = probed({"flow": response_mask, "policy_mlp0": policy_mask, "policy_mlp1": policy_mask}, 0.6)
+        assert want != probed({}, 0.6), "padding changes the ratios at this tau: the masks are checked"
+        assert got == pytest.approx({"plasticity/flow_dormant": want["flow"],
+                                     "plasticity/policy_dormant": (want["policy_mlp0"] + want["policy_mlp1"]) / 2,
+                                     "plasticity/policy_dormant/layer0": want["policy_mlp0"],
+                                     "plasticity/policy_dormant/layer1": want["policy_mlp1"]})
+        default, at_tenth = probed({}, 0.1), dormant_metrics(model, head, forward, tau=0.1)
+        assert dormant_metrics(model, head, forward) == at_tenth and default != probed({}, 1.1)
+        with DormantProbe({"flow": head.act}) as probe:
+            forward()
+        assert probe.ratios() == probe.ratios(0.1) == {"flow": default["flow"]}, "tau defaults to 0.1"
+        with pytest.raises(ValueError, match=r"^mask shape \(3, 5\) does not match activations \(3, 6\)$"):
+            with DormantProbe({"flow": head.act}, {"flow": response_mask[:, :-1]}):
+                forward()
+
+
 def test_policy_mlp_activations_needs_gpt2_blocks():
     from types import SimpleNamespace
 
