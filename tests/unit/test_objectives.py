@@ -134,7 +134,7 @@ def test_one_reader_serves_both_plans(trajectories):
     buffer.add(trajectories[:4])
     buffer.stream = buffer.stream[:2]  # two of the four still unread
     mixed = read_micro_batch(buffer, "learner-0", ReadPlan(fresh=4, replay=4, required=0), 5, valid, counters)
-    assert (mixed.fresh, mixed.replay, mixed.filled) == (2, 6, 2), "fill: the missing fresh slots from replay"
+    assert mixed.counts() == {"fresh": 2, "replay": 6, "filled": 2}, "fill: the missing fresh slots from replay"
     assert counters == {"dropped_invalid": 0, "micro_batches": 1, "fresh_total": 2, "replay_total": 6}
     drawn = buffer.sampled
     with pytest.raises(FreshTimeoutError, match=r"objective=ppo \(on-policy\): .*only 0 of the 4 fresh"):
