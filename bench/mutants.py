@@ -103,11 +103,12 @@ def prepare(name: str, spec: dict) -> Path:
 
 
 def _survivors(folder: Path) -> list[str]:
-    """The pass's mutants that no test caught yet (survived, or no test reached them)."""
+    """The pass's mutants that no test caught yet (survived, or no test reached them), less the judged ones."""
     _, status_of = _mutmut()
+    judged = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     return sorted(name for meta in (folder / "mutants").rglob("*.py.meta")
                   for name, code in json.loads(meta.read_text())["exit_code_by_key"].items()
-                  if status_of[code] in ("survived", "no tests"))
+                  if status_of[code] in ("survived", "no tests") and name not in judged)
 
 
 def run(name: str, spec: dict, children: int, recheck: bool = False) -> int:
