@@ -44,6 +44,16 @@ def test_wrong_field_type_is_corrupt():
         decode(msgpack.packb(record))
 
 
+@pytest.mark.parametrize("blob, message", [
+    (b"\xc1garbage", r"^not a msgpack record: "),
+    (msgpack.packb([1, 2, 3]), r"^msgpack record has no schema version field 'v'$"),
+    (msgpack.packb({"v": 1, "id": "x"}), r"^msgpack record lacks fields \['run', 'prompt', "),
+])
+def test_a_corrupt_blob_says_what_is_wrong(blob, message):
+    with pytest.raises(CorruptBlobError, match=message):
+        decode(blob)
+
+
 def test_a_map_key_that_is_not_a_string_is_corrupt():
     record = msgpack.unpackb(encode(make()))
     record["scores"] = {1: 5.25}
@@ -62,7 +72,8 @@ def test_redis_hash_is_readable_and_decodes():
     traj = make()
     mapping = to_redis_hash(traj)
     assert mapping["prompt"] == "a cat" and mapping["log_reward"] == "12.5" and mapping["aes"] == "5.25"
-    assert mapping["created_at"].endswith("+00:00")
+    assert mapping["created_at"].endswith("+00:00") and mapping["policy_version"] == "7"
+    assert to_redis_hash(make(log_reward=float("nan")))["log_reward"] == "nan", "redis-cli reads nan, not a number"
     raw = {k.encode(): (v if isinstance(v, bytes) else v.encode()) for k, v in mapping.items()}
     assert from_redis_hash(raw) == traj
     with pytest.raises(CorruptBlobError, match="^hash has no 'blob' field$"):
