@@ -31,13 +31,15 @@ class ListBuffer:
         self.pool: list[Trajectory] = []
         self.sampled = 0
         self.sample_calls = 0
+        self.reads: list[tuple[int, int]] = []  # (count, block_ms) of each read_fresh
         self.acked: list[str] = []
 
     def add(self, trajs: list[Trajectory]) -> None:
         self.stream += [(f"{len(self.pool) + i}-0", t) for i, t in enumerate(trajs)]
         self.pool += trajs
 
-    def read_fresh(self, consumer: str, count: int, block_ms: int = 0) -> list[tuple[str, Trajectory]]:
+    def read_fresh(self, consumer: str, count: int, block_ms: int = -1) -> list[tuple[str, Trajectory]]:
+        self.reads.append((count, block_ms))
         got, self.stream = self.stream[:count], self.stream[count:]
         return got
 
@@ -164,6 +166,36 @@ def test_replay_only_on_an_empty_buffer_times_out_naming_the_reward_workers():
                          lambda t: True, _counters())
     assert str(caught.value) == "no scored trajectories arrived in 0s: are the reward workers running?"
     assert time.monotonic() - start >= 0.4
+
+
+def test_the_fresh_reader_blocks_only_while_it_is_short(trajectories):
+    """It blocks 200 ms on the stream while fewer than `required` arrived, or while nothing exists at all
+    (stream and buffer empty); otherwise it only polls (0 ms), and it never reads past `plan.fresh`."""
+    everything = lambda t: True  # noqa: E731
+    buffer = ListBuffer()
+    buffer.add(trajectories[:2])  # two fresh, two in the pool
+    read_micro_batch(buffer, "l", ReadPlan(fresh=4, replay=0, required=2), 5, everything, _counters())
+    assert buffer.reads == [(4, 200), (2, 0)], "blocks for the required two, then polls for the rest"
+    one = ListBuffer()
+    one.pool = trajectories[:1]  # nothing fresh, one in the pool
+    read_micro_batch(one, "l", ReadPlan(fresh=2, replay=0, required=0), 5, everything, _counters())
+    assert one.reads == [(2, 0)], "nothing required and replay to fill from: one poll"
+    full = ListBuffer()
+    full.add(trajectories[:2])
+    read_micro_batch(full, "l", ReadPlan(fresh=2, replay=0, required=2), 5, everything, _counters())
+    assert full.reads == [(2, 200)], "no read past plan.fresh"
+    empty = ListBuffer()
+    with pytest.raises(TimeoutError):
+        read_micro_batch(empty, "l", ReadPlan(fresh=2, replay=0, required=0), 0.05, everything, _counters())
+    assert empty.reads and {block for _, block in empty.reads} == {200}, "nothing anywhere: it blocks"
+
+
+def test_a_batch_with_nothing_valid_says_why():
+    buffer = ListBuffer()
+    buffer.pool = [object()]
+    with pytest.raises(RuntimeError, match=r"^every collected trajectory breaks the sampler's EOS rule "
+                                            r"\(sampler.min_len changed\?\)$"):
+        read_micro_batch(buffer, "l", ReadPlan(fresh=0, replay=2, required=0), 5, lambda t: False, _counters())
 
 
 def test_replay_is_drawn_for_a_single_slot_and_not_at_all_for_none(trajectories):
