@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", metavar="PASS", help="run this pass only (repeatable)")
     parser.add_argument("--recheck", action="store_true",
                         help="run only the survivors of the chosen passes again (after writing tests for them)")
-    parser.add_argument("--judge", metavar="MUTANT", help="record this survivor as equivalent (with --why); run nothing")
+    parser.add_argument("--judge", metavar="MUTANT",
+                        help="record this survivor as equivalent (with --why); run nothing")
     parser.add_argument("--why", help="why no test can tell the --judge mutant from the original")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     args = parser.parse_args(argv)
