@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = Path(__file__).with_name("mutants_equivalent.json")
 PASSES_DIR = ROOT / "mutants.passes"
 PASS_KEYS = {"mutate", "tests", "timeout"}
+UNCAUGHT = ("survived", "no tests")  # mutmut's statuses of a mutant no test caught
 
 
 def _mutmut():
@@ -108,7 +109,7 @@ def _survivors(folder: Path) -> list[str]:
     judged = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     return sorted(name for meta in (folder / "mutants").rglob("*.py.meta")
                   for name, code in json.loads(meta.read_text())["exit_code_by_key"].items()
-                  if status_of[code] in ("survived", "no tests") and name not in judged)
+                  if status_of[code] in UNCAUGHT and name not in judged)
 
 
 def run(name: str, spec: dict, children: int, recheck: bool = False) -> int:
@@ -137,14 +138,18 @@ def _added_line(diff: str) -> str:
                 "")
 
 
-def _module(folder: Path, meta: Path, equivalent: dict, stale: list) -> dict:
+def _source(folder: Path, meta: Path) -> str:
+    """The mutated module a pass's `.py.meta` file describes, relative to the pass folder."""
+    return str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
+
+
+def _module(source: str, meta: Path, equivalent: dict, stale: list) -> dict:
     get_diff, status_of = _mutmut()
-    source = str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
     verdicts = json.loads(meta.read_text())["exit_code_by_key"]
     counts = Counter(status_of[code] for code in verdicts.values())
     survivors, judged = [], 0
     for name, code in sorted(verdicts.items()):
-        if status_of[code] not in ("survived", "no tests"):
+        if status_of[code] not in UNCAUGHT:
             continue
         known = equivalent.get(name)
         if known and known["line"] == _added_line(get_diff(name, path=source)):
@@ -168,9 +173,8 @@ def judge(name: str, why: str) -> dict:
     for meta in sorted(PASSES_DIR.glob("*/mutants/**/*.py.meta")):
         if name in json.loads(meta.read_text())["exit_code_by_key"]:
             folder = PASSES_DIR / meta.relative_to(PASSES_DIR).parts[0]
-            source = str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
             os.chdir(folder)
-            entry = {"line": _added_line(get_diff(name, path=source)), "why": why}
+            entry = {"line": _added_line(get_diff(name, path=_source(folder, meta))), "why": why}
             os.chdir(ROOT)
             equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
             equivalent[name] = entry
@@ -185,8 +189,8 @@ def report() -> dict:
     for folder in sorted(p for p in PASSES_DIR.glob("*") if (p / "mutants").is_dir()):
         os.chdir(folder)  # mutmut finds a mutant's source relative to the working directory
         for meta in sorted((folder / "mutants").rglob("*.py.meta")):
-            source = str(meta.relative_to(folder / "mutants"))[: -len(".meta")]
-            modules[source] = {"pass": folder.name, **_module(folder, meta, equivalent, stale)}
+            source = _source(folder, meta)
+            modules[source] = {"pass": folder.name, **_module(source, meta, equivalent, stale)}
         runs = folder / "runs.json"
         runs_of[folder.name] = json.loads(runs.read_text()) if runs.exists() else []
     os.chdir(ROOT)
