@@ -37,7 +37,8 @@ from buffer.streams import Entry, WorkStream
 log = logging.getLogger(__name__)
 
 #: counters kept in `pag:{run}:meta`
-COUNTERS = ("added", "duplicates", "evicted", "repeats", "decode_errors", "failed", "fresh_gone")
+COUNTERS = ("added", "duplicates", "evicted", "repeats", "decode_errors", "failed", "fresh_gone",
+            "pending_reclaimed", "fresh_reclaimed")
 
 
 class BufferNotFoundError(LookupError):
@@ -98,9 +99,11 @@ class ReplayBuffer:
         self._add = self.client.register_script(lua.ADD)
         self._sample = self.client.register_script(lua.SAMPLE)
         self._logged_corrupt: set[str] = set()
-        self.pending = WorkStream(self.client, pending_key(run), SCORERS_GROUP, self._on_corrupt, socket_timeout)
+        self.pending = WorkStream(self.client, pending_key(run), SCORERS_GROUP, self._on_corrupt, socket_timeout,
+                                  on_reclaim=lambda n: self.incr_counter("pending_reclaimed", n))
         self.fresh = WorkStream(self.client, fresh_key(run), LEARNER_GROUP, self._on_corrupt, socket_timeout,
-                                lookup=self._blobs, on_gone=lambda n: self.incr_counter("fresh_gone", n))
+                                lookup=self._blobs, on_gone=lambda n: self.incr_counter("fresh_gone", n),
+                                on_reclaim=lambda n: self.incr_counter("fresh_reclaimed", n))
         if create:
             self._init_run()
 

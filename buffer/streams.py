@@ -11,7 +11,8 @@ Entries carry the msgpack blob, or (fresh entries of trajectories kept in replay
 whose blob `lookup` fetches from the trajectory hash. An entry whose blob fails to decode is a
 poison pill: it is counted, logged with its stream key and entry id, recorded as failed, and
 acknowledged so nobody reclaims it forever. One whose trajectory has already left the replay
-buffer is acknowledged and reported to `on_gone`.
+buffer is acknowledged and reported to `on_gone`. Entries taken over from an idle consumer are
+reported to `on_reclaim`: they are the second deliveries that at-least-once allows.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def _text(value: bytes | str) -> str:
 class WorkStream:
     def __init__(self, client: redis.Redis, key: str, group: str, on_corrupt: OnCorrupt,
                  socket_timeout: Optional[float] = None, lookup: Optional[Lookup] = None,
-                 on_gone: Optional[Callable[[int], None]] = None) -> None:
+                 on_gone: Optional[Callable[[int], None]] = None,
+                 on_reclaim: Optional[Callable[[int], None]] = None) -> None:
         self.client = client
         self.key = key
         self.group = group
@@ -46,6 +48,7 @@ class WorkStream:
         self.socket_timeout = socket_timeout
         self.lookup = lookup
         self.on_gone = on_gone
+        self.on_reclaim = on_reclaim
 
     def ensure_group(self) -> None:
         """Create the stream and its group reading from the beginning ('0'), so nothing written
@@ -90,6 +93,8 @@ class WorkStream:
         reply = self.client.xautoclaim(self.key, self.group, consumer, min_idle_ms,
                                        start_id="0-0", count=count)
         raw.extend(m for m in reply[1] if m and m[1])  # deleted entries come back empty
+        if raw and self.on_reclaim:  # a second delivery: its first consumer died (or stalled) holding it
+            self.on_reclaim(len(raw))
         if len(raw) < count:
             block = block_ms if (block_ms and not raw) else None
             reply = self.client.xreadgroup(self.group, consumer, {self.key: ">"},

@@ -38,11 +38,13 @@ def test_dead_reward_worker_entries_are_reclaimed_and_stored_once(redis_url, run
     # worker B gets only new work while A's entries are young...
     fresh_work = buf.read_pending("B", 10, min_idle_ms=60_000)
     assert {e for e, _ in fresh_work}.isdisjoint(e for e, _ in taken) and len(fresh_work) == 6
+    assert buf.stats()["pending_reclaimed"] == 0  # a first delivery is not counted
     buf.ack_pending([e for e, _ in fresh_work])
     time.sleep(0.06)
     # ...and A's, once they have been idle long enough
     reclaimed = buf.read_pending("B", 10, min_idle_ms=50)
     assert sorted(e for e, _ in reclaimed) == sorted(e for e, _ in taken)
+    assert buf.stats()["pending_reclaimed"] == 4 and buf.stats()["fresh_reclaimed"] == 0
     buf.add([t.replace(log_reward=1.0) for _, t in reclaimed])  # redelivered work: idempotent
     assert buf.last_add.repeats == 4 and len(buf) == 4
     assert buf.client.xlen(fresh_key(run_name)) == 4  # announced once each
@@ -65,6 +67,7 @@ def test_fresh_stream_with_a_dying_learner(redis_url, run_name):
     time.sleep(0.06)
     again = buf.read_fresh("L2", 10, min_idle_ms=50)  # L1 died holding two
     assert [t.id for _, t in again] == [t.id for t in batch[:2]]
+    assert buf.stats()["fresh_reclaimed"] == 2 and buf.stats()["pending_reclaimed"] == 0
     assert buf.ack_fresh([e for e, _ in again]) == 2
     assert buf.client.xlen(fresh_key(run_name)) == 0
     assert buf.client.xpending(fresh_key(run_name), LEARNER_GROUP)["pending"] == 0
