@@ -2,6 +2,7 @@
 newest complete one (learner/checkpoint.py writes them)."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -12,12 +13,17 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint `latest` names, or, should that one be gone (a crash while a checkpoint of the same
+    step replaced it), the newest complete `step_*`; None when there is none."""
     root = checkpoint_root(run_dir)
     pointer = root / "latest"
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    if (path / "state.json").is_file():
+        return path
+    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
@@ -39,11 +45,40 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 
 def install_checkpoint(tmp: Path, root: Path, name: str) -> Path:
     """Move a complete checkpoint written in `tmp` to `root/name` (replacing one of that name), then point
-    `root/latest` at it with an atomic rename: a reader sees the old checkpoint or the new one, never half."""
+    `root/latest` at it with an atomic rename: a reader sees the old checkpoint or the new one, never half.
+    Files and directories are fsynced before each rename, so this holds across a power loss too."""
+    fsync_tree(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_dir(root)
     pointer = root / ".latest.tmp"
-    pointer.write_text(name)
+    with open(pointer, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
     pointer.replace(root / "latest")
+    fsync_dir(root)
     return final
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then every directory, deepest first."""
+    dirs = [Path(path)]
+    for item in sorted(Path(path).rglob("*")):
+        if item.is_dir():
+            dirs.append(item)
+        elif item.is_file():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    for directory in reversed(dirs):
+        fsync_dir(directory)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.errors import RunFailedError
 from common.runs import checkpoint_root, install_checkpoint, latest_checkpoint  # noqa: F401 — part of this module's interface
 
 KEEP = 3
@@ -49,17 +50,37 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+class CheckpointWriteError(RunFailedError):
+    """A checkpoint could not be written (a full disk, a read-only mount); the previous one stays."""
+
+    label = "checkpoint"
+
+
 def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, counters: dict[str, Any],
                     heads: Optional[dict[str, torch.nn.Module]] = None, extra: Optional[dict[str, Any]] = None) -> Path:
     """`heads`: further modules, one `{name}.safetensors` each (PPO's value head); `extra`: JSON state
-    kept in state.json (PPO's KL controller)."""
+    kept in state.json (PPO's KL controller). A write that fails (ENOSPC …) leaves no partial directory
+    behind, keeps `latest` where it was and raises CheckpointWriteError naming the directory."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     tmp = root / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write(tmp, step, policy, tokenizer, flow, optimizer, counters, heads, extra)
+        final = install_checkpoint(tmp, root, name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(root, name, exc)) from exc
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, step: int, policy, tokenizer, flow: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           counters: dict[str, Any], heads: Optional[dict[str, torch.nn.Module]], extra: Optional[dict[str, Any]]) -> None:
     policy.save_pretrained(tmp / "policy", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
     for head_name, module in {"flow": flow, **(heads or {})}.items():
@@ -78,10 +99,18 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, flow: torch.nn.
         "step": step, "counters": counters, "optimizer": opt_meta,
         "python_random": [py_state[0], list(py_state[1]), py_state[2]], "extra": extra or {},
     }, indent=1))
-    final = install_checkpoint(tmp, root, name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _write_failure(root: Path, name: str, exc: OSError) -> str:
+    previous = latest_checkpoint(root.parent)
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    kept = f"the previous checkpoint {previous.name} stays and --resume starts from it" if previous else \
+        "there is no earlier checkpoint"
+    return (f"could not write checkpoint {name} in {root} ({exc.strerror or exc}; {free}): {kept}. "
+            "Free some space (or move run.runs_dir) and run again with --resume.")
 
 
 def persist_checkpoint(storage, run_dir: Path, path: Path) -> Path:
