@@ -37,7 +37,7 @@ from buffer.streams import Entry, WorkStream
 log = logging.getLogger(__name__)
 
 #: counters kept in `pag:{run}:meta`
-COUNTERS = ("added", "duplicates", "evicted", "repeats", "decode_errors", "failed", "fresh_gone",
+COUNTERS = ("added", "duplicates", "evicted", "repeats", "decode_errors", "rejected", "failed", "fresh_gone",
             "pending_reclaimed", "fresh_reclaimed")
 
 
@@ -258,6 +258,18 @@ class ReplayBuffer:
             self._logged_corrupt.add(where)
             log.warning("skipping undecodable trajectory at %s: %s", where, exc)
 
+    def reject(self, traj: Trajectory, reason: str) -> None:
+        """A trajectory that decoded but must not be trained on (common.trajectory.untrainable): counted in
+        `rejected` at every skip; once per key and client, logged, taken out of `prio` (replay stops drawing
+        it) and recorded in `failed`. Its hash stays for inspection (`pag buffer check --quarantine`)."""
+        key = traj_key(self.run, traj.id)
+        self.incr_counter("rejected")
+        if key not in self._logged_corrupt:
+            self._logged_corrupt.add(key)
+            log.warning("skipping trajectory %s: %s", key, reason)
+            self.client.zrem(self._keys["prio"], traj.id)
+            self._xadd_failed({"id": traj.id, "key": key, "reason": f"invalid: {reason}"})
+
     def _on_corrupt(self, stream: str, entry_id: str, fields: dict, exc: Exception) -> None:
         self._count_corrupt(f"{stream} entry {entry_id}", exc)
         readable = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items() if k != b"blob"}
@@ -292,10 +304,7 @@ class ReplayBuffer:
             ids = self.client.zrevrange(self._keys["prio"], start, stop)
             if not ids:
                 return
-            pipe = self.client.pipeline(transaction=False)
-            for tid in ids:
-                pipe.hget(self._traj_prefix + tid.decode(), "blob")
-            for tid, blob in zip(ids, pipe.execute()):
+            for tid, blob in zip(ids, self._blobs(ids)):
                 traj = self._decode(tid, blob)
                 if traj is not None:
                     yield traj

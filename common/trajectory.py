@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import msgpack
 
@@ -121,6 +121,26 @@ def decode(blob: bytes) -> Trajectory:
         )
     except (TypeError, ValueError) as exc:
         raise CorruptBlobError(f"msgpack record has a field of the wrong type: {exc}") from exc
+
+
+def untrainable(traj: Trajectory, vocab_size: Optional[int] = None) -> Optional[str]:
+    """Why a decoded trajectory must not reach a loss, or None: a reward that is not a finite number, no
+    response, a token id outside [0, vocab_size), a reference log-probability that is not one (finite,
+    ≤ 0). A blob can decode and still be any of these (a foreign writer, a bug, a bit flip)."""
+    if not traj.scored:
+        return f"log_reward is {traj.log_reward}: not a scored trajectory"
+    if not traj.response_ids:
+        return "no response tokens"
+    for name in ("prompt_ids", "response_ids"):
+        ids = getattr(traj, name)
+        bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+        if bad:
+            limit = f"[0, {vocab_size})" if vocab_size is not None else "[0, ∞)"
+            return f"{name} holds token id {bad[0]}, outside the vocabulary {limit}"
+    bad_lp = [v for v in traj.ref_logprobs if not (math.isfinite(v) and v <= 1e-6)]
+    if bad_lp:
+        return f"ref_logprobs holds {bad_lp[0]}: not a log-probability (finite, <= 0)"
+    return None
 
 
 def _fmt(value: float) -> str:

@@ -32,7 +32,7 @@ from common.errors import RunFailedError
 from common.models import build_policy, build_tokenizer, resolve_device
 from common.schedules import Schedules
 from common.storage import RunStorage
-from common.trajectory import Trajectory
+from common.trajectory import Trajectory, untrainable
 from common.weights import WeightsClient
 from learner.balance_objective import BalanceObjective
 from learner.batch import collate
@@ -85,6 +85,7 @@ class Learner:
         torch.manual_seed(cfg.run.seed)
         self.tokenizer = build_tokenizer(cfg.model)
         self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
+        self.vocab_size = self.policy.get_input_embeddings().num_embeddings
         lc = cfg.learner
         self.flow = FlowHead(self.policy.config.hidden_size, lc.flow_hidden, lc.flow_head).to(self.device)
         self.collate = partial(collate, pad_id=self.tokenizer.pad_token_id, device=self.device)
@@ -109,6 +110,8 @@ class Learner:
             self.step = int(state["step"])
             self.counters.update(state["counters"])
             log.info("learner resumed from %s (step %d)", path, self.step)
+        if buffer is not None:  # what `pag buffer check` checks token ids against
+            buffer.set_meta(vocab_size=self.vocab_size)
         self.publish()
 
     # ------------------------------------------------------------------ data
@@ -122,8 +125,13 @@ class Learner:
         return read_micro_batch(self.buffer, self.consumer, plan, timeout, self._valid, self.counters)
 
     def _valid(self, t: Trajectory) -> bool:
-        """A trajectory the current policy could have sampled: no EOS before sampler.min_len (an item
-        sampled under an older setting would have log P_F = −inf and poison the step)."""
+        """Bad data (a non-finite reward, a token outside the vocabulary …: common.trajectory.untrainable) is
+        rejected in the buffer, never trained on; an item the current policy could not have sampled (EOS
+        before sampler.min_len, from an older setting: log P_F = −inf) is skipped."""
+        problem = untrainable(t, self.vocab_size)
+        if problem is not None:
+            self.buffer.reject(t, problem)
+            return False
         eos = self.tokenizer.eos_token_id
         return eos not in t.response_ids[: max(1, self.cfg.sampler.min_len)]
 
