@@ -11,7 +11,7 @@ from buffer import ReplayBuffer
 from buffer.cli import main
 from buffer.testing import make_trajectory
 from common.constants import fresh_key, meta_key, prio_key, run_key, traj_key
-from common.trajectory import encode, to_redis_hash, untrainable
+from common.trajectory import encode, to_redis_hash
 from learner.learner import Learner
 
 VOCAB = 50257
@@ -63,17 +63,6 @@ def planted(redis_url, run_name):
     yield buf, raw, {t.id for t in good}, set(bad)
     raw.close()
     buf.close()
-
-
-def test_untrainable_names_each_fault():
-    t = make_trajectory(1, 1.0, length=4)
-    assert untrainable(t, VOCAB) is None
-    assert "not a scored" in untrainable(t.replace(log_reward=float("nan")), VOCAB)
-    assert "token id 50257, outside the vocabulary [0, 50257)" in untrainable(t.replace(response_ids=[1, 2, 3, 50257]), VOCAB)
-    assert "prompt_ids holds token id -1" in untrainable(t.replace(prompt_ids=[-1]), None)
-    assert untrainable(t.replace(response_ids=[1, 2, 3, 50257]), None) is None  # no vocabulary: only >= 0
-    assert "not a log-probability" in untrainable(t.replace(ref_logprobs=[-1.0, 0.5, -1.0, -1.0]), VOCAB)
-    assert "no response tokens" in untrainable(t.replace(response_ids=[], ref_logprobs=[]), VOCAB)
 
 
 def test_the_learner_skips_counts_and_logs_each_bad_entry_once(small_learner_config, planted, tmp_path, caplog):

@@ -5,7 +5,7 @@ import pytest
 
 from common.constants import TRAJECTORY_SCHEMA
 from common.trajectory import (CorruptBlobError, SchemaVersionError, Trajectory, decode, encode,
-                               from_redis_hash, to_redis_hash)
+                               from_redis_hash, to_redis_hash, untrainable)
 
 
 def make(**kw) -> Trajectory:
@@ -81,3 +81,17 @@ def test_redis_hash_is_readable_and_decodes():
     # a client that decodes responses (str keys, the blob as latin-1 text) reads the same trajectory
     text = {k.decode(): v.decode("latin-1") for k, v in raw.items()}
     assert from_redis_hash(text) == traj
+
+
+def test_untrainable_names_each_fault():
+    t = make(response_ids=[3, 4, 5, 6], ref_logprobs=[-1.0, -1.0, -1.0, -1.0])
+    assert untrainable(t, 50257) is None
+    assert untrainable(t.replace(ref_logprobs=[-1.0, 0.0, -1.0, -1.0], response_ids=[3, 4, 5, 50256]), 50257) is None
+    assert "not a scored" in untrainable(t.replace(log_reward=float("nan")), 50257)
+    too_big = t.replace(response_ids=[1, 2, 3, 50257])
+    assert "token id 50257, outside the vocabulary [0, 50257)" in untrainable(too_big, 50257)
+    assert "prompt_ids holds token id -1" in untrainable(t.replace(prompt_ids=[-1]), None)
+    assert untrainable(too_big, None) is None  # no vocabulary known: only >= 0 is checked
+    assert "inf" in untrainable(t.replace(log_reward=float("inf")), 50257)
+    assert "not a log-probability" in untrainable(t.replace(ref_logprobs=[-1.0, 0.5, -1.0, -1.0]), 50257)
+    assert "no response tokens" in untrainable(t.replace(response_ids=[], ref_logprobs=[]), 50257)
