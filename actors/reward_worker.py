@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from actors.retry import Backoff
 from common.config import Config
 from scoring.reward import PENALTIES, baseline_text, per_text_scores, reward_parts
 from common.trajectory import Trajectory
@@ -235,18 +236,17 @@ class RewardWorker:
             idle_timeout_s: Optional[float] = None) -> int:
         """Process batches until stop_event is set, max_items entries are handled, or the stream has
         been empty for idle_timeout_s. Infrastructure errors (Redis down) are logged and retried."""
-        done, idle_since, backoff = 0, time.monotonic(), 0.5
+        done, idle_since = 0, time.monotonic()
+        backoff = Backoff(f"reward worker {self.name}", log, self.buffer)
         while not (stop_event is not None and stop_event.is_set()):
             if max_items is not None and done >= max_items:
                 break
             try:
                 n = self.step(None if max_items is None else max_items - done)
-                backoff = 0.5
-            except Exception:  # noqa: BLE001 — un-acked entries are reclaimed; the worker lives on
-                log.exception("reward worker %s: step failed; retrying in %.1fs", self.name, backoff)
+                backoff.ok()
+            except Exception as exc:  # noqa: BLE001 — un-acked entries are reclaimed; the worker lives on
                 self.stats.steps_with_errors += 1
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff.failed(exc)
                 continue
             done += n
             if n:

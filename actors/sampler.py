@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from actors.retry import Backoff
 from common.config import Config
 from common.data import load_train_prompts
 from common.decoding import encode_prompts, ref_logprobs, sample, to_trajectories
@@ -123,17 +124,16 @@ class Sampler:
             idle_sleep: float = 0.2) -> int:
         """Loop until `stop_event` or the run's stop flag is set (or max_batches); returns trajectories pushed.
         Infrastructure errors (Redis restarting) are logged and retried with back-off."""
-        pushed, batches, backoff = 0, 0, 0.5
+        pushed, batches = 0, 0
+        backoff = Backoff(f"sampler {self.index}", log, self.buffer)
         while max_batches is None or batches < max_batches:
             if (stop_event is not None and stop_event.is_set()) or stop_requested(self.buffer):
                 break
             try:
                 n = self.step()
-                backoff = 0.5
-            except Exception:  # noqa: BLE001 — the sampler holds no acknowledged data; retry
-                log.exception("sampler %d: batch failed; retrying in %.1fs", self.index, backoff)
-                time.sleep(backoff)
-                backoff = min(2 * backoff, 30.0)
+                backoff.ok()
+            except Exception as exc:  # noqa: BLE001 — the sampler holds no acknowledged data; retry
+                backoff.failed(exc)
                 continue
             if n == 0:
                 time.sleep(idle_sleep)

@@ -71,3 +71,19 @@ def connect(url: str, *, retries: int = 10, backoff_cap: float = 2.0, backoff_ba
     )
     kwargs.update(options)
     return redis.Redis.from_url(url, **kwargs)
+
+
+def full_message(client: redis.Redis, url: str, capacity: int) -> Optional[str]:
+    """Why writes fail when the server is at its `maxmemory` (None when it is not, or cannot say): names the
+    memory figures, the policy and the run's `buffer.capacity`, and what to change."""
+    try:
+        info = client.info("memory")
+    except redis.RedisError:
+        return None
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    if limit <= 0 or used < 0.95 * limit:
+        return None
+    return (f"Redis at {redact(url)} is full: used_memory {used / 2**20:.1f} MiB of maxmemory {limit / 2**20:.1f} MiB "
+            f"(maxmemory-policy {info.get('maxmemory_policy', '?')}), so it refuses writes. This run keeps up to "
+            f"buffer.capacity={capacity} trajectories: lower buffer.capacity, raise maxmemory "
+            "(CONFIG SET maxmemory …), or free the server's memory.")

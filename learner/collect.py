@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping
 
+from buffer.connection import full_message
 from common.trajectory import Trajectory
 from learner.fresh import FreshTimeoutError, fresh_required, timeout_message
 
@@ -101,8 +102,9 @@ def _read_fresh(buffer: "ReplayBuffer", consumer: str, plan: ReadPlan, timeout: 
             break
         if short and time.monotonic() - start > timeout:
             if plan.required:
+                full = full_message(buffer.client, buffer.url, buffer.capacity)
                 message = timeout_message(buffer.run, len(fresh), plan.required, time.monotonic() - start,
-                                          buffer.pending_len())
+                                          buffer.pending_len(), full)
                 raise FreshTimeoutError(f"{plan.label}: {message}" if plan.label else message)
             raise TimeoutError(_nothing_arrived(timeout))
     return fresh, entry_ids

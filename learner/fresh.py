@@ -69,7 +69,11 @@ def reward_worker_summary(run: str) -> str:
     return f"reward workers alive: {', '.join(names)} (`pag workers list --run {run}` shows their counters)"
 
 
-def timeout_message(run: str, got: int, wanted: int, waited_s: float, pending: int) -> str:
+def timeout_message(run: str, got: int, wanted: int, waited_s: float, pending: int,
+                    full: Optional[str] = None) -> str:
+    """`full`: buffer.connection.full_message's account of a Redis at its maxmemory, the likeliest cause then."""
+    if full:
+        return f"only {got} of the {wanted} fresh trajectories of a micro-batch arrived in {waited_s:.0f}s: {full}"
     return (f"learner.fresh_policy=wait: only {got} of the {wanted} fresh trajectories of a micro-batch arrived "
             f"in {waited_s:.0f}s (learner.fresh_timeout_s); {pending} unscored trajectories wait in the pending "
             f"stream. {reward_worker_summary(run)}. Raise learner.fresh_timeout_s, add reward workers, or run "

@@ -339,3 +339,32 @@ def test_relevance_is_hinged_per_image_then_averaged(redis_url, run_name):
         w.close()
     expected = c.reward.clip_weight * (low - c.reward.clip_threshold) / 2  # the high image's hinge is 0
     assert rel == pytest.approx(expected, rel=1e-4) and rel < 0
+
+
+# ------------------------------------------------------------------ a Redis at its maxmemory
+
+def test_a_full_redis_is_named_and_the_worker_resumes_when_it_has_room(cfg, models, make_redis_server, run_name,
+                                                                       caplog):
+    import threading
+
+    server = make_redis_server()
+    buf = ReplayBuffer(server.url, run_name, capacity=cfg.buffer.capacity)
+    buf.push_pending([_traj("a cat", f"a cat, style {i}") for i in range(2)])
+    w = RewardWorker(cfg, server.url, run_name, "w0", models=models, block_ms=50, reclaim_idle_ms=300)
+    raw = redis.Redis.from_url(server.url)
+    raw.config_set("maxmemory", "1")  # every write that may grow memory is refused (noeviction)
+    stop = threading.Event()
+    with caplog.at_level("INFO", logger="actors.reward_worker"):
+        threading.Timer(4.0, stop.set).start()
+        assert w.run(stop) == 0
+        full = [r for r in caplog.records if "is full" in r.getMessage()]
+        assert len(full) >= 2 and all(r.exc_info is None for r in full)  # one line each, no traceback
+        message = full[0].getMessage()
+        assert "maxmemory 0.0 MiB" in message and f"buffer.capacity={cfg.buffer.capacity}" in message
+        assert buf.pending_len() == 2 and len(buf) == 0  # nothing acknowledged, nothing lost
+        raw.config_set("maxmemory", "0")
+        assert w.run(max_items=2) == 2
+    assert len(buf) == 2 and buf.pending_len() == 0  # the same two, scored once the server has room
+    w.close()
+    raw.close()
+    buf.close()
