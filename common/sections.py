@@ -205,6 +205,9 @@ class BufferConfig(Section):
     allow_loopback: bool = False
     """on a Ray cluster, accept a loopback redis_url or a private redis-server (every Ray node runs on this
     machine); False: an error naming redis_url"""
+    max_outage_s: float = Field(300.0, gt=0)
+    """how long `pag train` waits for a Redis it cannot reach before it stops with a checkpoint (exit 3;
+    `--resume` continues once Redis is back)"""
 
 
 class PPOConfig(Section):

@@ -20,6 +20,7 @@ from common.config import Config
 from common.constants import BUFFER_SIZE, FRESH_PER_S, LAG_MEAN, LOSS_TOTAL, REWARD, TEXT_DIVERSITY
 from common.errors import RunFailedError
 from common.methods import METHODS
+from driver.outage import OUTAGE, is_outage, wait_for_redis
 from driver.runfiles import PROGRESS_FILES, REPORT_FILES, START_FILES, resolve_run, save_config
 
 log = logging.getLogger("pag.train")
@@ -230,6 +231,9 @@ class Trainer:
                     raise
                 except FreshTimeoutError as exc:  # raised in the actor: Ray's error is also an instance of it
                     raise RunFailed(str(getattr(exc, "cause", None) or exc)) from None
+                except OUTAGE as exc:
+                    self._ride_out(exc)
+                    continue
                 except ray.exceptions.RayActorError as exc:
                     failures += 1
                     if failures > self.cfg.run.max_restarts:
@@ -249,6 +253,11 @@ class Trainer:
             metrics_file.close()
             writer.close()
             self._persist(*PROGRESS_FILES)
+
+    def _ride_out(self, exc: BaseException) -> None:
+        if not is_outage(exc):
+            raise exc
+        wait_for_redis(self.buffer, self.cfg.buffer.max_outage_s, exc, self.run_name, self.redis_server)
 
     def _record(self, metrics: dict[str, float], metrics_file, writer, bar) -> int:
         """One learner step's metrics into the history, metrics.jsonl, TensorBoard and the progress bar."""

@@ -46,10 +46,26 @@ def _read_buffer(run_dir: Path, run: str):
     return size, fields, best, meta
 
 
+def _redis_server_pid(data_dir: Path) -> int:
+    """The run's private redis-server: it renames its process but works in its data directory (`--dir`)."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for line in ps.splitlines():
+        pid = line.split()[0]
+        if "redis-server" in line and pid.isdigit():
+            try:
+                if Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir.resolve():
+                    pids.append(int(pid))
+            except OSError:  # gone, or not ours to read
+                pass
+    assert len(pids) == 1, ps
+    return pids[0]
+
+
 def test_sigint_stops_cleanly_then_resume_finishes_with_a_report(workdir):
-    """One run for two stories (each `pag train` here costs ~50 s): SIGINT stops it cleanly with a checkpoint
-    at the step reached, then `--resume` continues from that step on the same buffer to the end and writes
-    the report. A run that is never interrupted is the e2e method runs' (tests/e2e/test_methods.py)."""
+    """One run for three stories (each `pag train` here costs ~50 s): a kill -9 of its private redis-server
+    is ridden out (restarted on its AOF), SIGINT stops it cleanly with a checkpoint at the step reached, then
+    `--resume` continues from that step on the same buffer to the end and writes the report. A run that is never interrupted is the e2e method runs' (tests/e2e/test_methods.py)."""
     path, env = workdir
     run_dir = path / "runs" / "e2e"
     # started as a background job is: SIGINT ignored on entry. `pag train` must install its handler itself
@@ -64,10 +80,19 @@ def test_sigint_stops_cleanly_then_resume_finishes_with_a_report(workdir):
             break
         time.sleep(1)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
+    # kill -9 of the private redis-server: the driver restarts it on its AOF and training goes on
+    killed_at = len(metrics.read_text().splitlines())
+    os.kill(_redis_server_pid(run_dir / "redis"), signal.SIGKILL)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(metrics.read_text().splitlines()) >= killed_at + 2:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted" in out
+    assert "restarting it on its AOF" in out and "answers again" in out, out[-3000:]
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
     reached = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert stopped_at == reached >= 3, "the shutdown checkpoint, at the step reached"
