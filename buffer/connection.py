@@ -8,6 +8,11 @@ Accepted URLs (redis-py's `from_url`):
     rediss://user:password@host:6380/0       TLS; add `?ssl_ca_certs=/path/ca.pem`, or
                                              `?ssl_cert_reqs=none` for a self-signed test server
 
+For TLS the certificates may also come from the environment (what the URL does not set):
+PAG_REDIS_CA_CERTS (CA bundle that signed the server's certificate), PAG_REDIS_CERTFILE and
+PAG_REDIS_KEYFILE (a client certificate, for a server with `tls-auth-clients yes`). `pag train` passes them
+to every Ray worker it starts.
+
 A server that goes away (killed, restarting, still loading its AOF) is retried with exponential
 back-off instead of crashing the caller; a wrong password is not retried, it fails at once.
 """
@@ -27,6 +32,8 @@ from common.urls import redact  # noqa: F401 — part of this module's interface
 #: what the CLI uses when neither --redis-url nor PAG_REDIS_URL is given
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_URL_ENV = "PAG_REDIS_URL"
+#: TLS files from the environment, by redis-py option
+TLS_ENV = {"ssl_ca_certs": "PAG_REDIS_CA_CERTS", "ssl_certfile": "PAG_REDIS_CERTFILE", "ssl_keyfile": "PAG_REDIS_KEYFILE"}
 
 #: errors that mean "the server is not there right now" rather than "you are not allowed"
 _FATAL = (AuthenticationError, AuthorizationError)
@@ -69,6 +76,9 @@ def connect(url: str, *, retries: int = 10, backoff_cap: float = 2.0, backoff_ba
         socket_keepalive=True,
         health_check_interval=30,
     )
+    if url.startswith("rediss://"):
+        kwargs.update({opt: os.environ[var] for opt, var in TLS_ENV.items()
+                       if os.environ.get(var) and f"{opt}=" not in url})
     kwargs.update(options)
     return redis.Redis.from_url(url, **kwargs)
 

@@ -36,7 +36,8 @@ from common.urls import is_loopback_url, redact, redact_arg
 log = logging.getLogger("pag.cluster")
 
 #: env vars every actor needs (offline hub, shared SFT cache)
-PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "PAG_CACHE", "TOKENIZERS_PARALLELISM")
+PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "PAG_CACHE", "TOKENIZERS_PARALLELISM",
+            "PAG_REDIS_CA_CERTS", "PAG_REDIS_CERTFILE", "PAG_REDIS_KEYFILE")
 #: the variable Ray's job supervisor sets for a job's driver (ray._private.runtime_env.constants)
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 #: under a job, a relative run.runs_dir goes below this directory (~ expanded on the driver's node)
