@@ -95,3 +95,18 @@ def test_an_empty_url_is_an_error_everywhere(reason):
         check_redis_reach("", reason)
     with pytest.raises(ConfigError, match="is empty"):
         check_redis_reach("  ", reason, allow_loopback=True)
+
+
+def test_tls_files_come_from_the_environment_unless_the_url_names_them(monkeypatch):
+    from buffer.connection import connect
+    from common.cluster import PASS_ENV
+
+    monkeypatch.setenv("PAG_REDIS_CA_CERTS", "/etc/pag/ca.pem")
+    monkeypatch.setenv("PAG_REDIS_CERTFILE", "/etc/pag/client.pem")
+    options = connect("rediss://pag:pw@10.0.0.5:6380/0").connection_pool.connection_kwargs
+    assert options["ssl_ca_certs"] == "/etc/pag/ca.pem" and options["ssl_certfile"] == "/etc/pag/client.pem"
+    assert "ssl_keyfile" not in options or options["ssl_keyfile"] is None
+    named = connect("rediss://pag:pw@10.0.0.5:6380/0?ssl_ca_certs=/srv/other.pem").connection_pool.connection_kwargs
+    assert named["ssl_ca_certs"] == "/srv/other.pem"  # the URL wins
+    assert "ssl_ca_certs" not in connect("redis://10.0.0.5:6379/0").connection_pool.connection_kwargs  # no TLS
+    assert {"PAG_REDIS_CA_CERTS", "PAG_REDIS_CERTFILE", "PAG_REDIS_KEYFILE"} <= set(PASS_ENV)  # to Ray workers
