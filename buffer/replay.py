@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Collection, Iterator, Literal, Optional
 
 import numpy as np
 
@@ -238,18 +238,13 @@ class ReplayBuffer:
         return out, len(picks)
 
     def _decode(self, tid: bytes, blob: Optional[bytes]) -> Optional[Trajectory]:
-        """Decode a blob reached through the `prio` index. One that fails is counted, logged with
-        its key and taken out of the index, so later draws do not keep paying for it; its hash
-        stays for inspection and the `failed` stream records where it is."""
-        key = self._traj_prefix + tid.decode()
+        """Decode a blob reached through the `prio` index; one that fails is skipped (`_skip`)."""
         try:
             if blob is None:
                 raise TrajectoryDecodeError("hash or its 'blob' field is missing")
             return decode(blob)
         except TrajectoryDecodeError as exc:
-            self._count_corrupt(key, exc)
-            self.client.zrem(self._keys["prio"], tid)
-            self._xadd_failed({"id": tid, "key": key, "reason": f"decode: {exc}"})
+            self._skip(tid.decode(), "decode_errors", f"decode: {exc}")
             return None
 
     def _count_corrupt(self, where: str, exc: Exception) -> None:
@@ -259,16 +254,19 @@ class ReplayBuffer:
             log.warning("skipping undecodable trajectory at %s: %s", where, exc)
 
     def reject(self, traj: Trajectory, reason: str) -> None:
-        """A trajectory that decoded but must not be trained on (common.trajectory.untrainable): counted in
-        `rejected` at every skip; once per key and client, logged, taken out of `prio` (replay stops drawing
-        it) and recorded in `failed`. Its hash stays for inspection (`pag buffer check --quarantine`)."""
-        key = traj_key(self.run, traj.id)
-        self.incr_counter("rejected")
+        """A trajectory that decoded but must not be trained on (common.trajectory.untrainable)."""
+        self._skip(traj.id, "rejected", f"invalid: {reason}")
+
+    def _skip(self, tid: str, counter: str, reason: str) -> None:
+        """Count a trajectory nobody may train on, every time; once per key and client, log it with its key, take
+        it out of `prio` (replay stops drawing it), record it in `failed`; its hash stays (`pag buffer check`)."""
+        key = self._traj_prefix + tid
+        self.incr_counter(counter)
         if key not in self._logged_corrupt:
             self._logged_corrupt.add(key)
             log.warning("skipping trajectory %s: %s", key, reason)
-            self.client.zrem(self._keys["prio"], traj.id)
-            self._xadd_failed({"id": traj.id, "key": key, "reason": f"invalid: {reason}"})
+            self.client.zrem(self._keys["prio"], tid)
+            self._xadd_failed({"id": tid, "key": key, "reason": reason})
 
     def _on_corrupt(self, stream: str, entry_id: str, fields: dict, exc: Exception) -> None:
         self._count_corrupt(f"{stream} entry {entry_id}", exc)
@@ -332,8 +330,10 @@ class ReplayBuffer:
         """Scored entries the learner has not acknowledged yet (unread plus in its current batch)."""
         return len(self.fresh)
 
-    def read_fresh(self, consumer: str, count: int, block_ms: int = 0, min_idle_ms: int = 30000) -> list[Entry]:
-        return self.fresh.read(consumer, count, block_ms, min_idle_ms)
+    def read_fresh(self, consumer: str, count: int, block_ms: int = 0, min_idle_ms: int = 30000,
+                   holding: Collection[str] = ()) -> list[Entry]:
+        """`holding`: entry ids this consumer has read and not acknowledged yet, never taken back (WorkStream.read)."""
+        return self.fresh.read(consumer, count, block_ms, min_idle_ms, holding)
 
     def ack_fresh(self, entry_ids: list[str]) -> int:
         return self.fresh.ack(entry_ids)

@@ -17,7 +17,7 @@ reported to `on_reclaim`: they are the second deliveries that at-least-once allo
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Optional
+from typing import Callable, Collection, Iterable, Optional
 
 import redis
 
@@ -70,9 +70,12 @@ class WorkStream:
         except redis.ResponseError:
             return 0
 
-    def read(self, consumer: str, count: int, block_ms: int = 0, min_idle_ms: int = 30000) -> list[Entry]:
+    def read(self, consumer: str, count: int, block_ms: int = 0, min_idle_ms: int = 30000,
+             holding: Collection[str] = ()) -> list[Entry]:
         """Up to `count` entries: first those idle > `min_idle_ms` in dead consumers' hands,
-        then new ones. `block_ms` = 0 returns at once (unlike Redis's BLOCK 0, which waits forever)."""
+        then new ones. `block_ms` = 0 returns at once (unlike Redis's BLOCK 0, which waits forever).
+        `holding`: entries this consumer read and still works on; XAUTOCLAIM would hand them back to it once
+        idle that long (a learner waiting for the rest of its batch), so they are left out."""
         if count <= 0:
             return []
         if block_ms < 0:
@@ -81,18 +84,20 @@ class WorkStream:
             raise ValueError(f"block_ms={block_ms} must be shorter than the client's socket_timeout "
                              f"({self.socket_timeout} s), or the read times out; wait in a loop instead")
         try:
-            return self._read(consumer, count, block_ms, min_idle_ms)
+            return self._read(consumer, count, block_ms, min_idle_ms, holding)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             self.ensure_group()  # the stream was deleted (FLUSHALL, a lost AOF): start over
-            return self._read(consumer, count, block_ms, min_idle_ms)
+            return self._read(consumer, count, block_ms, min_idle_ms, holding)
 
-    def _read(self, consumer: str, count: int, block_ms: int, min_idle_ms: int) -> list[Entry]:
+    def _read(self, consumer: str, count: int, block_ms: int, min_idle_ms: int,
+              holding: Collection[str]) -> list[Entry]:
         raw: list[tuple[bytes, dict]] = []
         reply = self.client.xautoclaim(self.key, self.group, consumer, min_idle_ms,
                                        start_id="0-0", count=count)
-        raw.extend(m for m in reply[1] if m and m[1])  # deleted entries come back empty
+        # deleted entries come back empty
+        raw.extend(m for m in reply[1] if m and m[1] and _text(m[0]) not in holding)
         if raw and self.on_reclaim:  # a second delivery: its first consumer died (or stalled) holding it
             self.on_reclaim(len(raw))
         if len(raw) < count:

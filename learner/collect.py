@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Callable, Collection, Mapping, MutableMapping
 
 from buffer.connection import full_message
 from common.trajectory import Trajectory
@@ -61,14 +61,16 @@ def on_policy(n: int, label: str) -> ReadPlan:
 
 
 def read_micro_batch(buffer: "ReplayBuffer", consumer: str, plan: ReadPlan, timeout: float,
-                     valid: Callable[[Trajectory], bool], counters: MutableMapping[str, int]) -> MicroBatch:
+                     valid: Callable[[Trajectory], bool], counters: MutableMapping[str, int],
+                     holding: Collection[str] = ()) -> MicroBatch:
     """The trajectories of `plan`: fresh ones from the stream, then replay for the rest.
 
     Blocks for the `plan.required` fresh ones (FreshTimeoutError naming the reward workers after
     `timeout` s), and while the buffer is empty (TimeoutError). Trajectories that fail `valid` are
-    dropped and counted; `counters` (the learner's run totals) are updated in place."""
+    dropped and counted; `counters` (the learner's run totals) are updated in place. `holding`: fresh
+    entries read for this step and not acknowledged yet (earlier micro-batches), never read again."""
     start = time.monotonic()
-    fresh, entry_ids = _read_fresh(buffer, consumer, plan, timeout, valid, counters, start)
+    fresh, entry_ids = _read_fresh(buffer, consumer, plan, timeout, valid, counters, start, holding)
     filled = plan.fresh - len(fresh)
     while plan.fresh == 0 and len(buffer) == 0:  # replay only: wait for a first scored trajectory
         if time.monotonic() - start > timeout:
@@ -87,13 +89,15 @@ def read_micro_batch(buffer: "ReplayBuffer", consumer: str, plan: ReadPlan, time
 
 def _read_fresh(buffer: "ReplayBuffer", consumer: str, plan: ReadPlan, timeout: float,
                 valid: Callable[[Trajectory], bool], counters: MutableMapping[str, int],
-                start: float) -> tuple[list[Trajectory], list[str]]:
-    """Read the stream until `plan.fresh` are there, or, once `plan.required` are, until it runs dry."""
+                start: float, holding: Collection[str]) -> tuple[list[Trajectory], list[str]]:
+    """Read the stream until `plan.fresh` are there, or, once `plan.required` are, until it runs dry. What this
+    step holds is left out: waiting past the stream's reclaim idle time would otherwise hand it back a second time."""
     fresh: list[Trajectory] = []
     entry_ids: list[str] = []
     while len(fresh) < plan.fresh:
         short = len(fresh) < plan.required or (len(buffer) == 0 and not fresh)
-        got = buffer.read_fresh(consumer, plan.fresh - len(fresh), block_ms=200 if short else 0)
+        got = buffer.read_fresh(consumer, plan.fresh - len(fresh), block_ms=200 if short else 0,
+                                holding={*holding, *entry_ids})
         entry_ids += [e for e, _ in got]
         kept = [t for _, t in got if valid(t)]
         counters["dropped_invalid"] += len(got) - len(kept)

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import numpy as np
 import torch
@@ -116,13 +116,14 @@ class Learner:
 
     # ------------------------------------------------------------------ data
 
-    def collect(self, n: int, wait_s: Optional[float] = None) -> MicroBatch:
+    def collect(self, n: int, wait_s: Optional[float] = None, holding: Collection[str] = ()) -> MicroBatch:
         """n trajectories as the objective plans them: a replay mix (balance objectives, per
         `learner.fresh_policy`) or fresh only (ppo). Waits for fresh ones at most `wait_s` (default
-        `learner.fresh_timeout_s`), then FreshTimeoutError naming the reward workers."""
+        `learner.fresh_timeout_s`), then FreshTimeoutError naming the reward workers. `holding`: the fresh
+        entries this step already read."""
         timeout = self.cfg.learner.fresh_timeout_s if wait_s is None else wait_s
         plan = self.objective.plan(n, self.counters)
-        return read_micro_batch(self.buffer, self.consumer, plan, timeout, self._valid, self.counters)
+        return read_micro_batch(self.buffer, self.consumer, plan, timeout, self._valid, self.counters, holding)
 
     def _valid(self, t: Trajectory) -> bool:
         """Bad data (a non-finite reward, a token outside the vocabulary …: common.trajectory.untrainable) is
@@ -142,7 +143,7 @@ class Learner:
         batches, fresh, entries = [], [], []
         counts: dict[str, int] = defaultdict(int)
         for _ in range(self.cfg.learner.grad_accum):
-            micro = self.collect(self.cfg.learner.batch_size, wait_s)
+            micro = self.collect(self.cfg.learner.batch_size, wait_s, holding=entries)
             for k, v in micro.counts().items():
                 counts[k] += v
             batches.append(micro.trajectories)

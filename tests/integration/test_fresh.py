@@ -103,6 +103,27 @@ def test_wait_blocks_until_the_fresh_half_is_there(cfg, buffer, tmp_path, trajec
     assert m["buffer/fresh_fraction"] == 0.5 and m["buffer/fresh_fraction_run"] == 0.5
 
 
+def test_a_long_wait_does_not_take_back_what_the_step_already_holds(cfg, buffer, tmp_path, trajectories, monkeypatch):
+    """While the learner waits for the rest of its fresh half, the entries it read first go idle; XAUTOCLAIM must
+    not hand them back to it (the same trajectory twice in a batch, counted as a redelivery). The reclaim idle
+    time is cut from 30 s to 50 ms here so that the wait outlasts it."""
+    learner = Learner(cfg, buffer, tmp_path, resume=False)
+    read = buffer.read_fresh
+    monkeypatch.setattr(buffer, "read_fresh", lambda consumer, count, block_ms=0, min_idle_ms=0, holding=():
+                        read(consumer, count, block_ms, 50, holding))
+    buffer.add(trajectories[:2])
+    late = threading.Timer(1.0, buffer.add, args=(trajectories[2:4],))
+    late.start()
+    try:
+        micro = learner.collect(8, wait_s=60)
+    finally:
+        late.join()
+    fresh_ids = [t.id for t in micro.trajectories[:micro.fresh]]
+    assert sorted(fresh_ids) == sorted(t.id for t in trajectories[:4]) and len(set(micro.entry_ids)) == 4
+    assert buffer.stats()["fresh_reclaimed"] == 0
+    buffer.ack_fresh(micro.entry_ids)
+
+
 def test_wait_times_out_with_the_reward_workers_named(cfg, buffer, tmp_path, trajectories):
     learner = Learner(cfg, buffer, tmp_path, resume=False)
     buffer.add(trajectories[:2])
