@@ -21,12 +21,22 @@ from learner.ppo_objective import PPOObjective
 PPO = ("learner.objective=ppo", "learner.replay_ratio=0", "learner.ppo.epochs=2")
 
 
+class _Server:
+    """What ListBuffer's `client` answers: a Redis with no maxmemory (buffer.connection.full_message)."""
+
+    def info(self, section: str) -> dict:
+        return {"used_memory": 1, "maxmemory": 0}
+
+
 class ListBuffer:
     """A fresh stream and a replay pool in memory; `add` puts a trajectory in both, as ReplayBuffer does."""
 
     run = "unit"
+    url, capacity, client = "redis://unit", 100, _Server()
 
     def __init__(self) -> None:
+        self.meta: dict[str, str] = {}
+        self.holding: list[set[str]] = []  # what each read_fresh was told the learner holds
         self.stream: list[tuple[str, Trajectory]] = []
         self.pool: list[Trajectory] = []
         self.sampled = 0
@@ -38,8 +48,13 @@ class ListBuffer:
         self.stream += [(f"{len(self.pool) + i}-0", t) for i, t in enumerate(trajs)]
         self.pool += trajs
 
-    def read_fresh(self, consumer: str, count: int, block_ms: int = -1) -> list[tuple[str, Trajectory]]:
+    def set_meta(self, **fields) -> None:
+        self.meta.update({k: str(v) for k, v in fields.items()})
+
+    def read_fresh(self, consumer: str, count: int, block_ms: int = -1,
+                   holding=()) -> list[tuple[str, Trajectory]]:
         self.reads.append((count, block_ms))
+        self.holding.append(set(holding))
         got, self.stream = self.stream[:count], self.stream[count:]
         return got
 
@@ -176,13 +191,15 @@ def test_the_fresh_reader_blocks_only_while_it_is_short(trajectories):
     buffer.add(trajectories[:2])  # two fresh, two in the pool
     read_micro_batch(buffer, "l", ReadPlan(fresh=4, replay=0, required=2), 5, everything, _counters())
     assert buffer.reads == [(4, 200), (2, 0)], "blocks for the required two, then polls for the rest"
+    assert buffer.holding == [set(), {"0-0", "1-0"}], "what it read is not to be handed back to it"
     one = ListBuffer()
     one.pool = trajectories[:1]  # nothing fresh, one in the pool
     read_micro_batch(one, "l", ReadPlan(fresh=2, replay=0, required=0), 5, everything, _counters())
     assert one.reads == [(2, 0)], "nothing required and replay to fill from: one poll"
     full = ListBuffer()
     full.add(trajectories[:2])
-    read_micro_batch(full, "l", ReadPlan(fresh=2, replay=0, required=2), 5, everything, _counters())
+    read_micro_batch(full, "l", ReadPlan(fresh=2, replay=0, required=2), 5, everything, _counters(), {"9-0"})
+    assert full.holding == [{"9-0"}], "nor what the step's earlier micro-batches read"
     assert full.reads == [(2, 200)], "no read past plan.fresh"
     empty = ListBuffer()
     with pytest.raises(TimeoutError):
