@@ -84,30 +84,30 @@ def _hashes(client: redis.Redis, run: str, ids: list[str], vocab_size: Optional[
                 found[verdict[0]].append({"id": tid, "key": run_key(run, "traj", tid), "reason": verdict[1]})
 
 
-def _dangling(client: redis.Redis, run: str) -> list[dict[str, str]]:
-    out = []
-    members = [m.decode() for m in client.zrange(prio_key(run), 0, -1)]
-    for part in _chunks(members):
-        pipe = client.pipeline(transaction=False)
-        for tid in part:
-            pipe.exists(run_key(run, "traj", tid))
-        missing = [tid for tid, there in zip(part, pipe.execute()) if not there]
-        if missing:  # a member evicted since ZRANGE left prio with its hash: ask again
-            again = client.zmscore(prio_key(run), missing)
-            out += [{"id": tid, "key": prio_key(run), "reason": "prio member without a hash"}
-                    for tid, score in zip(missing, again) if score is not None]
-    return out
-
-
-def _fresh_gone(client: redis.Redis, run: str) -> int:
-    ids = [f[b"id"].decode() for _, f in client.xrange(fresh_key(run)) if b"blob" not in f and b"id" in f]
-    gone = 0
+def _exists(client: redis.Redis, run: str, ids: list[str]) -> list[bool]:
+    """Whether each id's `traj:{id}` hash exists, asked in pipelined chunks."""
+    out: list[bool] = []
     for part in _chunks(ids):
         pipe = client.pipeline(transaction=False)
         for tid in part:
             pipe.exists(run_key(run, "traj", tid))
-        gone += sum(1 for there in pipe.execute() if not there)
-    return gone
+        out += [bool(there) for there in pipe.execute()]
+    return out
+
+
+def _dangling(client: redis.Redis, run: str) -> list[dict[str, str]]:
+    members = [m.decode() for m in client.zrange(prio_key(run), 0, -1)]
+    missing = [tid for tid, there in zip(members, _exists(client, run, members)) if not there]
+    if not missing:
+        return []
+    again = client.zmscore(prio_key(run), missing)  # a member evicted since ZRANGE left prio with its hash
+    return [{"id": tid, "key": prio_key(run), "reason": "prio member without a hash"}
+            for tid, score in zip(missing, again) if score is not None]
+
+
+def _fresh_gone(client: redis.Redis, run: str) -> int:
+    ids = [f[b"id"].decode() for _, f in client.xrange(fresh_key(run)) if b"blob" not in f and b"id" in f]
+    return sum(1 for there in _exists(client, run, ids) if not there)
 
 
 def quarantine(client: redis.Redis, run: str, found: dict[str, list[dict[str, str]]]) -> int:

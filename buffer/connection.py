@@ -35,8 +35,8 @@ REDIS_URL_ENV = "PAG_REDIS_URL"
 #: TLS files from the environment, by redis-py option
 TLS_ENV = {"ssl_ca_certs": "PAG_REDIS_CA_CERTS", "ssl_certfile": "PAG_REDIS_CERTFILE", "ssl_keyfile": "PAG_REDIS_KEYFILE"}
 
-#: errors that mean "the server is not there right now" rather than "you are not allowed"
-_FATAL = (AuthenticationError, AuthorizationError)
+#: errors that mean "you are not allowed" rather than "the server is not there right now": never waited for
+NOT_RETRYABLE = (AuthenticationError, AuthorizationError)
 
 
 class _Reconnect(Retry):
@@ -47,7 +47,7 @@ class _Reconnect(Retry):
                         is_retryable: Optional[Callable[[Exception], bool]] = None,
                         with_failure_count: bool = False) -> Any:
         def retryable(error: Exception) -> bool:
-            if isinstance(error, _FATAL) or isinstance(error.__context__, ssl.SSLCertVerificationError):
+            if isinstance(error, NOT_RETRYABLE) or isinstance(error.__context__, ssl.SSLCertVerificationError):
                 return False
             return is_retryable(error) if is_retryable is not None else True
 

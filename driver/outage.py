@@ -12,8 +12,8 @@ import time
 from typing import Optional
 
 import redis
-from redis.exceptions import AuthenticationError, AuthorizationError
 
+from buffer.connection import NOT_RETRYABLE
 from common.errors import RedisUnavailableError
 
 log = logging.getLogger("pag.train")
@@ -29,7 +29,7 @@ class RedisOutageError(RedisUnavailableError):
 
 
 def is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, OUTAGE) and not isinstance(exc, (AuthenticationError, AuthorizationError))
+    return isinstance(exc, OUTAGE) and not isinstance(exc, NOT_RETRYABLE)
 
 
 def wait_for_redis(buffer, max_outage_s: float, exc: BaseException, run_name: str, server=None,
