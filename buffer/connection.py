@@ -33,7 +33,8 @@ from common.urls import redact  # noqa: F401 — part of this module's interface
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_URL_ENV = "PAG_REDIS_URL"
 #: TLS files from the environment, by redis-py option
-TLS_ENV = {"ssl_ca_certs": "PAG_REDIS_CA_CERTS", "ssl_certfile": "PAG_REDIS_CERTFILE", "ssl_keyfile": "PAG_REDIS_KEYFILE"}
+TLS_ENV = {"ssl_ca_certs": "PAG_REDIS_CA_CERTS", "ssl_certfile": "PAG_REDIS_CERTFILE",
+           "ssl_keyfile": "PAG_REDIS_KEYFILE"}
 
 #: errors that mean "you are not allowed" rather than "the server is not there right now": never waited for
 NOT_RETRYABLE = (AuthenticationError, AuthorizationError)
