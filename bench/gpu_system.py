@@ -56,12 +56,12 @@ def run_broadcast(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
         raise G.Skip("ray is not installed here (its wheel is too large to carry to the device machine): "
                      "measure this part on a CPU node, `--only broadcast`") from exc
     from common.models import build_policy, build_tokenizer
-    from common.weights import WeightStore, WeightsClient
+    from common.weights import WeightStore, WeightsClient, pack_state_dict
 
     cfg = ctx.cfg()
     n = 2 if ctx.quick else 8
     state = build_policy(cfg.model, build_tokenizer(cfg.model)).state_dict()
-    size = sum(t.numel() * t.element_size() for t in state.values())
+    size = len(pack_state_dict(state))  # what is shipped: each storage once (the tied lm_head is not)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
@@ -72,7 +72,7 @@ def run_broadcast(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
         client = WeightsClient(store)
         ray.get([r.__ray_ready__.remote() for r in receivers])
         runs = []
-        for rep in range(2 if ctx.quick else 4):
+        for rep in range(2 if ctx.quick else 7):
             if rep and not deadline.allows(3 * runs[-1]["total_s"]):
                 break
             t0 = time.time()
@@ -87,10 +87,28 @@ def run_broadcast(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
             ray.shutdown()
     steady = runs[1:] or runs  # the first publish also warms the receivers' allocators
     total = statistics.median(r["total_s"] for r in steady)
+    bandwidth = memcpy_bandwidth(size)
+    floor = size * n / bandwidth  # every receiver must land the bytes in its parameters once
     return {"receivers": n, "bytes": size, "runs": runs, "total_s": total, "cpus": os.cpu_count(),
+            "memcpy_bytes_per_s": bandwidth, "floor_s": floor, "ratio_to_floor": total / floor,
             "rows": [{"measure": f"weight broadcast to {n} samplers, publish → all loaded (s)", "value": total,
-                      "note": f"{size / 2**20:.0f} MiB safetensors via the Ray object store; target ≤ 1 s; "
+                      "baseline": floor, "ratio": total / floor,
+                      "note": f"{size / 2**20:.0f} MiB safetensors via the Ray object store; baseline: the floor, "
+                              f"{n} × the bytes ÷ memcpy {bandwidth / 1e9:.1f} GB/s measured here; target ≤ 2× it; "
                               f"{os.cpu_count()} CPUs on this node"}]}
+
+
+def memcpy_bandwidth(size: int, reps: int = 5) -> float:
+    """Bytes per second of one thread's memory copy of `size` bytes into memory already touched (best of reps)."""
+    import numpy as np
+
+    src, dst = np.ones(size, dtype=np.uint8), np.zeros(size, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return size / best
 
 
 # ------------------------------------------------------------------ end to end
