@@ -79,18 +79,22 @@ def _head_chunk(head: nn.Module, states: Tensor, ids: Tensor, forbid_eos: Tensor
     """log softmax(head(states))[ids] and the entropy for N flattened states (N, H) → (N,), (N,).
 
     `forbid_eos` (N,) marks the states where EOS is not allowed (its logit becomes −inf). Written as
-    logit − logsumexp, so autograd keeps no (N, V) log-softmax; the entropy is a detached metric.
+    (logit − m) − log Σ exp(logit − m), m the row's largest logit, so autograd keeps no (N, V) log-softmax and
+    the entropy, a detached metric, reuses those exponentials instead of a softmax of its own (1.25× on the
+    logging step, bench/gpu.py part `learner`).
     """
     logits = head(states).float()  # (N, V)
     if bool(forbid_eos.any()):
         logits[:, eos_id] = logits[:, eos_id].masked_fill(forbid_eos, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # (N,)
-    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    # H = log s − Σ e·(logit − m) / s with e = exp(logit − m), s = Σ e
+    shifted = logits - logits.detach().amax(-1, keepdim=True)  # m: the row's largest logit
+    e = shifted.exp()
+    s = e.sum(-1)
+    picked = shifted.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - s.log()
     if not with_entropy:
-        return picked, torch.zeros_like(lse).detach()
+        return picked, torch.zeros_like(s).detach()
     with torch.no_grad():
-        p = torch.exp(logits - lse.unsqueeze(-1))
-        entropy = lse - torch.where(p > 0, p * logits, torch.zeros_like(p)).sum(-1)  # H = lse − E_p[logit]
+        entropy = s.log() - (e * shifted.clamp_min(torch.finfo(shifted.dtype).min)).sum(-1) / s
     return picked, entropy
 
 

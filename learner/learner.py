@@ -161,7 +161,8 @@ class Learner:
         lc = self.cfg.learner
         fresh = fresh if fresh is not None else [t for b in batches for t in b]
         counts = counts or {"fresh": len(fresh), "replay": 0, "filled": 0}
-        result = self.objective.update(batches, self.optimizer, self.step)
+        logging_step = self.logging_step(self.step + 1)
+        result = self.objective.update(batches, self.optimizer, self.step, diagnostics=logging_step)
         if result is None:
             return self._skip_nonfinite()
         self._nonfinite_run = 0
@@ -169,7 +170,7 @@ class Learner:
 
         metrics = self._metrics(result, [t for b in batches for t in b], fresh, counts)
         metrics.update(result.metrics)
-        if self.step % self.cfg.run.log_every == 0 or self.step == 1:
+        if logging_step:
             metrics.update(self.plasticity(batches[0]))
             if self.encoder is not None and fresh:
                 metrics[f"{NS_DIVERSITY}/text"] = text_diversity(fresh, self.encoder)
@@ -183,6 +184,10 @@ class Learner:
         if self._checkpoint_due():
             self.save()
         return metrics
+
+    def logging_step(self, step: int) -> bool:
+        """Steps whose metrics include what costs compute: the policy's entropy, dormant ratios, text diversity."""
+        return step % self.cfg.run.log_every == 0 or step == 1
 
     def _skip_nonfinite(self) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,9 @@ metrics, reactivation, publish weights, checkpoint. An objective brings the rest
 
     param_groups()                   optimiser groups beside the policy's (the flow head, PPO's value head)
     plan(n, counters)                which trajectories a micro-batch needs (learner/collect.py): replay mix or on-policy
-    update(batches, optimizer, step) its optimiser step(s) on the micro-batches → StepResult, None if non-finite
+    update(batches, optimizer, step, diagnostics)
+                                     its optimiser step(s) on the micro-batches → StepResult, None if non-finite;
+                                     diagnostics=False (not a logging step) skips the metrics that cost compute
     probe(batch)                     the no-grad forward whose hidden units the dormant-ratio probe reads
     heads, state_dict()              checkpointed: `{name}.safetensors` per head, JSON state in state.json "extra"
 
@@ -42,7 +44,7 @@ class Objective(Protocol):
     def plan(self, n: int, counters: Mapping[str, int]) -> ReadPlan: ...
 
     def update(self, batches: list[list[Trajectory]], optimizer: torch.optim.Optimizer,
-               step: int) -> Optional[StepResult]: ...
+               step: int, diagnostics: bool = True) -> Optional[StepResult]: ...
 
     def probe(self, batch: dict[str, torch.Tensor]) -> None: ...
 

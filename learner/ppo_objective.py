@@ -53,9 +53,11 @@ class PPOObjective:
     def plan(self, n: int, counters: Mapping[str, int]) -> ReadPlan:
         return on_policy(n, label="objective=ppo (on-policy)")
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _forward(self, batch: dict[str, torch.Tensor],
+                 with_entropy: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out = teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                             batch["response_mask"], self.eos_id, min_len=self.cfg.sampler.min_len)
+                             batch["response_mask"], self.eos_id, min_len=self.cfg.sampler.min_len,
+                             with_entropy=with_entropy)
         return out, self.value(out["state_hidden"])  # log P_F (B, T), V (B, T)
 
     @torch.no_grad()
@@ -71,9 +73,10 @@ class PPOObjective:
                 "advantages": whiten(advantages, mask), "returns": returns, "kl": kl.sum(-1), "score": score}
 
     def update(self, batches: list[list[Trajectory]], optimizer: torch.optim.Optimizer,
-               step: int) -> Optional[StepResult]:
+               step: int, diagnostics: bool = True) -> Optional[StepResult]:
         """learner.ppo.epochs optimiser steps over the batch (its micro-batches accumulated into each step), then the
-        KL controller; None when a loss is non-finite (nothing stepped after it; the loop counts and skips)."""
+        KL controller; None when a loss is non-finite (nothing stepped after it; the loop counts and skips). The
+        entropy metric only with `diagnostics`."""
         lc = self.cfg.learner
         prepared = [self.prepare(trajs) for trajs in batches]
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -83,7 +86,7 @@ class PPOObjective:
             optimizer.zero_grad(set_to_none=True)
             epoch_loss = 0.0
             for p in prepared:
-                out, values = self._forward(p["batch"])
+                out, values = self._forward(p["batch"], diagnostics)
                 loss, d = ppo_loss(out["log_pf"], values, p["log_pf_old"], p["values_old"], p["advantages"],
                                    p["returns"], p["mask"], clip=lc.ppo.clip, value_clip=lc.ppo.value_clip,
                                    value_coef=lc.ppo.value_coef)
@@ -94,9 +97,9 @@ class PPOObjective:
                 epoch_loss += float(loss.detach()) / len(prepared)
                 mask = p["mask"]
                 diag.append({k: float(v) for k, v in d.items()} | {"value_mean": float(values.detach()[mask].mean())})
-                infos.append({"log_pf_mean": float(out["log_pf"].detach()[mask].mean()),
-                              "entropy": float(out["entropy"][mask].mean()),
-                              "length": float(mask.sum(-1).float().mean())})
+                info = {"log_pf_mean": float(out["log_pf"].detach()[mask].mean()),
+                        "length": float(mask.sum(-1).float().mean())}
+                infos.append(info | ({"entropy": float(out["entropy"][mask].mean())} if diagnostics else {}))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, lc.grad_clip))
             optimizer.step()
             losses.append(epoch_loss)
@@ -118,7 +121,7 @@ class PPOObjective:
     def probe(self, batch: dict[str, torch.Tensor]) -> None:
         """The policy only: the flow head is not trained under PPO, its dormant ratio would mean nothing."""
         teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                       batch["response_mask"], self.eos_id)
+                       batch["response_mask"], self.eos_id, with_entropy=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ppo": {"kl": self.kl.state_dict()}}
