@@ -107,6 +107,34 @@ def test_each_objective_steps_through_the_same_loop(small_learner_config, tmp_pa
     assert resumed.step == 1 and type(resumed.objective) is objective_class
 
 
+@pytest.mark.parametrize("overrides", [(), PPO], ids=["fl-db", "ppo"])
+def test_the_entropy_metric_costs_only_logging_steps(small_learner_config, tmp_path, trajectories, overrides,
+                                                     monkeypatch):
+    """The entropy is a pass over the vocabulary: steps 1 and run.log_every compute and report it, the others not."""
+    import learner.balance_objective as balance
+    import learner.ppo_objective as ppo
+
+    asked = []
+
+    def spy(*args, with_entropy=True, **kwargs):
+        asked.append(with_entropy)
+        return teacher_forced(*args, with_entropy=with_entropy, **kwargs)
+
+    teacher_forced = balance.teacher_forced
+    monkeypatch.setattr(balance, "teacher_forced", spy)
+    monkeypatch.setattr(ppo, "teacher_forced", spy)
+    cfg = small_learner_config("run.log_every=3", "learner.checkpoint_every=100", *overrides)
+    buffer = ListBuffer()
+    buffer.add(trajectories[:8] * 3)
+    learner = Learner(cfg, buffer, tmp_path, resume=False)
+    logged, computed = [], []
+    for _ in range(3):
+        asked.clear()
+        logged.append("loss/entropy" in learner.train_step(wait_s=5))
+        computed.append(any(asked))
+    assert logged == computed == [True, False, True]
+
+
 @pytest.mark.parametrize("name", ["fl-db", "db", "tb"])
 def test_the_balance_objectives_are_one_class_parameterised_by_the_loss(small_learner_config, tmp_path,
                                                                          trajectories, name):
