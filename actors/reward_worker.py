@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from actors.retry import Backoff
+from common.timing import PhaseClock
 from common.config import Config
 from scoring.reward import PENALTIES, baseline_text, per_text_scores, reward_parts
 from common.trajectory import Trajectory
@@ -76,6 +77,7 @@ class RewardWorker:
         self.cache = PlainCache(self._redis, cache_model_id(cfg, str(self.dtype).removeprefix("torch.")),
                                  cfg.reward.images.seed)
         self.stats = WorkerStats()
+        self.clock = PhaseClock("reward")  # time per phase, into the run's meta (common/timing.py)
         self._scoring_pool: Any = None  # reward.speed.overlap_scoring: one scorer thread, made on first use
         self._scoring_stream: Any = None
 
@@ -85,24 +87,35 @@ class RewardWorker:
         """Read up to batch_size entries (reclaiming dead consumers' first), score, store, ack.
         Returns the number of entries handled (0 when the stream stayed empty for block_ms)."""
         count = self.cfg.reward.batch_size if max_items is None else max(1, min(max_items, self.cfg.reward.batch_size))
-        entries = self.buffer.read_pending(self.name, count, block_ms=self.block_ms, min_idle_ms=self.reclaim_idle_ms)
+        clock = self.clock
+        with clock.phase("read"):
+            entries = self.buffer.read_pending(self.name, count, block_ms=self.block_ms,
+                                               min_idle_ms=self.reclaim_idle_ms)
         if not entries:
+            clock.flush(self.buffer)
             return 0
         entry_ids = [entry_id for entry_id, _ in entries]
         todo = []
+        start, rendered, judged = time.perf_counter(), self.stats.render_s, self.stats.score_s
         for _, traj in entries:  # reclaimed after a crash between add and ack: already done
             if self.buffer.get(traj.id) is not None:
                 self.stats.already_stored += 1
             else:
                 todo.append(traj)
         scored, failed = self.score_batch(todo)
-        if scored:
-            self.buffer.add(scored)
-        for traj, reason in failed:
-            log.warning("reward worker %s: trajectory %s failed: %s", self.name, traj.id, reason)
-            self.buffer.record_failed(traj, reason)
-        self.buffer.ack_pending(entry_ids)
-        self._count("reward_scored", len(scored))
+        rendered, judged = self.stats.render_s - rendered, self.stats.score_s - judged
+        clock.add("render", rendered)
+        clock.add("score", judged)
+        clock.add("other", time.perf_counter() - start - rendered - judged)
+        with clock.phase("store"):
+            if scored:
+                self.buffer.add(scored)
+            for traj, reason in failed:
+                log.warning("reward worker %s: trajectory %s failed: %s", self.name, traj.id, reason)
+                self.buffer.record_failed(traj, reason)
+            self.buffer.ack_pending(entry_ids)
+            self._count("reward_scored", len(scored))
+        clock.flush(self.buffer)
         self.stats.items += len(entries)
         self.stats.scored += len(scored)
         self.stats.failed += len(failed)

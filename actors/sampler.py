@@ -27,6 +27,7 @@ from common.formats import PolicyFormat
 from common.models import build_policy, build_reference, build_tokenizer, resolve_device
 from common.schedules import sampling_temperature
 from common.trajectory import Trajectory
+from common.timing import PhaseClock
 from common.weights import WeightsClient
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Sampler:
         self.policy = build_policy(cfg.model, self.tokenizer, checkpoint).to(self.device).eval()
         self.reference = build_reference(cfg.model, self.tokenizer, checkpoint).to(self.device)
         self.weights = WeightsClient(weights) if weights is not None else None
+        self.clock = PhaseClock("sampler")  # time per phase, into the run's meta (common/timing.py)
         self.version = -1  # store version held; -1: nothing pulled yet, the starting (SFT) weights
         self.policy_step = 0  # learner step of the weights held: stamped on trajectories, drives the schedule
         self.prompts = load_train_prompts(cfg.sampler.datasets).prompts
@@ -102,11 +104,17 @@ class Sampler:
 
     def step(self) -> int:
         """One batch if the pipeline has room (`has_room`); returns trajectories pushed (0 when held back)."""
-        if not self.has_room():
+        with self.clock.phase("push"):
+            room = self.has_room()
+        if not room:
             return 0
-        self.pull_weights()
-        trajs = self.sample_batch()
-        self.buffer.push_pending(trajs)
+        with self.clock.phase("weights"):
+            self.pull_weights()
+        with self.clock.phase("sample"):
+            trajs = self.sample_batch()
+        with self.clock.phase("push"):
+            self.buffer.push_pending(trajs)
+        self.clock.flush(self.buffer)
         return len(trajs)
 
     def has_room(self) -> bool:
@@ -136,7 +144,8 @@ class Sampler:
                 backoff.failed(exc)
                 continue
             if n == 0:
-                time.sleep(idle_sleep)
+                with self.clock.phase("wait"):
+                    time.sleep(idle_sleep)
                 continue
             pushed, batches = pushed + n, batches + 1
         return pushed

@@ -72,6 +72,7 @@ NS_BUFFER = "buffer"
 NS_WEIGHTS = "weights"
 NS_THROUGHPUT = "throughput"
 NS_PPO = "ppo"  # objective=ppo: kl, kl_coef, clipfrac, value_loss, ...
+NS_TIME = "time"  # time/{role}/{phase}: each phase's share of its role's time (common/timing.py)
 
 
 def metric(namespace: str, name: str) -> str:

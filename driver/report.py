@@ -21,8 +21,9 @@ import yaml
 from common.config import Config, read_saved
 from common.constants import (BUFFER_SIZE, FLOW_DORMANT, FRESH_FRACTION, FRESH_FRACTION_RUN, FRESH_PER_S, LAG_MAX,
                               LAG_MEAN, LOG_REWARD, LOSS_ENTROPY, LOSS_TOTAL, NS_REWARD, POLICY_DORMANT, REWARD,
-                              TEXT_DIVERSITY, metric)
+                              TEXT_DIVERSITY, meta_key, metric)
 from common.images import image_grid
+from common.timing import role_times, time_table
 from common.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,22 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
 
 # ---------------------------------------------------------------------- report
 
+def run_times(redis_url: str, run: str) -> dict[str, dict[str, float]]:
+    """Seconds per role and phase from the run's meta hash (common/timing.py); {} when Redis cannot say."""
+    from buffer.connection import connect
+
+    try:
+        client = connect(redis_url)
+        try:
+            meta = client.hgetall(meta_key(run))
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 — a report without this table beats no report
+        log.warning("report: no phase times (%s)", exc)
+        return {}
+    return role_times({k.decode(): v.decode() for k, v in meta.items()})
+
+
 def _window_mean(history: list[dict[str, float]], key: str, first: bool) -> float:
     values = [m[key] for m in history if key in m and math.isfinite(m[key])]
     if not values:
@@ -198,6 +215,8 @@ def write_report(cfg: Config, run_dir: Path, history: list[dict[str, float]], re
              "|---|---|---|"]
     for key in keys:
         lines.append(f"| {key} | {_window_mean(history, key, True):.4g} | {_window_mean(history, key, False):.4g} |")
+    lines += ["", "## Where the time went (every process of each role, the whole run)", "",
+              *time_table(run_times(redis_url, cfg.run.name))]
     lines += ["", f"## Held-out prompts: {N_REWRITES} sampled rewrites each (T = {cfg.sampler.temp_end})", "",
               f"| plain prompt | rewrite | reward | {' | '.join(p.replace('_', ' ') for p in parts)} |",
               "|---|---|---|---|---|"]

@@ -32,6 +32,7 @@ from common.errors import RunFailedError
 from common.models import build_policy, build_tokenizer, resolve_device
 from common.schedules import Schedules
 from common.storage import RunStorage
+from common.timing import PhaseClock, role_times, shares
 from common.trajectory import Trajectory, untrainable
 from common.weights import WeightsClient
 from learner.balance_objective import BalanceObjective
@@ -101,6 +102,8 @@ class Learner:
         self.counters: dict[str, int] = defaultdict(int)
         self._nonfinite_run = 0
         self._last_time = self._last_save = time.monotonic()
+        self.clock = PhaseClock("learner")  # time per phase, into the run's meta (common/timing.py)
+        self._times: dict[str, dict[str, float]] = {}  # every role's totals at the last logging step
         self.storage = RunStorage.from_config(cfg)  # run.storage_path: checkpoints outlive this node
         if resume and self.storage is not None:
             self.storage.pull_checkpoint(self.run_dir)  # restarted on another node: its newest checkpoint
@@ -143,7 +146,8 @@ class Learner:
         batches, fresh, entries = [], [], []
         counts: dict[str, int] = defaultdict(int)
         for _ in range(self.cfg.learner.grad_accum):
-            micro = self.collect(self.cfg.learner.batch_size, wait_s, holding=entries)
+            with self.clock.phase("collect"):
+                micro = self.collect(self.cfg.learner.batch_size, wait_s, holding=entries)
             for k, v in micro.counts().items():
                 counts[k] += v
             batches.append(micro.trajectories)
@@ -162,7 +166,8 @@ class Learner:
         fresh = fresh if fresh is not None else [t for b in batches for t in b]
         counts = counts or {"fresh": len(fresh), "replay": 0, "filled": 0}
         logging_step = self.logging_step(self.step + 1)
-        result = self.objective.update(batches, self.optimizer, self.step, diagnostics=logging_step)
+        with self.clock.phase("update"):
+            result = self.objective.update(batches, self.optimizer, self.step, diagnostics=logging_step)
         if result is None:
             return self._skip_nonfinite()
         self._nonfinite_run = 0
@@ -171,19 +176,31 @@ class Learner:
         metrics = self._metrics(result, [t for b in batches for t in b], fresh, counts)
         metrics.update(result.metrics)
         if logging_step:
-            metrics.update(self.plasticity(batches[0]))
-            if self.encoder is not None and fresh:
-                metrics[f"{NS_DIVERSITY}/text"] = text_diversity(fresh, self.encoder)
+            with self.clock.phase("diagnostics"):
+                metrics.update(self.plasticity(batches[0]))
+                if self.encoder is not None and fresh:
+                    metrics[f"{NS_DIVERSITY}/text"] = text_diversity(fresh, self.encoder)
         flow_dormant = metrics.get(f"{NS_PLASTICITY}/flow_dormant")  # None unless probed at this step
         if should_reactivate(self.step, lc.reactivation_every, flow_dormant, lc.reactivation_dormant):
             self.flow.reinit_last_layer(self.optimizer, init=lc.reactivation_init)
             self.counters["reactivations"] += 1
         metrics[f"{NS_PLASTICITY}/reactivations"] = float(self.counters["reactivations"])
         if self.step % lc.publish_every == 0:
-            self.publish()
+            with self.clock.phase("publish"):
+                self.publish()
         if self._checkpoint_due():
-            self.save()
+            with self.clock.phase("checkpoint"):
+                self.save()
+        self.clock.flush(self.buffer)
+        if logging_step:
+            metrics.update(self._time_shares())
         return metrics
+
+    def _time_shares(self) -> dict[str, float]:
+        """`time/{role}/{phase}`: where every role's time went since the last logging step (from the run's meta)."""
+        now = role_times(self.buffer.meta())
+        out, self._times = shares(now, self._times), now
+        return out
 
     def logging_step(self, step: int) -> bool:
         """Steps whose metrics include what costs compute: the policy's entropy, dormant ratios, text diversity."""

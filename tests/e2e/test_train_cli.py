@@ -110,6 +110,9 @@ def test_sigint_stops_cleanly_then_resume_finishes_with_a_report(workdir):
 
     report = (run_dir / "report.md").read_text()
     assert "## Held-out prompts" in report and "## Resolved config" in report and "curves.png" in report
+    assert "| reward | render |" in report and "| sampler | sample |" in report and "| learner | update |" in report
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert "time/learner/update" in logged[0] and any("time/reward/render" in m for m in logged)
     rows = [line for line in report.splitlines() if line.startswith("| ") and " | " in line]
     assert sum("failed" not in r for r in rows) >= 8 * 4, "8 prompts × 4 scored rewrites"
     from PIL import Image

@@ -17,6 +17,7 @@ from scoring.render import build_reward_models, plain_text
 from buffer.replay import ReplayBuffer
 from common.config import load_config
 from common.constants import SCORERS_GROUP, pending_key, plain_key
+from common.timing import role_times
 from common.trajectory import Trajectory
 
 torch.set_num_threads(1)
@@ -76,6 +77,7 @@ def test_step_scores_stores_and_acks(worker, cfg):
     trajs = [_traj("a cat", "a cat, highly detailed"), _traj("a dog Rephrase:\n", "a dog, oil painting"),
              _traj("a cat", "a cat, cinematic lighting")]
     worker.buffer.push_pending(trajs)
+    started = time.monotonic()
     assert worker.step() == 3
     assert worker.buffer.pending_len() == 0
     assert len(worker.buffer) == 3
@@ -94,6 +96,9 @@ def test_step_scores_stores_and_acks(worker, cfg):
     # readable for a person
     fields = worker.buffer.client.hgetall(f"pag:{worker.run_name}:traj:{trajs[0].id}")
     assert float(fields[b"aes_gain"]) == pytest.approx(worker.buffer.get(trajs[0].id).scores["aes_gain"], abs=1e-5)
+    spent = role_times(worker.buffer.meta())["reward"]  # where its time went, in the run's meta
+    assert {"render", "score", "store"} <= set(spent) and spent["render"] > 0, spent
+    assert sum(spent.values()) <= time.monotonic() - started
 
 
 def test_identical_images_give_zero_aesthetic_gain(worker):

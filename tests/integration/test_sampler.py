@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from common.config import load_config
+from common.timing import role_times
 from common.weights import WeightStore, pack_state_dict
 
 from actors.sampler import Sampler
@@ -48,6 +49,8 @@ def test_backpressure_holds_the_bound(cfg, buffer):
     entries = buffer.read_pending("w", 100)
     buffer.ack_pending([e for e, _ in entries])
     assert sampler.step() == batch, "room again once a reward worker acknowledged"
+    spent = role_times(buffer.meta())["sampler"]  # where its time went, in the run's meta
+    assert spent["sample"] > 0 and spent["push"] > 0, spent
 
 
 def test_pulls_newer_weights_and_anneals(cfg, buffer):

@@ -35,7 +35,7 @@ class ListBuffer:
     url, capacity, client = "redis://unit", 100, _Server()
 
     def __init__(self) -> None:
-        self.meta: dict[str, str] = {}
+        self.fields: dict[str, str] = {}  # the run's meta hash
         self.holding: list[set[str]] = []  # what each read_fresh was told the learner holds
         self.stream: list[tuple[str, Trajectory]] = []
         self.pool: list[Trajectory] = []
@@ -49,7 +49,14 @@ class ListBuffer:
         self.pool += trajs
 
     def set_meta(self, **fields) -> None:
-        self.meta.update({k: str(v) for k, v in fields.items()})
+        self.fields.update({k: str(v) for k, v in fields.items()})
+
+    def incr_counter(self, name: str, n: int = 1) -> int:
+        self.fields[name] = str(int(self.fields.get(name, 0)) + n)
+        return int(self.fields[name])
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.fields)
 
     def read_fresh(self, consumer: str, count: int, block_ms: int = -1,
                    holding=()) -> list[tuple[str, Trajectory]]:
@@ -133,6 +140,25 @@ def test_the_entropy_metric_costs_only_logging_steps(small_learner_config, tmp_p
         logged.append("loss/entropy" in learner.train_step(wait_s=5))
         computed.append(any(asked))
     assert logged == computed == [True, False, True]
+    assert int(buffer.meta()["time_ms:learner:update"]) > 0
+
+
+def test_logging_steps_report_where_each_role_spent_its_time(small_learner_config, tmp_path, trajectories):
+    cfg = small_learner_config("run.log_every=2", "learner.checkpoint_every=2")
+    buffer = ListBuffer()
+    buffer.add(trajectories[:8] * 3)
+    buffer.set_meta(**{"time_ms:reward:render": 3000, "time_ms:reward:read": 1000})  # as reward workers write them
+    learner = Learner(cfg, buffer, tmp_path, resume=False)
+    first = learner.train_step(wait_s=5)
+    assert first["time/reward/render"] == pytest.approx(0.75) and first["time/reward/read"] == pytest.approx(0.25)
+    mine = {k: v for k, v in first.items() if k.startswith("time/learner/")}
+    assert {"time/learner/update", "time/learner/diagnostics"} <= set(mine), mine
+    assert sum(mine.values()) == pytest.approx(1.0) and "time/learner/checkpoint" not in mine
+    buffer.set_meta(**{"time_ms:reward:read": 2000})  # since step 1 the reward workers only read
+    second = learner.train_step(wait_s=5)
+    assert second["time/reward/read"] == pytest.approx(1.0) and second["time/reward/render"] == 0.0
+    assert second["time/learner/checkpoint"] > 0, "step 2 saved a checkpoint"
+    assert not any(k.startswith("time/") for k in learner.train_step(wait_s=5)), "step 3 does not log"
 
 
 @pytest.mark.parametrize("name", ["fl-db", "db", "tb"])
