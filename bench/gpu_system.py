@@ -162,7 +162,7 @@ class OfficialLike:
     def __init__(self, cfg, learner, reference, models, prompts: list[str]) -> None:
         self.cfg, self.learner, self.reference, self.models, self.prompts = cfg, learner, reference, models, prompts
         self.replay: list = []  # the official buffer keeps token ids and rewards in process memory
-        self.step_i, self.renders = 0, 0
+        self.step_i, self.renders, self.reward_s = 0, 0, 0.0
         self.gen = torch.Generator(learner.device).manual_seed(0)
 
     def _reward(self, responses: list[str], plains: list[str]) -> torch.Tensor:
@@ -171,9 +171,11 @@ class OfficialLike:
 
         k, r = self.models.renderer.k, self.cfg.reward
         distinct = list(dict.fromkeys(plains))
+        start = time.perf_counter()
         images = self.models.renderer(responses + distinct)
         self.renders += len(responses) + len(distinct)
         scores = self.models.score_fn(images, [p for p in plains + distinct for _ in range(k)])
+        self.reward_s += time.perf_counter() - start
         aes, clip = scores["aes"].view(-1, k).double(), scores["clip"].view(-1, k).double()
         n = len(responses)
         plain_aes = {p: aes[n + i] for i, p in enumerate(distinct)}
@@ -224,6 +226,7 @@ def run_e2e(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
     from actors.sampler import Sampler
     from buffer.replay import ReplayBuffer
     from common.redis_server import RedisServer, RedisServerError
+    from common.timing import role_times
     from common.weights import WeightStore
     from learner.learner import Learner
 
@@ -254,12 +257,18 @@ def run_e2e(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
             for fn in (ours, ours, mimic.step, mimic.step):  # warm-up: replay half filled, both paths run once
                 fn()
             times: dict[str, list[float]] = {"ours": [], "official_like": []}
-            renders0, stats0 = mimic.renders, dict(worker.stats.as_dict())
-            for rep in range(1 if ctx.quick else 4):
+            cpu = {"ours": 0.0, "official_like": 0.0}
+            renders0, stats0, reward0 = mimic.renders, dict(worker.stats.as_dict()), mimic.reward_s
+            phases0 = role_times(buffer.meta())
+            for rep in range(1 if ctx.quick else 6):
                 for name, fn in (("ours", ours), ("official_like", mimic.step)):
                     if rep and not deadline.allows(2 * sum(statistics.median(v) for v in times.values())):
                         break
+                    cpu0 = time.process_time()
                     times[name].append(G.timed(fn, ctx.device)[0])
+                    cpu[name] += time.process_time() - cpu0
+            phases = {role: {ph: round(v - phases0.get(role, {}).get(ph, 0.0), 3) for ph, v in spent.items()}
+                      for role, spent in role_times(buffer.meta()).items()}
             worker_stats = worker.stats.as_dict()
             worker.close()
             buffer.close()
@@ -272,11 +281,16 @@ def run_e2e(ctx: G.Context, deadline: G.Deadline) -> dict[str, Any]:
     out = {"batch": B, "build_s": build_s, "times": times, "trajectories_per_s": {"ours": ours_tps, "official_like": theirs_tps},
            "ratio": ours_tps / theirs_tps,
            "renders_per_trajectory": {"ours": rendered / max(1, n_ours * B),
-                                      "official_like": (mimic.renders - renders0) / max(1, len(times["official_like"]) * B)}}
+                                      "official_like": (mimic.renders - renders0) / max(1, len(times["official_like"]) * B)},
+           "cpu_s_per_trajectory": {name: cpu[name] / max(1, len(times[name]) * B) for name in cpu},
+           "seconds_by_phase": {"ours": phases,
+                                "official_like": {"render_and_score": round(mimic.reward_s - reward0, 3),
+                                                  "rest": round(sum(times["official_like"]) - mimic.reward_s + reward0, 3)}}}
     out["rows"] = [{"measure": f"end to end trajectories/s (learner batch {B}), roles in one process vs official-like loop",
                     "value": ours_tps, "baseline": theirs_tps, "ratio": out["ratio"],
                     "note": f"target ≥ 3×; renders/trajectory {out['renders_per_trajectory']['ours']:.2f} vs "
-                            f"{out['renders_per_trajectory']['official_like']:.2f}"}]
+                            f"{out['renders_per_trajectory']['official_like']:.2f}; CPU s/trajectory "
+                            f"{out['cpu_s_per_trajectory']['ours']:.3f} vs {out['cpu_s_per_trajectory']['official_like']:.3f}"}]
     return out
 
 
