@@ -12,7 +12,10 @@ Measures, in one run against one server:
     decode in Python) and the Redis script alone;
   * steady state at the paper's capacity (5,000) with eviction and dedup doing work;
   * the server's CPU time per trajectory and per pipelined SET (INFO cpu): their ratio is the
-    insert rate, as a fraction of SET's, that Redis could take if writers did not share its CPUs.
+    insert rate, as a fraction of SET's, that Redis could take if writers did not share its CPUs;
+  * the bare write floor at each size: the same trajectories written by the same writers as one
+    HSET + ZADD + XADD each, a batch per MULTI/EXEC, filled to the same size right after ours —
+    server CPU per trajectory of ours over the floor's, with and without AOF-rewrite children.
 """
 from __future__ import annotations
 
@@ -89,10 +92,34 @@ def writer(url: str, run: str, capacity: int, seed: int, count: int, batch: int,
     buf.close()
 
 
-def fill(url: str, run: str, capacity: int, writers: int, per_writer: int, batch: int, seed0: int) -> dict:
+def floor_writer(url: str, run: str, capacity: int, seed: int, count: int, batch: int,
+                 barrier, results) -> None:
+    """The bare write floor: the same trajectories, each one HSET of the same fields + ZADD + XADD, a batch per
+    MULTI/EXEC pipeline — no dedup, no idempotency, no eviction, no counters, no validation."""
+    from buffer.connection import connect
+
+    client = connect(url)
+    pool = Pool(seed)
+    hashes = [[(t.id, t.log_reward, to_redis_hash(t)) for t in pool.batch(s, min(batch, count - s))]
+              for s in range(0, count, batch)]
+    barrier.wait()
+    t0 = time.perf_counter()
+    for b in hashes:
+        pipe = client.pipeline(transaction=True)
+        for tid, score, fields in b:
+            pipe.hset(f"floor:{run}:traj:{tid}", mapping=fields)
+            pipe.zadd(f"floor:{run}:prio", {tid: score})
+            pipe.xadd(f"floor:{run}:fresh", {"id": tid})
+        pipe.execute()
+    results.put((count, t0, time.perf_counter()))
+    client.close()
+
+
+def fill(url: str, run: str, capacity: int, writers: int, per_writer: int, batch: int, seed0: int,
+         target=writer) -> dict:
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(writers + 1), ctx.Queue()
-    procs = [ctx.Process(target=writer, args=(url, run, capacity, seed0 + w, per_writer, batch, barrier, results))
+    procs = [ctx.Process(target=target, args=(url, run, capacity, seed0 + w, per_writer, batch, barrier, results))
              for w in range(writers)]
     for p in procs:
         p.start()
@@ -105,12 +132,23 @@ def fill(url: str, run: str, capacity: int, writers: int, per_writer: int, batch
     return {"inserted": total, "seconds": round(wall, 3), "inserts_per_s": round(total / wall, 1)}
 
 
-def redis_cpu_s(client) -> float:
-    """CPU seconds the server has used, its AOF-rewrite children included (INFO cpu). Unlike
-    wall-clock command timings this does not grow when the machine is busy with other work."""
+def redis_cpu_s(client, children: bool = True) -> float:
+    """CPU seconds the server has used, its AOF-rewrite children included unless `children=False` (INFO cpu).
+    Unlike wall-clock command timings this does not grow when the machine is busy with other work."""
     info = client.info("cpu")
-    return sum(float(info.get(k, 0.0)) for k in
-               ("used_cpu_sys", "used_cpu_user", "used_cpu_sys_children", "used_cpu_user_children"))
+    keys = ("used_cpu_sys", "used_cpu_user") + (("used_cpu_sys_children", "used_cpu_user_children") if children else ())
+    return sum(float(info.get(k, 0.0)) for k in keys)
+
+
+def measured_fill(client, url: str, run: str, capacity: int, writers: int, per_writer: int, batch: int, seed: int,
+                  target=writer) -> dict:
+    """`fill` with the server's CPU per trajectory: all of it, and the server process alone (no AOF-rewrite child)."""
+    both, alone = redis_cpu_s(client), redis_cpu_s(client, children=False)
+    phase = fill(url, run, capacity, writers, per_writer, batch, seed, target)
+    n = per_writer * writers
+    phase["server_cpu_us_per_trajectory"] = round((redis_cpu_s(client) - both) * 1e6 / n, 2)
+    phase["server_cpu_us_per_trajectory_no_children"] = round((redis_cpu_s(client, children=False) - alone) * 1e6 / n, 2)
+    return phase
 
 
 def settle(buf: ReplayBuffer) -> int:
@@ -160,6 +198,9 @@ def main() -> int:
     parser.add_argument("--hash-listpack-value", type=int, default=4096,
                         help="CONFIG SET hash-max-listpack-value (bytes) before the run, so a trajectory "
                              "hash stays one compact listpack; 0 leaves the server's setting (default 64)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the bare write floor (HSET + ZADD + XADD in MULTI/EXEC, same trajectories, "
+                             "filled to the same sizes right after ours)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -201,10 +242,17 @@ def main() -> int:
         for size in sizes:
             per_writer = (size - have) // args.writers
             if per_writer > 0:
-                cpu0 = redis_cpu_s(buf.client)
-                phase = fill(url, run, max(sizes), args.writers, per_writer, args.batch, seed)
-                phase["server_cpu_us_per_trajectory"] = round(
-                    (redis_cpu_s(buf.client) - cpu0) * 1e6 / (per_writer * args.writers), 2)
+                phase = measured_fill(buf.client, url, run, max(sizes), args.writers, per_writer, args.batch, seed)
+                if args.floor:  # the same trajectories the bare way, to the same size, right after
+                    settle(buf)
+                    bare = measured_fill(buf.client, url, run, max(sizes), args.writers, per_writer, args.batch,
+                                         seed, target=floor_writer)
+                    phase["floor"] = bare
+                    phase["ratio_to_floor"] = round(phase["server_cpu_us_per_trajectory"]
+                                                    / bare["server_cpu_us_per_trajectory"], 3)
+                    phase["ratio_to_floor_no_children"] = round(
+                        phase["server_cpu_us_per_trajectory_no_children"]
+                        / bare["server_cpu_us_per_trajectory_no_children"], 3)
                 seed += args.writers
                 have = len(buf)
                 report["fill"].append({"to_size": have, **phase})
@@ -244,6 +292,9 @@ def main() -> int:
             "server_cpu_us_per_trajectory": round(cpu_per_traj, 2),
             "server_cpu_us_per_pipelined_set": set_cpu,
             "server_bound_fraction_of_pipelined_set": round(set_cpu / cpu_per_traj, 4) if cpu_per_traj else None,
+            "ratio_to_floor_by_size": {str(f["to_size"]): f.get("ratio_to_floor") for f in report["fill"]},
+            "ratio_to_floor_no_children_by_size": {str(f["to_size"]): f.get("ratio_to_floor_no_children")
+                                                   for f in report["fill"]},
             f"sample128_p99_ms_at_{sizes[-1]}": largest["sample_p99_ms"],
             f"script_p99_ms_at_{sizes[-1]}": largest["script_p99_ms"],
             "target_sample128_p99_ms": 10.0,
