@@ -304,11 +304,16 @@ def main() -> int:
         if server is not None:
             server.kill()  # a throwaway data dir: no need to wait for an AOF flush
             shutil.rmtree(server.data_dir, ignore_errors=True)
+    emit(report, args.out)
+    return 0
+
+
+def emit(report: dict, out: str | None) -> None:
+    """The JSON on stdout, and into `out` when given."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,16 +121,14 @@ def main() -> int:
                 us[variant].append((bench_buffer.redis_cpu_s(client, children=False) - cpu0) * 1e6 / args.n)
         probe.close()
     finally:
-        server.kill()
+        server.kill()  # a throwaway data dir: no need to wait for an AOF flush
+        shutil.rmtree(server.data_dir, ignore_errors=True)
     median = {v: round(statistics.median(x), 2) for v, x in us.items()}
     report = {"command": " ".join(["python", "bench/buffer_parts.py", *sys.argv[1:]]), "n": args.n,
               "reps": args.reps, "server_cpu_us_per_trajectory": median,
               "runs": {v: [round(x, 2) for x in xs] for v, xs in us.items()},
               "ratio_to_floor": {v: round(m / median["floor"], 3) for v, m in median.items()}}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    bench_buffer.emit(report, args.out)
     return 0
 
 
