@@ -149,7 +149,8 @@ def main(argv=None) -> int:
             port = s.getsockname()[1]
         t0 = time.perf_counter()
         url = start(Namespace(checkpoint=str(checkpoint), host="127.0.0.1", port=port, no_render=True,
-                              policy_replicas=1, scorer_replicas=1, scorer_gpus=0, ray_address=None))
+                              policy_replicas=1, scorer_replicas=1, scorer_gpus=0, refine=False, refine_gpus=0,
+                              ray_address=None))
         out["serve_start_s"] = round(time.perf_counter() - t0, 1)
         load(url, 1, 2, args.n, args.decode)  # warm-up
         out["served"] = load(url, args.clients, args.seconds, args.n, args.decode)

@@ -26,6 +26,10 @@ def register(sub) -> None:
     p.add_argument("--policy-replicas", type=int, default=1, help="replicas of the policy deployment (default 1)")
     p.add_argument("--scorer-replicas", type=int, default=1, help="replicas of the render + score deployment")
     p.add_argument("--scorer-gpus", type=float, default=0, help="GPUs per render + score replica (default 0: CPU)")
+    p.add_argument("--refine", action="store_true",
+                   help="also serve POST /v1/refine: IPGO on a chosen rewrite (the run's ipgo settings, at most "
+                        "50 iterations a request)")
+    p.add_argument("--refine-gpus", type=float, default=0, help="GPUs per refine replica (default 0: CPU)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_serve)
 
@@ -37,11 +41,13 @@ def check_resources(app_args: dict, resources: dict) -> None:
     cpus, have = required_cpus(app_args), resources.get("CPU", 0)
     if cpus > have:
         raise ValueError(f"the replicas reserve {cpus:g} CPUs and this Ray cluster has {have:g}: lower "
-                         "--policy-replicas / --scorer-replicas, or --no-render")
+                         "--policy-replicas / --scorer-replicas, or --no-render, or leave out --refine")
     gpus = float(app_args["scorer_gpus"]) * (int(app_args["scorer_replicas"]) if app_args["render"] else 0)
+    gpus += float(app_args.get("refine_gpus", 0)) if app_args.get("refine") else 0.0
     if gpus > resources.get("GPU", 0):
         raise ValueError(f"--scorer-gpus {app_args['scorer_gpus']:g} x {app_args['scorer_replicas']} replicas "
-                         f"reserve {gpus:g} GPUs and this Ray cluster has {resources.get('GPU', 0):g}")
+                         f"and --refine-gpus {app_args.get('refine_gpus', 0):g} reserve {gpus:g} GPUs and this Ray "
+                         f"cluster has {resources.get('GPU', 0):g}")
 
 
 def start(args) -> str:
@@ -61,7 +67,8 @@ def start(args) -> str:
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
     init_ray(args.ray_address)
     app_args = {"checkpoint": args.checkpoint, "render": not args.no_render, "policy_replicas": args.policy_replicas,
-                "scorer_replicas": args.scorer_replicas, "scorer_gpus": args.scorer_gpus}
+                "scorer_replicas": args.scorer_replicas, "scorer_gpus": args.scorer_gpus,
+                "refine": args.refine, "refine_gpus": args.refine_gpus}
     check_resources(app_args, ray.cluster_resources())  # Serve would wait forever for a replica that cannot fit
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(app_args), name="pag", route_prefix="/")

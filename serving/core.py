@@ -6,6 +6,7 @@ diverse beam search, the code `pag eval` decodes with), render and score rewrite
     texts = rewriter.rewrite([RewriteRequest(prompt="a cat", n=4)])[0]
     judge = Judge(rewriter.cfg)
     cards = judge.judge("a cat", texts)   # {"plain": {...}, "rewrites": [{...}, ...]}
+    refined = Refiner(rewriter.cfg).refine(texts[0], iterations=10)   # IPGO: before/after pictures, reward curve
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from common.runs import resolve_checkpoint
 MAX_REWRITES = 16
 #: Stable Diffusion's text encoder reads 77 tokens (with its start and end tokens): a longer prompt is cut
 MAX_CLIP_TOKENS = 77
+#: most IPGO iterations one refinement may run (each renders and backpropagates through the sampler's last steps)
+MAX_REFINE_ITERATIONS = 50
 
 
 class RewriteRequest(BaseModel):
@@ -44,6 +47,22 @@ class RewriteRequest(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt is blank: give the words to rewrite")
+        return value.strip()
+
+
+class RefineRequest(BaseModel):
+    """`POST /v1/refine`: IPGO on one chosen rewrite (learned tokens around its text encoding, not new words)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=2000, description="the rewrite (or any prompt) to refine")
+    iterations: int = Field(10, ge=1, le=MAX_REFINE_ITERATIONS,
+                            description=f"IPGO iterations (1-{MAX_REFINE_ITERATIONS}); the best one is kept")
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text is blank: give the rewrite to refine")
         return value.strip()
 
 
@@ -124,3 +143,26 @@ class Judge:
                           "images": [_png(img) for img in images[j * k:(j + 1) * k]]})
         return {"plain": {"text": base, "scores": plain_scores, "images": [_png(img) for img in images[:k]]},
                 "rewrites": cards}
+
+
+class Refiner:
+    """IPGO on a chosen rewrite (ipgo/optimize.py, prompt-wise, the run's `ipgo` settings): a few learned tokens
+    around its text encoding, trained by the gradient of the IPGO reward through the sampler's last steps on
+    the run's fixed IPGO noise; the best iterate's picture beside the rewrite's own, with the reward curve."""
+
+    def __init__(self, cfg: Config, device: Optional[str] = None) -> None:
+        from common.models import resolve_device
+        from ipgo.optimize import build_models
+
+        self.cfg = cfg
+        self.models = build_models(cfg, resolve_device(device or cfg.run.device))
+
+    def refine(self, text: str, iterations: int) -> dict[str, Any]:
+        from ipgo.optimize import optimize_prompt
+
+        result = optimize_prompt(self.models, text, iterations)
+        return {"text": text, "iterations": iterations, "reward_terms": list(self.cfg.ipgo.reward),
+                "initial_reward": result.initial_reward, "best_reward": result.best_reward,
+                "best_iteration": result.best_iteration, "curve": result.curve, "truncated": result.truncated,
+                "seconds": round(result.seconds, 3),
+                "images": {"before": _png(result.initial_image), "after": _png(result.best_image)}}

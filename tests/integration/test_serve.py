@@ -26,7 +26,8 @@ def server(ray_local, tiny_run):
     from serving.cli import start
 
     url = start(Namespace(checkpoint=str(tiny_run), host="127.0.0.1", port=_free_port(), no_render=False,
-                          policy_replicas=1, scorer_replicas=1, scorer_gpus=0, ray_address=None))
+                          policy_replicas=1, scorer_replicas=1, scorer_gpus=0, refine=True, refine_gpus=0,
+                          ray_address=None))
     yield url
     serve.shutdown()
 
@@ -46,10 +47,21 @@ def test_health_info_page_and_docs(server, tiny_run):
     assert _call(server + "/healthz")[1]["ok"] is True
     status, info = _call(server + "/v1/info")
     assert status == 200 and info["run"] == "served" and info["render"] is True and info["preset"] == "tiny"
+    assert info["refine"] is True
     status, page = _call(server + "/")
     assert status == 200 and '<form id="form">' in page and "/v1/rewrite" in page
     status, spec = _call(server + "/openapi.json")
-    assert status == 200 and "/v1/rewrite" in spec["paths"]
+    assert status == 200 and "/v1/rewrite" in spec["paths"] and "/v1/refine" in spec["paths"]
+
+
+def test_a_chosen_rewrite_is_refined_by_bounded_ipgo(server):
+    status, out = _call(server + "/v1/refine", {"text": "a cat on a sofa, oil painting", "iterations": 2})
+    assert status == 200 and len(out["curve"]) == 2 and out["best_reward"] == max(out["curve"])
+    assert out["images"]["before"].startswith("data:image/png;base64,") and out["images"]["after"] != out["images"]["before"]
+    status, err = _call(server + "/v1/refine", {"text": "a cat", "iterations": 51})
+    assert status == 422 and err["detail"][0]["loc"] == ["body", "iterations"]
+    status, err = _call(server + "/v1/refine", {"text": " ".join(["cat"] * 80)})
+    assert status == 422 and err["detail"][0]["loc"] == ["body", "text"] and "82 CLIP tokens" in err["detail"][0]["msg"]
 
 
 def test_rewrites_by_sampling_and_by_beam_search(server):

@@ -7,7 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from common.runs import resolve_checkpoint
-from serving.core import MAX_REWRITES, Judge, Rewriter, RewriteRequest, clip_token_count
+from serving.core import (MAX_REFINE_ITERATIONS, MAX_REWRITES, Judge, RefineRequest, Refiner, Rewriter, RewriteRequest,
+                          clip_token_count)
 
 
 @pytest.mark.parametrize("fields, where, says", [
@@ -68,3 +69,27 @@ def test_the_judge_renders_the_plain_prompt_and_each_rewrite_and_scores_the_gain
         assert len(card["images"]) == k and all(i.startswith("data:image/png;base64,") for i in card["images"])
         assert s["aes_gain"] == pytest.approx(s["aes"] - out["plain"]["scores"]["aes"])
         assert s["reward"] == pytest.approx(s["aes_gain"] + s["rel"]) and s["rel"] <= 0
+
+
+def test_refinement_runs_bounded_ipgo_and_returns_both_pictures(rewriter):
+    """IPGO on a chosen rewrite: `iterations` steps on the run's IPGO noise, the best kept, before/after pictures."""
+    out = Refiner(rewriter.cfg).refine("a cat, oil painting", iterations=3)
+    assert out["iterations"] == 3 and len(out["curve"]) == 3
+    assert out["best_reward"] == max(out["curve"]) and out["curve"][out["best_iteration"]] == out["best_reward"]
+    assert out["reward_terms"] == list(rewriter.cfg.ipgo.reward) and out["truncated"] is False
+    assert all(out["images"][k].startswith("data:image/png;base64,") for k in ("before", "after"))
+    assert out["images"]["before"] != out["images"]["after"], "the learned tokens change the picture"
+
+
+@pytest.mark.parametrize("fields, where, says", [
+    ({"text": " "}, "text", "text is blank"),
+    ({"text": "a cat", "iterations": 0}, "iterations", "greater than or equal to 1"),
+    ({"text": "a cat", "iterations": MAX_REFINE_ITERATIONS + 1}, "iterations",
+     f"less than or equal to {MAX_REFINE_ITERATIONS}"),
+    ({"text": "a cat", "seed": 1}, "seed", "Extra inputs are not permitted"),
+])
+def test_a_bad_refinement_names_the_field_and_the_limit(fields, where, says):
+    with pytest.raises(ValidationError) as err:
+        RefineRequest(**fields)
+    (error,) = err.value.errors()
+    assert error["loc"] == (where,) and says in error["msg"]
