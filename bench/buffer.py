@@ -147,7 +147,8 @@ def measured_fill(client, url: str, run: str, capacity: int, writers: int, per_w
     phase = fill(url, run, capacity, writers, per_writer, batch, seed, target)
     n = per_writer * writers
     phase["server_cpu_us_per_trajectory"] = round((redis_cpu_s(client) - both) * 1e6 / n, 2)
-    phase["server_cpu_us_per_trajectory_no_children"] = round((redis_cpu_s(client, children=False) - alone) * 1e6 / n, 2)
+    alone = redis_cpu_s(client, children=False) - alone
+    phase["server_cpu_us_per_trajectory_no_children"] = round(alone * 1e6 / n, 2)
     return phase
 
 

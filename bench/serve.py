@@ -111,6 +111,38 @@ def load(url: str, clients: int, seconds: float, n: int, decode: str, during=Non
             "longest_gap_without_success_s": round(gap, 2) if gap is not None else None}
 
 
+#: process kinds by a piece of their command line (Ray names its workers `ray::<Actor>`)
+KINDS = (("Policy", "policy replica"), ("Scorer", "scorer replica"), ("Api", "ingress replica"),
+         ("ProxyActor", "HTTP proxy"), ("ServeController", "serve controller"), ("raylet", "raylet"),
+         ("gcs_server", "GCS"), ("ray::", "other Ray workers"))
+
+
+def cpu_by_kind() -> dict[str, float]:
+    """CPU seconds (user + system) of every process on this machine so far, by kind (/proc, Linux): the clients
+    are this process; what is not Ray's nor ours is `other`."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        kind = "bench clients" if int(entry.name) == os.getpid() else next(
+            (name for key, name in KINDS if key in cmd), "other")
+        out[kind] = out.get(kind, 0.0) + seconds
+    return out
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Each kind's share of the machine's CPU over `wall` seconds (all cores = 1)."""
+    total = wall * (os.cpu_count() or 1)
+    return {kind: round((after.get(kind, 0.0) - before.get(kind, 0.0)) / total, 3)
+            for kind in sorted(after, key=lambda k: before.get(k, 0.0) - after[k])}
+
+
 def kill_policy_replica() -> str:
     import ray
 
@@ -130,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", choices=["sample", "beam"], default="sample")
     ap.add_argument("--kill", action="store_true", help="phase 3: kill the Policy replica under load")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the direct phase (default 2)")
+    ap.add_argument("--policy-replicas", type=int, default=1,
+                    help="replicas of the policy deployment (default 1; each decodes on one thread)")
     args = ap.parse_args(argv)
     import torch
     from ray import serve
@@ -141,19 +175,23 @@ def main(argv=None) -> int:
     init_ray(None, log_to_driver=False)  # replicas' logs stay in /tmp/ray: stdout is the JSON alone
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else tiny_run(Path(tmp))
-        out: dict = {"bench": "serve", "clients": args.clients, "seconds": args.seconds, "n": args.n,
-                     "decode": args.decode, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+        out: dict = {"bench": "serve", "clients": args.clients, "policy_replicas": args.policy_replicas,
+                     "seconds": args.seconds, "n": args.n, "decode": args.decode,
+                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
         out["direct"] = direct(checkpoint, args.clients, args.seconds, args.n, args.decode)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         t0 = time.perf_counter()
         url = start(Namespace(checkpoint=str(checkpoint), host="127.0.0.1", port=port, no_render=True,
-                              policy_replicas=1, scorer_replicas=1, scorer_gpus=0, refine=False, refine_gpus=0,
+                              policy_replicas=args.policy_replicas, scorer_replicas=1, scorer_gpus=0,
+                              refine=False, refine_gpus=0,
                               ray_address=None))
         out["serve_start_s"] = round(time.perf_counter() - t0, 1)
         load(url, 1, 2, args.n, args.decode)  # warm-up
+        cpu0, t0 = cpu_by_kind(), time.perf_counter()
         out["served"] = load(url, args.clients, args.seconds, args.n, args.decode)
+        out["served"]["cpu_share_by_process"] = cpu_split(cpu0, cpu_by_kind(), time.perf_counter() - t0)
         out["ratio_served_to_direct"] = round(out["served"]["rewrites_per_s"] / out["direct"]["rewrites_per_s"], 3)
         if args.kill:
             killed: dict = {}

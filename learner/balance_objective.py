@@ -55,8 +55,8 @@ class BalanceObjective:
         gamma = self.schedules.reference_temperature(step)
         min_len = self.cfg.sampler.min_len
         out = teacher_forced(self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                             batch["response_mask"], self.eos_id, min_len=min_len,  # log P_F of what the sampler can draw
-                             with_entropy=diagnostics)
+                             batch["response_mask"], self.eos_id, min_len=min_len,
+                             with_entropy=diagnostics)  # log P_F of what the sampler can draw
         log_flow = self.flow(out["state_hidden"], out[self.flow.prompt_input])  # (B, T)
         ref, terminal = temper(batch["ref_logprobs"], batch["log_reward"], batch["response_mask"], gamma=gamma,
                                tau=tau, min_len=min_len, len_penalty=self.cfg.learner.min_len_penalty)

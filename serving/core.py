@@ -11,6 +11,7 @@ diverse beam search, the code `pag eval` decodes with), render and score rewrite
 from __future__ import annotations
 
 import base64
+import functools
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -68,9 +69,16 @@ class RefineRequest(BaseModel):
 
 def clip_token_count(prompt: str) -> int:
     """Tokens Stable Diffusion's text encoder would read, with its start and end tokens."""
+    return len(_counting_tokenizer()(prompt)["input_ids"])
+
+
+@functools.lru_cache(maxsize=1)
+def _counting_tokenizer():
+    """One CLIP tokenizer per process for counting: building it reads and sorts 49k merges (the ingress
+    rebuilt it for every request and spent as much CPU on that as the policy on decoding, bench/serve.py)."""
     from common.models import clip_tokenizer
 
-    return len(clip_tokenizer()(prompt)["input_ids"])
+    return clip_tokenizer()
 
 
 class Rewriter:

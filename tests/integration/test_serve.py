@@ -57,7 +57,8 @@ def test_health_info_page_and_docs(server, tiny_run):
 def test_a_chosen_rewrite_is_refined_by_bounded_ipgo(server):
     status, out = _call(server + "/v1/refine", {"text": "a cat on a sofa, oil painting", "iterations": 2})
     assert status == 200 and len(out["curve"]) == 2 and out["best_reward"] == max(out["curve"])
-    assert out["images"]["before"].startswith("data:image/png;base64,") and out["images"]["after"] != out["images"]["before"]
+    before, after = out["images"]["before"], out["images"]["after"]
+    assert before.startswith("data:image/png;base64,") and after != before
     status, err = _call(server + "/v1/refine", {"text": "a cat", "iterations": 51})
     assert status == 422 and err["detail"][0]["loc"] == ["body", "iterations"]
     status, err = _call(server + "/v1/refine", {"text": " ".join(["cat"] * 80)})
