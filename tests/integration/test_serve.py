@@ -97,7 +97,8 @@ def test_a_bad_request_is_a_422_naming_the_field(server, body, field, says):
 
 def test_the_page_in_a_real_browser(server, tmp_path):
     """Debian's chromium and chromedriver (.ci/run installs them) through selenium: type a prompt, ask for two
-    rendered rewrites, see the plain card and two rewrite cards with pictures and scores. A screenshot is saved
+    rendered rewrites, see the plain card and two rewrite cards with pictures and scores, refine the first by IPGO
+    and see its before/after pictures. A screenshot is saved
     on failure (its path in the message), and to $PAG_SERVE_SCREENSHOT when set (docs/serve.png is one)."""
     import os
     import shutil
@@ -131,6 +132,11 @@ def test_the_page_in_a_real_browser(server, tmp_path):
             assert card.find_elements(By.TAG_NAME, "img")
             assert "reward" in card.find_element(By.CLASS_NAME, "scores").text
         assert driver.find_element(By.ID, "error").text == ""
+        first = driver.find_elements(By.CSS_SELECTOR, ".card.rewrite")[0]
+        first.find_element(By.CLASS_NAME, "refine").click()  # this server refines: IPGO on that rewrite
+        WebDriverWait(driver, 180).until(lambda d: len(first.find_elements(By.CSS_SELECTOR, ".refined img")) == 2)
+        assert "IPGO reward" in first.find_element(By.CLASS_NAME, "refined").text
+        assert not first.find_elements(By.CLASS_NAME, "refine")
         if os.environ.get("PAG_SERVE_SCREENSHOT"):
             driver.save_screenshot(os.environ["PAG_SERVE_SCREENSHOT"])
     except Exception:
