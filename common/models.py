@@ -29,6 +29,19 @@ import torch.nn.functional as F
 from common.config import ModelConfig
 from common.errors import ModelError
 
+
+def _quiet_transformers_bars() -> None:
+    """transformers draws a progress bar for every in-memory load and save ("Loading weights", "Writing model
+    shards": 20 of them in a default `pag train`, from actors whose output Ray forwards to the driver's line).
+    Its own bars only, through its tqdm hook: huggingface_hub's download bars are another tqdm and stay."""
+    from transformers.utils import logging as tf_logging
+
+    if hasattr(tf_logging, "set_tqdm_hook"):
+        tf_logging.set_tqdm_hook(lambda factory, args, kwargs: tf_logging.EmptyTqdm(*args, **kwargs))
+
+
+_quiet_transformers_bars()
+
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"

@@ -61,3 +61,14 @@ def test_default_datasets_are_described_once_at_info(fresh_notes, caplog):
     assert "pickapic: truncated 11 of 300 prompts to 75 tokens" in texts
     assert any(t.startswith("diffusiondb_ipgo+pickapic+coco_all: dropped 1 training prompt(s) found in the paper")
                for t in texts)
+
+
+def test_saving_and_loading_a_policy_draws_no_progress_bars(tmp_path, capsys):
+    """transformers' own bars ("Writing model shards", "Loading weights") are off: checkpoints are saved and loaded
+    in actors whose output lands on the driver's progress line."""
+    cfg = load_config("tiny").model
+    policy = M.build_policy(cfg, M.build_tokenizer(cfg))
+    capsys.readouterr()
+    policy.save_pretrained(tmp_path)
+    type(policy).from_pretrained(tmp_path)
+    assert capsys.readouterr().err == ""
