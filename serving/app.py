@@ -79,14 +79,19 @@ class Policy:
                      "input_format": cfg.model.input_format, "target_model": cfg.model.sd})
 
 
+def run_config(checkpoint: str):
+    """The saved config of the run `checkpoint` belongs to (a run directory or one of its checkpoints)."""
+    from common.config import Config, read_saved
+    from common.runs import resolve_checkpoint
+
+    run_dir, _ = resolve_checkpoint(Path(checkpoint))
+    return Config.model_validate(read_saved(run_dir / "config.yaml"))
+
+
 @serve.deployment(ray_actor_options={"num_cpus": CPUS["Scorer"]})
 class Scorer:
     def __init__(self, checkpoint: str) -> None:
-        from common.config import Config, read_saved
-        from common.runs import resolve_checkpoint
-
-        run_dir, _ = resolve_checkpoint(Path(checkpoint))
-        self.judge = Judge(Config.model_validate(read_saved(run_dir / "config.yaml")))
+        self.judge = Judge(run_config(checkpoint))
 
     def judge_texts(self, blob: bytes) -> bytes:
         work = unpack(blob)
@@ -98,11 +103,7 @@ class RefinerDeployment:
     """IPGO on one rewrite at a time per replica (each iteration backpropagates through the sampler)."""
 
     def __init__(self, checkpoint: str) -> None:
-        from common.config import Config, read_saved
-        from common.runs import resolve_checkpoint
-
-        run_dir, _ = resolve_checkpoint(Path(checkpoint))
-        self.refiner = Refiner(Config.model_validate(read_saved(run_dir / "config.yaml")))
+        self.refiner = Refiner(run_config(checkpoint))
 
     def refine(self, blob: bytes) -> bytes:
         work = unpack(blob)

@@ -46,9 +46,7 @@ class RewriteRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt is blank: give the words to rewrite")
-        return value.strip()
+        return stripped(value, "prompt is blank: give the words to rewrite")
 
 
 class RefineRequest(BaseModel):
@@ -62,9 +60,14 @@ class RefineRequest(BaseModel):
     @field_validator("text")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("text is blank: give the rewrite to refine")
-        return value.strip()
+        return stripped(value, "text is blank: give the rewrite to refine")
+
+
+def stripped(value: str, blank: str) -> str:
+    """`value` without surrounding whitespace; ValueError(`blank`) when nothing is left."""
+    if not value.strip():
+        raise ValueError(blank)
+    return value.strip()
 
 
 def clip_token_count(prompt: str) -> int:
