@@ -38,6 +38,8 @@ TLS_ENV = {"ssl_ca_certs": "PAG_REDIS_CA_CERTS", "ssl_certfile": "PAG_REDIS_CERT
 
 #: errors that mean "you are not allowed" rather than "the server is not there right now": never waited for
 NOT_RETRYABLE = (AuthenticationError, AuthorizationError)
+#: what an unreachable server raises (a wrong password is a ConnectionError too, but waiting will not fix it)
+OUTAGE = (redis.ConnectionError, redis.TimeoutError)
 
 
 class _Reconnect(Retry):

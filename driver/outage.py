@@ -11,15 +11,10 @@ import logging
 import time
 from typing import Optional
 
-import redis
-
-from buffer.connection import NOT_RETRYABLE
+from buffer.connection import NOT_RETRYABLE, OUTAGE
 from common.errors import RedisUnavailableError
 
 log = logging.getLogger("pag.train")
-
-#: what an unreachable server raises (a wrong password is a ConnectionError too, but waiting will not fix it)
-OUTAGE = (redis.ConnectionError, redis.TimeoutError)
 
 
 class RedisOutageError(RedisUnavailableError):

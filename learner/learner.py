@@ -26,6 +26,7 @@ from typing import Any, Callable, Collection, Optional
 import numpy as np
 import torch
 
+from buffer.connection import OUTAGE
 from common.config import Config
 from common.constants import NS_BUFFER, NS_DIVERSITY, NS_LOSS, NS_PLASTICITY, NS_REWARD, NS_THROUGHPUT, NS_WEIGHTS
 from common.errors import RunFailedError
@@ -156,8 +157,8 @@ class Learner:
         try:
             return self.update(batches, fresh, counts)
         finally:
-            if entries:  # used (or skipped as non-finite): either way, done with them
-                self.buffer.ack_fresh(entries)
+            if entries:  # used (or skipped as non-finite): either way, done with them; unacknowledged, redelivered
+                self._after_step("acknowledging its fresh entries", lambda: self.buffer.ack_fresh(entries), 0)
 
     def update(self, batches: list[list[Trajectory]], fresh: Optional[list[Trajectory]] = None,
                counts: Optional[dict[str, int]] = None) -> dict[str, float]:
@@ -191,10 +192,19 @@ class Learner:
         if self._checkpoint_due():
             with self.clock.phase("checkpoint"):
                 self.save()
-        self.clock.flush(self.buffer)
+        self._after_step("adding its phase times", lambda: self.clock.flush(self.buffer), None)
         if logging_step:
-            metrics.update(self._time_shares())
+            metrics.update(self._after_step("reading the roles' phase times", self._time_shares, {}))
         return metrics
+
+    def _after_step(self, what: str, work: Callable[[], Any], default: Any) -> Any:
+        """Redis work once the step is applied: an outage then must not lose the step's metrics (the driver
+        would record the next step and leave a gap); it is logged, and the driver meets it at the next read."""
+        try:
+            return work()
+        except OUTAGE as exc:
+            log.warning("learner step %d: %s skipped, Redis unreachable (%s)", self.step, what, exc)
+            return default
 
     def _time_shares(self) -> dict[str, float]:
         """`time/{role}/{phase}`: where every role's time went since the last logging step (from the run's meta)."""
@@ -237,7 +247,7 @@ class Learner:
         m[f"{NS_WEIGHTS}/version"] = float(self.step)
         m[f"{NS_WEIGHTS}/lag_mean"] = float(np.mean(lags))
         m[f"{NS_WEIGHTS}/lag_max"] = float(np.max(lags))
-        m[f"{NS_BUFFER}/size"] = float(len(self.buffer))
+        m[f"{NS_BUFFER}/size"] = float(self._after_step("reading the buffer's size", lambda: len(self.buffer), "nan"))
         m[f"{NS_BUFFER}/fresh"] = float(counts["fresh"])
         m[f"{NS_BUFFER}/filled_from_replay"] = float(counts["filled"])
         m[f"{NS_BUFFER}/fresh_fraction"] = fresh_fraction(counts["fresh"], counts.get("replay", 0))

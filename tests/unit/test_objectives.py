@@ -278,3 +278,23 @@ def test_replay_is_drawn_for_a_single_slot_and_not_at_all_for_none(trajectories)
     none = read_micro_batch(buffer, "learner-0", ReadPlan(fresh=2, replay=0, required=0), 5, lambda t: True,
                             _counters())
     assert (none.fresh, none.replay, buffer.sample_calls) == (2, 0, 1), "a plan with no replay slot draws none"
+
+
+def test_a_redis_outage_after_the_step_keeps_the_step_and_its_metrics(small_learner_config, tmp_path, trajectories):
+    """Once the optimiser has stepped, an unreachable Redis (acknowledging, the buffer's size, the phase times)
+    must not lose the step: its metrics come back, the driver meets the outage at the next read."""
+    import redis
+
+    class GoneAfterReading(ListBuffer):
+        def _gone(self, *args, **kwargs):
+            raise redis.ConnectionError("Connection refused")
+
+        ack_fresh = incr_counter = meta = __len__ = _gone
+
+    cfg = small_learner_config("run.log_every=1", "learner.checkpoint_every=100")
+    buffer = GoneAfterReading()
+    buffer.add(trajectories[:8])
+    learner = Learner(cfg, buffer, tmp_path, resume=False)
+    metrics = learner.train_step(wait_s=5)
+    assert metrics["step"] == 1 and learner.step == 1 and math.isfinite(metrics["loss/total"])
+    assert math.isnan(metrics["buffer/size"]) and not any(k.startswith("time/") for k in metrics)
