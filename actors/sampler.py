@@ -135,9 +135,11 @@ class Sampler:
         pushed, batches = 0, 0
         backoff = Backoff(f"sampler {self.index}", log, self.buffer)
         while max_batches is None or batches < max_batches:
-            if (stop_event is not None and stop_event.is_set()) or stop_requested(self.buffer):
+            if stop_event is not None and stop_event.is_set():
                 break
             try:
+                if stop_requested(self.buffer):  # in the try: an outage here killed the loop's thread
+                    break
                 n = self.step()
                 backoff.ok()
             except Exception as exc:  # noqa: BLE001 — the sampler holds no acknowledged data; retry

@@ -94,3 +94,20 @@ def test_packed_weights_leave_tied_tensors_out_and_restore_them(cfg):
     assert "transformer.wte.weight" in names and "lm_head.weight" not in names
     receiver.load_state_dict(st_load(blob), strict=False)
     assert torch.equal(receiver.lm_head.weight, sender.lm_head.weight), "the tie carries the new embedding"
+
+
+def test_an_unreachable_redis_at_the_stop_check_is_retried(cfg, buffer, monkeypatch):
+    """The loop's stop-flag read is retried with back-off like its batches: an outage there once ended the
+    sampler's thread for the rest of the run (found by the SIGINT + redis-kill e2e test)."""
+    import redis
+
+    sampler, real, calls = Sampler(cfg, buffer), buffer.meta, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Error 111 connecting: Connection refused.")
+        return real()
+
+    monkeypatch.setattr(buffer, "meta", flaky)
+    assert sampler.run(max_batches=1) == 2 * 3 and len(calls) >= 2
