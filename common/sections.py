@@ -115,7 +115,8 @@ class ImagesConfig(Section):
 
 class SpeedConfig(Section):
     """Speed switches of the SD pipeline (issue 12; scoring/sd_speed.py), applied by the reward workers
-    and `pag eval`'s workers. Defaults are today's behaviour until a GPU run shows a gain."""
+    and `pag eval`'s workers. Defaults: eager; the sd14 preset compiles the UNet and VAE decoder, the one switch
+    the first GPU run showed a gain for (docs/benchmarks.md, "First GPU run")."""
 
     attention: Literal["sdpa", "classic"] = "sdpa"
     """sdpa (torch scaled_dot_product_attention: flash / memory-efficient kernels) or classic (matmul + softmax)"""

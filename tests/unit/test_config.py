@@ -22,6 +22,10 @@ def test_sd14_preset_has_paper_defaults():
     assert cfg.buffer.capacity == 5000 and cfg.learner.replay_ratio == 0.5
     assert (cfg.learner.reward_temp_start, cfg.learner.reward_temp_end) == (2.0, 1.0)
     assert cfg.model.sd == "CompVis/stable-diffusion-v1-4" and cfg.model.clip_arch == "ViT-L-14"
+    # the one speed switch a GPU run adopted (docs/benchmarks.md); the measuring preset stays eager
+    assert cfg.reward.speed.compile_unet and cfg.reward.speed.compile_vae and not cfg.reward.speed.cuda_graphs
+    arch = load_config("sd14-arch").reward.speed
+    assert not (arch.compile_unet or arch.compile_vae or arch.channels_last) and arch.attention == "sdpa"
 
 
 def test_tiny_preset_is_offline_cpu():
