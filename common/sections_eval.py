@@ -128,6 +128,10 @@ class EvalConfig(Section):
     """text the extra scorers judge a rewrite's images against: rewrite, its own text (official, eval.py:193-212:
     the baseline's images are judged against the baseline text, and the report adds `<scorer>_gain`); plain: the
     plain prompt's baseline text"""
+    reward_metric: Literal["aesthetic", "imagereward"] = "aesthetic"
+    """the image term of the reward column: aesthetic (the LAION MLP's gain, the paper's tables) or imagereward
+    (ImageReward's gain over the baseline images, as the official eval.py --reward_metric imagereward; needs
+    imagereward or imagereward-package in eval.scorers)"""
     rule_suffix: str = RULE_SUFFIX
     """the rule-based method's fixed modifier suffix"""
     workers: Optional[int] = Field(None, ge=1)
@@ -149,4 +153,7 @@ class EvalConfig(Section):
         if self.min_new_tokens >= self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be below "
                              f"max_new_tokens ({self.max_new_tokens})")
+        if self.reward_metric == "imagereward" and not {"imagereward", "imagereward-package"} & set(self.scorers):
+            raise ValueError("reward_metric=imagereward needs an ImageReward scorer: add imagereward (the official "
+                             "eval's preprocessing) or imagereward-package to eval.scorers (--scorers imagereward)")
         return self

@@ -48,6 +48,10 @@ def register(sub) -> None:
                         "transfer (e.g. stabilityai/stable-diffusion-3-medium-diffusers); scoring is unchanged")
     p.add_argument("--scorers", help="extra scorers, e.g. imagereward,hps (eval.scorers)")
     p.add_argument("--score-against", choices=["plain", "rewrite"], help="what the extra scorers judge against")
+    p.add_argument("--reward-metric", choices=["aesthetic", "imagereward"],
+                   help="the reward column's image term (eval.reward_metric): the aesthetic gain (default), or "
+                        "ImageReward's gain as the official eval.py --reward_metric imagereward "
+                        "(with --scorers imagereward)")
     p.add_argument("--name", help="output runs/eval-<name>/ (default: <preset>__<time>); reuse it to resume")
     p.add_argument("--runs-dir", help="where eval-<name>/ goes (run.runs_dir)")
     p.add_argument("--ray-address", help="Ray cluster to fan out on (run.ray_address; 'auto' for the current one)")
@@ -63,6 +67,7 @@ def _flag_overrides(args) -> list[str]:
     pairs = [("eval.datasets", listed(args.datasets)), ("eval.limit", args.limit), ("eval.rewrites", args.rewrites),
              ("eval.decode", args.decode), ("eval.temperature", args.temperature), ("eval.workers", args.workers),
              ("eval.scorers", listed(args.scorers)), ("eval.score_against", args.score_against),
+             ("eval.reward_metric", args.reward_metric),
              ("run.runs_dir", args.runs_dir), ("run.ray_address", args.ray_address), ("model.sd", args.target_model)]
     return [f"{k}={v}" for k, v in pairs if v is not None]
 
@@ -74,14 +79,15 @@ def check_scorers(names: list[str]) -> None:
     from scoring.scorers import SCORERS
     from common.config import ConfigError
 
-    packages = {"imagereward": ("ImageReward", "image-reward"), "hps": ("hpsv2", "hpsv2")}
+    packages = {"imagereward": ("ImageReward", "image-reward"), "imagereward-package": ("ImageReward", "image-reward"),
+                "hps": ("hpsv2", "hpsv2")}
     for name in names:
         if name not in SCORERS:
             raise ConfigError(f"eval.scorers: unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
         if name in packages and importlib.util.find_spec(packages[name][0]) is None:
             module, package = packages[name]
             raise ConfigError(f"eval.scorers: {name!r} needs the pip package {package!r} (import {module}), which is "
-                              f"not installed: `pip install {package}` (or `pip install 'pag[{name}]'`)")
+                              f"not installed: `pip install {package}` (or `pip install 'pag[{name.split('-')[0]}]'`)")
 
 
 def _start_ray(cfg) -> bool:

@@ -48,9 +48,11 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(Z95 * v.std(ddof=1) / math.sqrt(v.size))
 
 
-def rewrite_scores(plain: dict[str, Any], rewrite: dict[str, Any], threshold: float, weight: float) -> dict[str, float]:
+def rewrite_scores(plain: dict[str, Any], rewrite: dict[str, Any], threshold: float, weight: float,
+                   metric: str = "aesthetic") -> dict[str, float]:
     """One rewrite's aes, aes_gain, clip, rel, reward (+ each extra scorer's mean and its gain over the baseline's
-    images) from the two cached records."""
+    images) from the two cached records. `metric` (eval.reward_metric) is the reward's image term: the aesthetic
+    gain, or `imagereward`: ImageReward's gain (NaN when either record lacks the score)."""
     aes = float(np.mean(rewrite["aes"]))
     rel = float(relevance(torch.tensor(rewrite["clip"], dtype=torch.float64), threshold, weight))
     out = {"aes": aes, "aes_gain": aes - float(np.mean(plain["aes"])), "clip": float(np.mean(rewrite["clip"])),
@@ -61,6 +63,8 @@ def rewrite_scores(plain: dict[str, Any], rewrite: dict[str, Any], threshold: fl
         out[name] = float(np.mean(v))
         if name in plain_extra:  # the official report: the gain over the baseline's images (eval.py:193-212)
             out[f"{name}_gain"] = out[name] - float(np.mean(plain_extra[name]))
+    if metric == "imagereward":  # the official eval.py --reward_metric imagereward (eval.py:166-169, 193-212)
+        out["reward"] = out.get("imagereward_gain", float("nan")) + rel
     return out
 
 

@@ -89,7 +89,7 @@ def _score_prompt(data: EvalData, label: str, set_name: str, out: MethodOutput,
         if rec is None or plain is None:
             line["error"] = data.errors.get(key) or data.errors.get((base, base)) or "not scored"
         else:
-            s = rewrite_scores(plain, rec, thr, weight)
+            s = rewrite_scores(plain, rec, thr, weight, data.cfg.eval.reward_metric)
             line.update(s)
             scored.append(s)
             texts.append(rw.text)
@@ -228,6 +228,9 @@ def write_report(data: EvalData, out_dir: Path) -> Path:
         lines += ["", f"Extra scorers ({', '.join(extra)}) judge a rewrite's images against the "
                       f"{'plain prompt' if ev.score_against == 'plain' else 'rewrite itself (the official variant)'}; "
                       f"`<scorer>_gain` is the rewrite's score minus the baseline images' score."]
+    if ev.reward_metric == "imagereward":
+        lines += ["", "`reward` is ImageReward's gain over the baseline images plus relevance (eval.reward_metric="
+                      "imagereward, as the official eval.py --reward_metric imagereward), not the aesthetic gain."]
     if "image_similarity_inception" in extra_keys:
         lines += ["", "`image_similarity_inception` is the official eval's image measure (eval.py:372-381): the mean "
                       "pairwise cosine *similarity* of InceptionV3 pool-3 features (higher: less diverse; "

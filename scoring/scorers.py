@@ -10,7 +10,8 @@ on the CPU. Registered names (the `reward.scorers` config entries) and what they
 
 - `aesthetic` → `aes`: LAION MLP on the L2-normalised open_clip image embedding
 - `clip`      → `clip`: raw cosine between the image and text embeddings (no ×100, no clamp)
-- `imagereward` → `imagereward` (pip package `image-reward`), `hps` → `hps` (pip package `hpsv2`)
+- `imagereward` → `imagereward` (pip package `image-reward`; the official eval's preprocessing, and
+  `imagereward-package` → the same key through the package's own `score`), `hps` → `hps` (pip package `hpsv2`)
 
 `aesthetic` and `clip` share one open_clip model and one image embedding per batch.
 
@@ -90,14 +91,57 @@ def clip_scorer(ctx: ScorerContext) -> ScoreFn:
     return _cosine_fn(ctx.clip(), ctx.image_embeddings, "clip")
 
 
+#: CLIP's pixel normalisation; the official eval applies it twice before ImageReward (eval.py:38-43, 125-130)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: the official eval's BLIP token length for ImageReward (eval.py:45-47; the package's own `score` uses 35)
+IMAGEREWARD_TOKENS = 75
+
+
+def official_imagereward_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The official eval's ImageReward input from (N, 3, H, W) images in [0, 1]: each image as an 8-bit picture
+    through CLIP's preprocess (bicubic resize of the short side to 224, centre crop, to [0, 1], CLIP
+    normalisation), then `rm_preprocess` (the same resize and crop, which leave a 224² tensor as it is, and the
+    CLIP normalisation a second time) -> (N, 3, 224, 224)."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    normalize = Normalize(CLIP_MEAN, CLIP_STD)
+    clip_preprocess = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224), ToTensor(),
+                               normalize])
+    return normalize(torch.stack([clip_preprocess(picture) for picture in _to_pil(images)]))
+
+
+def _imagereward_model(ctx: ScorerContext, scorer: str):
+    rm = require_package("image-reward", "ImageReward", scorer, "imagereward")
+    try:
+        return rm.load("ImageReward-v1.0", device=str(ctx.device))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load ImageReward-v1.0: {type(exc).__name__}: {exc}; run `python -c \"import "
+                             "ImageReward; ImageReward.load('ImageReward-v1.0')\"` once with network") from exc
+
+
 @register_scorer("imagereward")
 def imagereward_scorer(ctx: ScorerContext) -> ScoreFn:
-    rm = require_package("image-reward", "ImageReward", "imagereward", "imagereward")
-    try:
-        model = rm.load("ImageReward-v1.0", device=str(ctx.device))
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load ImageReward-v1.0: {type(exc).__name__}: {exc}; run "
-                             "`python -c \"import ImageReward; ImageReward.load('ImageReward-v1.0')\"` once with network") from exc
+    """ImageReward as the official eval computes it: the doubled CLIP normalisation (`official_imagereward_pixels`),
+    the text as BLIP tokens padded and cut to 75, `score_gard` (eval.py:33-50, 125-130)."""
+    model = _imagereward_model(ctx, "imagereward")
+
+    @torch.no_grad()
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tokens = model.blip.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                      max_length=IMAGEREWARD_TOKENS, return_tensors="pt")
+        pixels = official_imagereward_pixels(images).to(ctx.device)
+        scores = model.score_gard(tokens.input_ids.to(ctx.device), tokens.attention_mask.to(ctx.device), pixels)
+        return {"imagereward": scores.reshape(len(prompts)).float().cpu()}
+
+    return fn
+
+
+@register_scorer("imagereward-package", keys=("imagereward",))
+def imagereward_package_scorer(ctx: ScorerContext) -> ScoreFn:
+    """ImageReward through the package's own `score` (its BLIP preprocessing: one normalisation, 35 tokens): what
+    this project reported before it followed the official eval; the same `imagereward` column."""
+    model = _imagereward_model(ctx, "imagereward-package")
 
     @torch.no_grad()
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -125,6 +125,7 @@ def test_nested_overrides_reach_their_sections():
     ("learner.ppo.clip=-1", "field 'learner.ppo.clip' = -1"),
     ("reward.speed.cuda_graphs=true", "section 'reward.speed': cuda_graphs needs compile_unet"),
     ("eval.images.per_prompt=0", "field 'eval.images.per_prompt' = 0"),
+    ("eval.reward_metric=imagereward", "reward_metric=imagereward needs an ImageReward scorer"),
 ])
 def test_bad_nested_override_names_the_field(override, needle):
     with pytest.raises(ConfigError) as err:

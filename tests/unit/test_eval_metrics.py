@@ -51,6 +51,18 @@ def test_plain_against_itself_has_gain_zero_and_hinge_per_image():
     assert s["imagereward_gain"] == pytest.approx(0.2 - (-0.2))  # official eval.py:193-212: a gain over the baseline
 
 
+def test_reward_metric_imagereward_puts_its_gain_in_the_reward():
+    plain = {"aes": [5.0, 6.0, 7.0], "clip": [0.25, 0.30, 0.31], "extra": {"imagereward": [-0.4, -0.2, 0.0]}}
+    better = {"aes": [6.0, 7.0, 8.0], "clip": [0.3, 0.3, 0.3], "extra": {"imagereward": [0.1, 0.2, 0.3]}}
+    s = rewrite_scores(plain, better, 0.28, 20.0, metric="imagereward")
+    assert s["reward"] == pytest.approx(0.4 + s["rel"]) and s["aes_gain"] == pytest.approx(1.0)  # the gain, not aes
+    worse = {"aes": [6.0, 7.0, 8.0], "clip": [0.25, 0.25, 0.25], "extra": {"imagereward": [-1.0, -1.0, -1.0]}}
+    s = rewrite_scores(plain, worse, 0.28, 20.0, metric="imagereward")
+    assert s["reward"] == pytest.approx(-1.0 - (-0.2) + 20 * (0.25 - 0.28))
+    assert math.isnan(rewrite_scores({**plain, "extra": {}}, better, 0.28, 20.0, metric="imagereward")["reward"])
+    assert rewrite_scores(plain, better, 0.28, 20.0)["reward"] == pytest.approx(1.0)  # the default: aesthetic
+
+
 def test_prompt_metrics_and_summary():
     rows = [{"reward": 1.0, "aes_gain": 1.0}, {"reward": 3.0, "aes_gain": 2.0}]
     m = prompt_metrics(rows, np.stack([np.ones(3)] * 2), np.eye(4))

@@ -103,3 +103,78 @@ def test_registered_scorer_runs_beside_the_builtins(cfg, monkeypatch):
     assert out["const"].tolist() == [7.0, 7.0] and {"aes", "clip"} <= set(out)
     fn(_images(2), ["a", "b"])
     assert calls == ["setup"]  # set-up once, not per call
+
+
+# ------------------------------------------------------------------ ImageReward's two preprocessings
+# The image-reward package and its weights cannot be had here (no network): the factories are driven with a
+# stand-in `ImageReward` module that records what the scorer hands the model.
+
+def test_official_imagereward_pixels_normalise_twice():
+    from scoring.scorers import CLIP_MEAN, CLIP_STD, official_imagereward_pixels
+
+    gray = torch.full((2, 3, 32, 32), 128 / 255)
+    pixels = official_imagereward_pixels(gray)
+    assert pixels.shape == (2, 3, 224, 224)
+    for c in range(3):
+        once = (128 / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
+        assert pixels[:, c].flatten().tolist() == pytest.approx([(once - CLIP_MEAN[c]) / CLIP_STD[c]] * 2 * 224 * 224,
+                                                                abs=1e-5)
+    wide = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    assert official_imagereward_pixels(wide).shape == (1, 3, 224, 224)  # short side to 224, then the centre crop
+
+
+class _FakeImageReward:
+    """Stands in for ImageReward-v1.0: `score_gard` returns each image's pixel mean, `score` the text's length."""
+
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class Tokens:
+            def __init__(self, n):
+                self.input_ids = torch.zeros(n, 75, dtype=torch.long)
+                self.attention_mask = torch.ones(n, 75, dtype=torch.long)
+
+        class Blip:
+            @staticmethod
+            def tokenizer(texts, **kwargs):
+                outer.calls.append(("tokenizer", list(texts), kwargs))
+                return Tokens(len(texts))
+
+        self.blip = Blip()
+
+    def score_gard(self, ids, mask, pixels):
+        self.calls.append(("score_gard", pixels.clone()))
+        return pixels.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+    def score(self, text, pictures):
+        self.calls.append(("score", text, len(pictures)))
+        return [float(len(text))] * len(pictures)
+
+
+@pytest.fixture()
+def fake_imagereward(monkeypatch):
+    import types
+
+    model = _FakeImageReward()
+    module = types.SimpleNamespace(load=lambda name, device: model)
+    monkeypatch.setitem(__import__("sys").modules, "ImageReward", module)
+    return model
+
+
+def test_imagereward_scorer_is_the_official_eval(cfg, fake_imagereward):
+    from scoring.scorers import official_imagereward_pixels
+
+    images = _images(3)
+    out = build_scorers(["imagereward"], cfg.model)(images, ["a cat", "a dog", "a cat"])
+    (_, texts, kwargs), (_, pixels) = fake_imagereward.calls
+    assert texts == ["a cat", "a dog", "a cat"]
+    assert kwargs == {"padding": "max_length", "truncation": True, "max_length": 75, "return_tensors": "pt"}
+    assert torch.equal(pixels, official_imagereward_pixels(images))
+    assert out["imagereward"].shape == (3,) and torch.allclose(out["imagereward"], pixels.mean(dim=(1, 2, 3)))
+
+
+def test_imagereward_package_scorer_calls_score_per_text(cfg, fake_imagereward):
+    out = build_scorers(["imagereward-package"], cfg.model)(_images(3), ["a cat", "a horse", "a cat"])
+    assert fake_imagereward.calls == [("score", "a cat", 2), ("score", "a horse", 1)]
+    assert out["imagereward"].tolist() == [5.0, 7.0, 5.0]
