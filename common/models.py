@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -187,13 +187,24 @@ def _dpm_solver(config: Optional[dict] = None):
     )
 
 
-def load_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """diffusers' `from_pretrained` keyword for the load dtype: `dtype` from 0.42.1 on, where the older
-    `torch_dtype` warns; before it, `torch_dtype` (an unknown `dtype` would be ignored)."""
+def load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """diffusers' `from_pretrained` keywords: the load dtype as `dtype` from 0.42.1 on, where the older
+    `torch_dtype` warns (before it, `torch_dtype`: an unknown `dtype` would be ignored); and, where `accelerate`
+    is not installed (it is no dependency), `low_cpu_mem_usage=False`, what diffusers falls back to anyway after
+    printing a recommendation to install accelerate at every load. Also turns off diffusers' "Loading pipeline
+    components" bars, one per load in every actor (issue 18: quiet logs; download bars are huggingface_hub's)."""
+    import importlib.util
+
     import diffusers
+    from diffusers.utils import logging as diffusers_logging
     from packaging.version import Version
 
-    return {"dtype" if Version(diffusers.__version__) >= Version("0.42.1") else "torch_dtype": dtype}
+    diffusers_logging.disable_progress_bar()
+
+    out: dict[str, Any] = {"dtype" if Version(diffusers.__version__) >= Version("0.42.1") else "torch_dtype": dtype}
+    if importlib.util.find_spec("accelerate") is None:
+        out["low_cpu_mem_usage"] = False
+    return out
 
 
 def build_sd_pipeline(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -264,7 +275,7 @@ def load_text_to_image(source: str, dtype: torch.dtype = torch.float32):
                   if not name.startswith("_") and isinstance(spec, list) and spec[0] is None}
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs, **load_dtype(dtype))
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs, **load_kwargs(dtype))
     except Exception as exc:
         raise load_error("diffusion pipeline", source, exc, f"`hf download {source}`") from exc
     if denoiser(pipe) is None:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from common.models import load_dtype
+from common.models import load_kwargs
 from world import models as wm
 
 MANIFEST = wm.ASSETS / "MANIFEST.json"
@@ -84,7 +84,7 @@ def _save_stage(stage: str, model, root: Path) -> list[Path]:
 def load_vae(root: Path):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(str(root / "sd" / "vae"), **load_dtype(torch.float32)).eval()
+    return AutoencoderKL.from_pretrained(str(root / "sd" / "vae"), **load_kwargs(torch.float32)).eval()
 
 
 def load_clip(root: Path):
@@ -96,7 +96,7 @@ def load_clip(root: Path):
 def load_pipeline(root: Path):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"), **load_dtype(torch.float32), safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"), **load_kwargs(torch.float32), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

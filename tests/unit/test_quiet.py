@@ -72,3 +72,13 @@ def test_saving_and_loading_a_policy_draws_no_progress_bars(tmp_path, capsys):
     policy.save_pretrained(tmp_path)
     type(policy).from_pretrained(tmp_path)
     assert capsys.readouterr().err == ""
+
+
+def test_loading_a_saved_pipeline_prints_nothing(capfd):
+    """The miniature world's saved pipeline, loaded as every reward worker loads it: no "install accelerate"
+    recommendation (accelerate is no dependency) and no "Loading pipeline components" bar."""
+    capfd.readouterr()
+    M.build_sd_pipeline(load_config("mini").model)
+    out = capfd.readouterr()
+    printed = out.out + out.err
+    assert "accelerate" not in printed and "Loading pipeline components" not in printed, printed[-2000:]
