@@ -137,6 +137,9 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, l
         if address and address != "local":
             ray.init(address=address, **kwargs)
         else:
+            # a private cluster's token is made and kept here; Ray's WARNING that token authentication is on asks
+            # nothing of the user (issue 18: no warning a user cannot act on)
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     except ConnectionError as exc:
         raise ClusterError(f"cannot join the Ray cluster at {address!r}: {exc}; start one (`ray start --head`) "

@@ -335,6 +335,8 @@ def build_sentence_encoder(cfg: ModelConfig, tokenizer=None, device: str = "cpu"
     try:
         from sentence_transformers import SentenceTransformer
 
+        # its INFO line naming the folder it loads from, in every actor that builds one (issue 18: quiet logs)
+        logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
         return SentenceEncoder(SentenceTransformer(name, device=device))
     except Exception as exc:
         raise load_error("sentence encoder", name, exc, f"`hf download {name}`") from exc
