@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 W=${PAG_SMOKE_DIR:-$(mktemp -d -t pag-smoke-XXXXXX)}
-mkdir -p "$W/home" "$W/work"
+rm -rf "$W/work" && mkdir -p "$W/home" "$W/work"  # a PAG_SMOKE_DIR given again keeps only its venv
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export HOME="$W/home" PAG_CACHE="$W/cache" RAY_USAGE_STATS_ENABLED=0
 unset PAG_PRESET PAG_REDIS_URL RAY_ADDRESS
@@ -78,9 +78,13 @@ step ipgo pag ipgo --no-ray --iterations 2 --run-name smoke-ipgo --runs-dir runs
 
 step buffer-stats pag buffer stats --run smoke --redis-url "$URL"
 step buffer-top pag buffer top 2 --run smoke --redis-url "$URL"
-# workers act on a live cluster: a local Ray of the smoke's own
-step ray-start ray start --head --num-cpus 2 --include-dashboard false
-step workers-scale pag workers scale 1 --run smoke --ray-address auto --redis-url "$URL" --preset tiny
-step workers-list pag workers list --run smoke --ray-address auto
-step workers-stop pag workers scale 0 --run smoke --ray-address auto
+# workers act on a live cluster: a local Ray of the smoke's own, on a free port (Ray's default GCS port is
+# Redis's 6379, which a machine running redis-server has taken); `ray stop` at the end stops every local Ray
+RAY_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+RAY="127.0.0.1:$RAY_PORT"
+export RAY_AUTH_MODE=token  # `ray start` turns token auth on; a client given an address sends the token only so
+step ray-start ray start --head --port "$RAY_PORT" --num-cpus 2 --include-dashboard false
+step workers-scale pag workers scale 1 --run smoke --ray-address "$RAY" --redis-url "$URL" --preset tiny
+step workers-list pag workers list --run smoke --ray-address "$RAY"
+step workers-stop pag workers scale 0 --run smoke --ray-address "$RAY"
 echo "smoke: every subcommand ran in the no-extras install ($W)"
