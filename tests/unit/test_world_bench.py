@@ -164,3 +164,20 @@ def test_the_moving_average_moves_a_thousandth_of_the_way_each_step():
     update()
     assert torch.allclose(shadow.weight, start + 0.001, atol=1e-6)
     assert not shadow.weight.requires_grad
+
+
+def test_world_aesthetic_bench_counts_what_the_mlp_computes():
+    """bench/world_aesthetic.py re-walks the MLP's layers to read its hidden units: the scores it reports are
+    the MLP's own, and a unit no input switches on is counted dead."""
+    from bench import world_aesthetic
+    from common.clip import AestheticMLP
+
+    torch.manual_seed(0)
+    mlp = AestheticMLP(8, relu=True).eval()
+    with torch.no_grad():
+        mlp.layers[0].bias[:5] = -100.0  # five first-layer units that nothing activates
+    emb = torch.nn.functional.normalize(torch.randn(32, 8), dim=-1)
+    acts, out = world_aesthetic.hidden_activity(mlp, emb)
+    assert np.allclose(out, mlp(emb).detach().numpy(), atol=1e-6)
+    assert [a.shape[1] for a in acts] == [1024, 128, 64, 16]
+    assert int((acts[0].max(0).values <= 0).sum()) >= 5
