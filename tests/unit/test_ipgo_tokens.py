@@ -196,3 +196,113 @@ def test_defaults_are_the_configs_and_from_config_passes_every_field():
     assert all(torch.equal(default[k], configured[k]) for k in default)
     seeded = PromptTokens.from_config(cfg.model_copy(update={"seed": 5, "rank": 8}), 320)()
     assert all(torch.equal(x, y) for x, y in zip(seeded, PromptTokens(320, rank=8, seed=5)()))
+
+
+# ------------------------------------------------------------------ from the mutation pass (docs/mutation.md)
+
+def test_givens_pairs_are_the_documented_planes():
+    from ipgo.tokens import givens_pairs
+
+    a, b = givens_pairs(8, 0)
+    assert a.tolist() == [0, 2, 4, 6] and b.tolist() == [1, 3, 5, 7]
+    a, b = givens_pairs(8, 3)  # ((2j + 3) mod 8, (2j + 4) mod 8)
+    assert a.tolist() == [3, 5, 7, 1] and b.tolist() == [4, 6, 0, 2]
+    with pytest.raises(ValueError, match="^Givens rotations pair coordinates: the text dimension must be even, got 7$"):
+        givens_pairs(7, 0)
+
+
+def _rotation_matrix(dim: int, angle: float, shift: int) -> torch.Tensor:
+    """The Givens rotation of the module docstring, built coordinate by coordinate."""
+    r = torch.eye(dim, dtype=torch.float64)
+    for j in range(dim // 2):
+        a, b = (2 * j + shift) % dim, (2 * j + 1 + shift) % dim
+        r[a, a], r[a, b], r[b, a], r[b, b] = math.cos(angle), -math.sin(angle), math.sin(angle), math.cos(angle)
+    return r
+
+
+def test_each_token_rotates_the_planes_its_index_starts():
+    tokens = InjectedTokens(2, dim=8, rank=4, angles=1, bound="clamp", generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens.theta.copy_(torch.tensor([[0.7], [-1.1]]))
+        flat = tokens.basis(tokens.z()).double()
+        out = tokens().double()
+    # token 1 rotates the odd pairs (1, 2), (3, 4), … — the notebook's start_dim
+    for i, angle in enumerate((0.7, -1.1)):
+        assert torch.allclose(out[i], _rotation_matrix(8, angle, i) @ flat[i], atol=1e-5), i
+
+
+@pytest.mark.parametrize("num_tokens, angles", [(1, 1), (3, 1), (2, 2)])
+def test_any_rotation_angle_changes_the_tokens(num_tokens, angles):
+    tokens = InjectedTokens(num_tokens, dim=8, rank=4, angles=angles, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens.theta.fill_(0.9)
+        assert not torch.allclose(tokens(), tokens.basis(tokens.z()), atol=1e-3)
+        tokens.theta.zero_()
+        assert torch.allclose(tokens(), tokens.basis(tokens.z()), atol=1e-6)
+
+
+def test_injected_tokens_defaults_and_messages():
+    tokens = InjectedTokens(2, dim=768)
+    assert (tokens.rank, tokens.theta.shape, tokens.bound) == (300, (2, 2), "tanh")
+    assert InjectedTokens(1, dim=16, rank=16).E.shape == (16, 16)  # rank = width is allowed
+    with pytest.raises(ValueError, match=r"^ipgo.rank \(17\) must be at most the text encoder's width \(16\): "
+                                         r"E has orthonormal columns$"):
+        InjectedTokens(1, dim=16, rank=17)
+    with pytest.raises(ValueError, match="^ipgo.bound must be 'tanh' or 'clamp', not 'sigmoid'$"):
+        InjectedTokens(1, dim=16, rank=4, bound="sigmoid")
+
+
+@pytest.mark.parametrize("bound", ["tanh", "clamp"])
+def test_start_is_the_notebooks_uniform_draws(bound):
+    """z ~ U(−1, 1) (kept inside ±0.99 under tanh), θ ~ U(−π, π), b ~ U(−1/√r, 1/√r)."""
+    rank = 16
+    tokens = InjectedTokens(64, dim=32, rank=rank, angles=8, bound=bound, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z, theta, b = tokens.z(), tokens.theta, tokens.b
+    edge = 0.99 if bound == "tanh" else 1.0
+    assert z.min() >= -edge - 1e-6 and z.max() <= edge + 1e-6
+    assert z.min() < -0.9 and z.max() > 0.9 and abs(float(z.mean())) < 0.1
+    assert float((z.abs() >= edge - 1e-6).float().mean()) < 0.05  # a U(−1, 1) draw, not values piled at the edges
+    if bound == "tanh":
+        assert z.min() == pytest.approx(-0.99, abs=1e-5) and z.max() == pytest.approx(0.99, abs=1e-5)
+    assert theta.min() >= -math.pi and theta.max() < math.pi and theta.min() < -2.5 and theta.max() > 2.5
+    assert b.abs().max() <= 1 / math.sqrt(rank) and b.min() < -0.5 / math.sqrt(rank) and b.max() > 0.5 / math.sqrt(rank)
+
+
+def test_the_generator_alone_decides_e_z_theta_and_b():
+    """The default generator is seeded 0; the global RNG never reaches E, z, θ or b (PromptTokens seeds it as well,
+    for the orthogonal parametrisation's own use of it)."""
+    def draws(tokens):
+        return [t.detach().clone() for t in (tokens.E, tokens.raw_z, tokens.theta, tokens.b)]
+
+    torch.manual_seed(5)
+    default_a = draws(InjectedTokens(3, dim=16, rank=8))
+    torch.manual_seed(6)
+    default_b = draws(InjectedTokens(3, dim=16, rank=8))
+    torch.manual_seed(7)
+    seeded = draws(InjectedTokens(3, dim=16, rank=8, generator=torch.Generator().manual_seed(0)))
+    for x, y, s in zip(default_a, default_b, seeded):
+        assert torch.equal(x, y) and torch.equal(x, s)
+    torch.manual_seed(5)
+    other = draws(InjectedTokens(3, dim=16, rank=8, generator=torch.Generator().manual_seed(1)))
+    assert not any(torch.equal(x, y) for x, y in zip(default_a, other))
+
+
+def test_prompt_tokens_draw_prefix_then_suffix_from_one_generator_and_export_both():
+    tokens = PromptTokens(16, prefix=2, suffix=3, rank=8, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    prefix = InjectedTokens(2, 16, 8, 2, "tanh", gen)
+    suffix = InjectedTokens(3, 16, 8, 2, "tanh", gen)  # continues the prefix's generator
+    assert torch.equal(tokens.prefix.raw_z, prefix.raw_z) and torch.equal(tokens.suffix.raw_z, suffix.raw_z)
+    assert torch.equal(tokens.suffix.theta, suffix.theta) and torch.equal(tokens.suffix.b, suffix.b)
+    exported = tokens.export()
+    assert sorted(exported) == ["prefix", "suffix"]
+    with torch.no_grad():
+        assert torch.equal(exported["prefix"], tokens.prefix()) and torch.equal(exported["suffix"], tokens.suffix())
+    assert exported["suffix"].shape == (3, 16) and exported["suffix"].dtype == torch.float32
+
+
+def test_a_side_with_no_tokens_is_empty():
+    """ipgo.prefix_tokens or suffix_tokens may be 0 (tokens on one side only): that side is a (0, d) tensor."""
+    assert InjectedTokens(0, dim=8, rank=4, angles=2)().shape == (0, 8)
+    assert PromptTokens(8, prefix=0, suffix=2, rank=4)()[0].shape == (0, 8)
