@@ -342,3 +342,25 @@ def test_schedules_from_config():
     expected = {"sampling_temperature": 1.25, "reward_temperature": 1.0, "reference_temperature": 0.7}
     assert schedules.at(2500) == pytest.approx(expected)  # τ reached 1 at the official horizon, 500 steps
     assert schedules.at(250)["reward_temperature"] == pytest.approx(1.5)
+
+
+def test_mask_errors_say_exactly_what_is_wrong():
+    """The messages name the shapes, the empty rows by index, and the layout expected."""
+    log_pf, log_flow, ref, terminal, mask = _random_batch()
+    B, T = log_pf.shape
+    with pytest.raises(ValueError, match=rf"^mask has shape \({B}, {T - 1}\); expected \({B}, {T}\) like log_pf$"):
+        fl_db_residuals(log_pf, log_flow, ref, terminal, mask[:, :-1])
+    empty = mask.clone()
+    empty[1] = False
+    empty[3] = False
+    with pytest.raises(ValueError, match=r"^mask rows \[1, 3\] have no valid step$"):
+        fl_db_residuals(log_pf, log_flow, ref, terminal, empty)
+    holes = mask.clone()
+    holes[2, 1] = False
+    with pytest.raises(ValueError, match=r"^mask must be left-aligned: 1 for steps 0\.\.len-1, then 0 \(right padding\)$"):
+        fl_db_residuals(log_pf, log_flow, ref, terminal, holes)
+
+
+def test_unknown_schedule_kind_names_the_choices():
+    with pytest.raises(ValueError, match="^unknown schedule kind 'cosine'; choose linear, exponential or constant$"):
+        Anneal(2.0, 1.0, 10, "cosine")(3)
