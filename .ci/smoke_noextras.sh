@@ -15,6 +15,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export HOME="$W/home" PAG_CACHE="$W/cache" RAY_USAGE_STATS_ENABLED=0
 unset PAG_PRESET PAG_REDIS_URL RAY_ADDRESS
 REDIS_PID=""
+free_port() { python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 
 step() {  # step NAME COMMAND...: run it in $W/work, its output in $W/NAME.log, the log's tail if it fails
     local name=$1 t0=$SECONDS; shift
@@ -66,7 +67,7 @@ step config pag config --preset tiny
 step datasets pag datasets
 step sft pag sft --preset tiny --steps 20 --out "$W/work/sft"
 # a redis-server of the smoke's own: the training run's buffer stays in it for `pag buffer` afterwards
-PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+PORT=$(free_port)
 redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$W" >"$W/redis.log" 2>&1 &
 REDIS_PID=$!
 URL="redis://127.0.0.1:$PORT/0"
@@ -80,7 +81,7 @@ step buffer-stats pag buffer stats --run smoke --redis-url "$URL"
 step buffer-top pag buffer top 2 --run smoke --redis-url "$URL"
 # workers act on a live cluster: a local Ray of the smoke's own, on a free port (Ray's default GCS port is
 # Redis's 6379, which a machine running redis-server has taken); `ray stop` at the end stops every local Ray
-RAY_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+RAY_PORT=$(free_port)
 RAY="127.0.0.1:$RAY_PORT"
 export RAY_AUTH_MODE=token  # `ray start` turns token auth on; a client given an address sends the token only so
 step ray-start ray start --head --port "$RAY_PORT" --num-cpus 2 --include-dashboard false

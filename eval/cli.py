@@ -79,15 +79,16 @@ def check_scorers(names: list[str]) -> None:
     from scoring.scorers import SCORERS
     from common.config import ConfigError
 
-    packages = {"imagereward": ("ImageReward", "image-reward"), "imagereward-package": ("ImageReward", "image-reward"),
-                "hps": ("hpsv2", "hpsv2")}
+    # scorer: (module it imports, pip package, pag extra)
+    packages = {"imagereward": ("ImageReward", "image-reward", "imagereward"),
+                "imagereward-package": ("ImageReward", "image-reward", "imagereward"), "hps": ("hpsv2", "hpsv2", "hps")}
     for name in names:
         if name not in SCORERS:
             raise ConfigError(f"eval.scorers: unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
         if name in packages and importlib.util.find_spec(packages[name][0]) is None:
-            module, package = packages[name]
+            module, package, extra = packages[name]
             raise ConfigError(f"eval.scorers: {name!r} needs the pip package {package!r} (import {module}), which is "
-                              f"not installed: `pip install {package}` (or `pip install 'pag[{name.split('-')[0]}]'`)")
+                              f"not installed: `pip install {package}` (or `pip install 'pag[{extra}]'`)")
 
 
 def _start_ray(cfg) -> bool:

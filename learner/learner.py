@@ -247,7 +247,8 @@ class Learner:
         m[f"{NS_WEIGHTS}/version"] = float(self.step)
         m[f"{NS_WEIGHTS}/lag_mean"] = float(np.mean(lags))
         m[f"{NS_WEIGHTS}/lag_max"] = float(np.max(lags))
-        m[f"{NS_BUFFER}/size"] = float(self._after_step("reading the buffer's size", lambda: len(self.buffer), "nan"))
+        m[f"{NS_BUFFER}/size"] = float(self._after_step("reading the buffer's size", lambda: len(self.buffer),
+                                                        float("nan")))
         m[f"{NS_BUFFER}/fresh"] = float(counts["fresh"])
         m[f"{NS_BUFFER}/filled_from_replay"] = float(counts["filled"])
         m[f"{NS_BUFFER}/fresh_fraction"] = fresh_fraction(counts["fresh"], counts.get("replay", 0))

@@ -35,7 +35,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 
 from common.config import ModelConfig
-from common.clip import ClipBundle, build_aesthetic
+from common.clip import OPENAI_MEAN, OPENAI_STD, ClipBundle, build_aesthetic
 from common.models import ModelLoadError
 # the registry's names are part of this module's interface (`from scoring.scorers import SCORERS, …`)
 from scoring.registry import (DIFFERENTIABLE, SCORE_KEYS, SCORERS, TEXT, Factory, ScoreFn,  # noqa: F401
@@ -91,9 +91,6 @@ def clip_scorer(ctx: ScorerContext) -> ScoreFn:
     return _cosine_fn(ctx.clip(), ctx.image_embeddings, "clip")
 
 
-#: CLIP's pixel normalisation; the official eval applies it twice before ImageReward (eval.py:38-43, 125-130)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: the official eval's BLIP token length for ImageReward (eval.py:45-47; the package's own `score` uses 35)
 IMAGEREWARD_TOKENS = 75
 
@@ -102,10 +99,10 @@ def official_imagereward_pixels(images: torch.Tensor) -> torch.Tensor:
     """The official eval's ImageReward input from (N, 3, H, W) images in [0, 1]: each image as an 8-bit picture
     through CLIP's preprocess (bicubic resize of the short side to 224, centre crop, to [0, 1], CLIP
     normalisation), then `rm_preprocess` (the same resize and crop, which leave a 224² tensor as it is, and the
-    CLIP normalisation a second time) -> (N, 3, 224, 224)."""
+    CLIP normalisation a second time) -> (N, 3, 224, 224) (eval.py:38-43, 125-130)."""
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-    normalize = Normalize(CLIP_MEAN, CLIP_STD)
+    normalize = Normalize(OPENAI_MEAN, OPENAI_STD)
     clip_preprocess = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224), ToTensor(),
                                normalize])
     return normalize(torch.stack([clip_preprocess(picture) for picture in _to_pil(images)]))

@@ -110,15 +110,16 @@ def test_registered_scorer_runs_beside_the_builtins(cfg, monkeypatch):
 # stand-in `ImageReward` module that records what the scorer hands the model.
 
 def test_official_imagereward_pixels_normalise_twice():
-    from scoring.scorers import CLIP_MEAN, CLIP_STD, official_imagereward_pixels
+    from common.clip import OPENAI_MEAN, OPENAI_STD
+    from scoring.scorers import official_imagereward_pixels
 
     gray = torch.full((2, 3, 32, 32), 128 / 255)
     pixels = official_imagereward_pixels(gray)
     assert pixels.shape == (2, 3, 224, 224)
     for c in range(3):
-        once = (128 / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
-        assert pixels[:, c].flatten().tolist() == pytest.approx([(once - CLIP_MEAN[c]) / CLIP_STD[c]] * 2 * 224 * 224,
-                                                                abs=1e-5)
+        once = (128 / 255 - OPENAI_MEAN[c]) / OPENAI_STD[c]
+        twice = (once - OPENAI_MEAN[c]) / OPENAI_STD[c]
+        assert pixels[:, c].flatten().tolist() == pytest.approx([twice] * 2 * 224 * 224, abs=1e-5)
     wide = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0))
     assert official_imagereward_pixels(wide).shape == (1, 3, 224, 224)  # short side to 224, then the centre crop
 
