@@ -373,7 +373,7 @@ def _postfix(m: dict[str, float]) -> str:
         parts.append(f"r={m[REWARD]:.3g}")
     if TEXT_DIVERSITY in m:
         parts.append(f"div={m[TEXT_DIVERSITY]:.3f}")
-    parts.append(f"buf={int(m.get(BUFFER_SIZE, 0))}")
+    parts.append(f"buf={m.get(BUFFER_SIZE, 0):.0f}")  # NaN when Redis was out at the step's end: "buf=nan"
     parts.append(f"lag={m.get(LAG_MEAN, 0):.1f}")
     parts.append(f"traj/s={m.get(FRESH_PER_S, 0):.1f}")
     return " ".join(parts)
