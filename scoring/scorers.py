@@ -12,6 +12,8 @@ on the CPU. Registered names (the `reward.scorers` config entries) and what they
 - `clip`      → `clip`: raw cosine between the image and text embeddings (no ×100, no clamp)
 - `imagereward` → `imagereward` (pip package `image-reward`; the official eval's preprocessing, and
   `imagereward-package` → the same key through the package's own `score`), `hps` → `hps` (pip package `hpsv2`)
+- `world`     → `taste` and `mode_<name>` per taste mode: the miniature world's attribute reader on the pictures
+  (scoring/world_scorer.py; for `pag eval --preset mini --scorers world`)
 
 `aesthetic` and `clip` share one open_clip model and one image embedding per batch.
 
@@ -43,6 +45,8 @@ from scoring.registry import (DIFFERENTIABLE, SCORE_KEYS, SCORERS, TEXT, Factory
                               register_scorer, require_package, score_keys)
 # the text scorers register `style` and `relevance_text` when imported
 from scoring import text_scorers  # noqa: F401,E402
+# and the miniature world's ground truth registers `world` (an eval scorer: taste and modes read from the pictures)
+from scoring import world_scorer  # noqa: F401,E402
 
 
 def _to_pil(images: torch.Tensor) -> list:
