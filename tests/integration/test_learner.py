@@ -155,6 +155,20 @@ def test_ablation_objectives_train(cfg, buffer, tmp_path, trajectories, objectiv
     assert math.isfinite(last) and last < first
 
 
+def _hand_fl_db(batch, out, log_flow, log_reward, gamma: float, tau: float) -> float:
+    """FL-DB written out token by token: mean over trajectories of Σ_t δ_t²,
+        δ_t = log F(s_t) + log P_F(y_t) − log p_ref(y_t)/(γτ) − log F(s_{t+1}),  log F(s_T) = log_reward/τ."""
+    total = 0.0
+    for b in range(batch["response_mask"].shape[0]):
+        steps = int(batch["response_mask"][b].sum())
+        for t in range(steps):
+            after = float(log_reward[b]) / tau if t == steps - 1 else float(log_flow[b, t + 1])
+            delta = (float(log_flow[b, t]) + float(out["log_pf"][b, t])
+                     - float(batch["ref_logprobs"][b, t]) / (gamma * tau) - after)
+            total += delta ** 2
+    return total / batch["response_mask"].shape[0]
+
+
 def test_balance_loss_is_the_hand_computed_fl_db_with_tau_and_gamma_not_1(small_learner_config, buffer, tmp_path,
                                                                           trajectories):
     """Learner's FL-DB loss at a step where τ = 2.2 (annealing 3 → 1 over 10 steps, step 4) and γ = 1.7,
@@ -178,21 +192,46 @@ def test_balance_loss_is_the_hand_computed_fl_db_with_tau_and_gamma_not_1(small_
         log_flow = objective.flow(out["state_hidden"], out["prompt_sum"])  # the official head's prompt input
     tau, gamma = 3.0 - 2.0 * 4 / 10, 1.7
     assert info["tau"] == pytest.approx(tau)
-    total = 0.0
-    for b in range(len(trajs)):
-        steps = int(batch["response_mask"][b].sum())
-        for t in range(steps):
-            after = float(batch["log_reward"][b]) / tau if t == steps - 1 else float(log_flow[b, t + 1])
-            delta = (float(log_flow[b, t]) + float(out["log_pf"][b, t])
-                     - float(batch["ref_logprobs"][b, t]) / (gamma * tau) - after)
-            total += delta ** 2
-    assert float(loss) == pytest.approx(total / len(trajs), rel=1e-4)
+    assert float(loss) == pytest.approx(_hand_fl_db(batch, out, log_flow, batch["log_reward"], gamma, tau), rel=1e-4)
     mask = batch["response_mask"].bool()  # and the diagnostics, each from the same pass
     lengths = mask.sum(-1).float()
     assert info["length"] == pytest.approx(float(lengths.mean())) and mask.shape[0] != mask.shape[1]
     assert info["log_pf_mean"] == pytest.approx(float(out["log_pf"][mask].mean()), rel=1e-5)
     assert info["entropy"] == pytest.approx(float(out["entropy"][mask].mean()), rel=1e-5)
     assert info["log_z"] == pytest.approx(float(log_flow[:, 0].mean()), rel=1e-5)
+
+
+def test_balance_loss_forbids_eos_before_min_len_and_penalises_short_trajectories(small_learner_config, buffer,
+                                                                                   tmp_path, trajectories):
+    """With sampler.min_len 6, the loss's log P_F is what the sampler can draw -- EOS masked out of the first six
+    distributions -- and a trajectory of n < 6 tokens before its end has its log-reward lowered by
+    learner.min_len_penalty × (6 − n). The policy is biased towards EOS (+12 on its logit, p ≈ 0.7) so that the mask
+    moves log P_F by about a nat per token, not by the random policy's ≈ 2e-5."""
+    from common.decoding import teacher_forced
+    from learner.losses import min_length_penalty
+
+    c = small_learner_config("sampler.min_len=6", "learner.min_len_penalty=0.5", "learner.ref_temp=1.0",
+                             "learner.reward_temp_start=1.0", "learner.reward_temp_end=1.0")
+    objective = Learner(c, buffer, tmp_path, resume=False).objective
+    eos_bias = torch.zeros(objective.policy.config.vocab_size)
+    eos_bias[objective.eos_id] = 12.0
+    objective.policy.lm_head.register_forward_hook(lambda module, args, logits: logits + eos_bias)
+    trajs = [t.replace(response_ids=t.response_ids[:n], ref_logprobs=t.ref_logprobs[:n]) if n else t
+             for t, n in zip(trajectories[:6], (3, 0, 5, 0, 4, 0))]
+    with torch.no_grad():
+        loss, info = objective.loss_on(trajs, step=0)
+        batch = objective.collate(trajs)
+        args = (objective.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                batch["response_mask"], objective.eos_id)
+        out, free = teacher_forced(*args, min_len=6), teacher_forced(*args)
+        log_flow = objective.flow(out["state_hidden"], out["prompt_sum"])
+    mask = batch["response_mask"].bool()
+    assert float((out["log_pf"] - free["log_pf"])[mask].abs().max()) > 0.5, "the EOS bias must make the mask matter"
+    tokens = batch["response_mask"].sum(-1) - 1
+    assert int((tokens < 6).sum()) == 3, "three trajectories shorter than min_len"
+    penalised = batch["log_reward"] + min_length_penalty(tokens, 6, 0.5).to(batch["log_reward"])
+    assert float(loss) == pytest.approx(_hand_fl_db(batch, out, log_flow, penalised, 1.0, 1.0), rel=1e-4)
+    assert info["log_pf_mean"] == pytest.approx(float(out["log_pf"][mask].mean()), rel=1e-5)
 
 
 def test_an_objective_update_computes_its_diagnostics_unless_told_not_to(cfg, buffer, tmp_path, trajectories):
