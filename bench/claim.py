@@ -2,6 +2,9 @@
 
     PYTHONPATH=$PWD python bench/claim.py --seeds 1 2 3 --steps 120 --out runs/claim   # JSON + claim.md
 
+`--preset mini` runs issue 20's instead, the paper's two tables in the miniature world (bench/claim_mini.py,
+`python bench/claim.py --preset mini --help`).
+
 For each seed, PAG (`learner.objective=fl-db`), the vanilla GFlowNet (`tb`) and PPO (`ppo`, on-policy:
 `learner.replay_ratio=0`) are trained with `pag train --preset tiny-proxy --steps N` (the real pipeline:
 samplers → Redis → reward workers → replay → learner); SFT is the shared starting checkpoint. Each policy then
@@ -122,7 +125,7 @@ def evaluate(cfg, policy_dir: str, prompts, n: int, temperature: float, seed: in
     return result
 
 
-def main() -> None:
+def main(argv=None) -> None:
     from common.config import load_config
     from common.data import load_prompts
     from common.runs import latest_checkpoint
@@ -136,7 +139,7 @@ def main() -> None:
     p.add_argument("--rewrites", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--out", default="runs/claim")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config("tiny-proxy")
@@ -171,4 +174,15 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--preset", choices=["tiny-proxy", "mini"], default="tiny-proxy")
+    known, rest = which.parse_known_args()
+    if known.preset == "mini":
+        root = Path(__file__).resolve().parents[1]
+        # run as a script, bench/ heads sys.path, where bench/world.py would shadow the `world` package
+        sys.path[:] = [str(root)] + [p for p in sys.path if Path(p or ".").resolve() != root / "bench"]
+        from bench import claim_mini
+
+        claim_mini.main(rest)
+    else:
+        main(rest)
