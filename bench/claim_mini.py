@@ -1,10 +1,11 @@
 """Issue 20: the paper's two tables in the miniature world -- every method, every ablation, with pictures.
 
-    python bench/claim.py --preset mini --out runs/claim-mini        # docs/results-mini.md + .json, ~70 min on 2 cores
+    python bench/claim.py --preset mini      # runs/claim-mini/; docs/results-mini.md + .json, 76 min on 2 cores
 
 1. The SFT reference (`pag sft`'s cache, `model.sft_steps`) is every trained method's start and the `sft` row.
-2. PPO's KL sweep, on the first seed only: `learner.ppo.kl_coef` over `--ppo-kl`; the best by held-out sampled
-   reward is PPO for every seed (said in the report). No other method is tuned, and no seed on its own.
+2. PPO's sweep, on the first seed only: `learner.ppo.kl_coef` over `--ppo-kl` × `learner.lr` over `--ppo-lr`; the
+   best by held-out sampled reward is PPO for every seed (said in the report). No other method is tuned, and no
+   seed on its own.
 3. `pag train --preset mini --method M --steps N run.seed=S` for pag, pag-no-reset, pag-no-prt, pag-no-fl, gfn-tb
    and ppo: the same steps, batches and seeds. `mini` turns flow reactivation off (120-step runs); the methods that
    keep it get it every N/5 steps, the official schedule's proportion (every 2,000 of 10,000 steps), re-drawing the
@@ -36,15 +37,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from bench.claim_mini_tables import (ABLATION_ROWS, dormant, histogram_plot, method_stats, read_eval, render_grid,
+                                     targets, write_report)
+
 TRAINED = ("pag", "pag-no-reset", "pag-no-prt", "pag-no-fl", "gfn-tb", "ppo")
 FIXED = ("plain", "rule", "sft")  # no training: one row whatever the seed
 DECODES = ("sample", "beam")
 
-from bench.claim_mini_tables import (ABLATION_ROWS, dormant, histogram_plot, method_stats, read_eval, render_grid,
-                                     targets, write_report)
 
-
-def _env(out: Path) -> dict[str, str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     # a private local Ray per run, even where a `ray start` cluster is up; short, absolute (Ray's socket paths under
@@ -53,8 +54,8 @@ def _env(out: Path) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], out: Path, log: Path) -> None:
-    env = _env(out)
+def _run(cmd: list[str], log: Path) -> None:
+    env = _env()
     try:
         with open(log, "w") as fh:
             result = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
@@ -90,7 +91,7 @@ def train(label: str, method: str, seed: int, args, extra: Sequence[str] = ()) -
            "--run-name", run_dir.name, "--runs-dir", str(args.out / "runs"), "--no-report", f"run.seed={seed}",
            *train_overrides(method, args.steps), *extra, *args.set]
     print(f"[claim] train {run_dir.name}", file=sys.stderr, flush=True)
-    _run(cmd, args.out, args.out / "logs" / f"train-{run_dir.name}.log")
+    _run(cmd, args.out / "logs" / f"train-{run_dir.name}.log")
     return run_dir
 
 
@@ -104,7 +105,7 @@ def evaluate(name: str, runs: dict[str, Path], decode: str, args) -> Path:
            "--limit", str(args.prompts), "--rewrites", str(args.rewrites), "--decode", decode, "--name", name,
            "--runs-dir", str(args.out), "--no-progress", *args.set]
     print(f"[claim] eval {name}", file=sys.stderr, flush=True)
-    _run(cmd, args.out, args.out / "logs" / f"eval-{name}.log")
+    _run(cmd, args.out / "logs" / f"eval-{name}.log")
     return out_dir
 
 
