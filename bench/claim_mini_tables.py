@@ -137,7 +137,7 @@ def targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def render_grid(cfg_overrides: Sequence[str], lines: list[dict[str, Any]], labels: Sequence[str], prompts: int,
                 per_row: int, path: Path) -> None:
     """Per held-out prompt: its plain picture, then each method's first `per_row` sampled rewrites, one picture
-    each (the eval's image-0 noise), with the world's reader naming the mode it reaches."""
+    each (the eval's image-0 noise)."""
     import torch
 
     from common.config import load_config
