@@ -126,15 +126,13 @@ def train_all(args) -> tuple[dict[int, dict[str, Path]], dict[str, Any]]:
                 runs[seed][method] = train(method, method, seed, args)
                 continue
             if seed == args.seeds[0] and len(grid) > 1:
-                tried = {}
-                for kl, lr in grid:
-                    label, extra = ppo_settings(kl, lr)
-                    tried[label] = train(label, "ppo", seed, args, extra)
+                setting = {ppo_settings(kl, lr)[0]: (kl, lr) for kl, lr in grid}
+                tried = {label: train(label, "ppo", seed, args, ppo_settings(*kl_lr)[1])
+                         for label, kl_lr in setting.items()}
                 results, _ = read_eval(evaluate(f"ppo-sweep-s{seed}", tried, "sample", args))
-                for (kl, lr), label in zip(grid, tried):
+                for label in tried:
                     sweep["reward"][label] = next(iter(results["table"][label].values()))["reward"]["mean"]
-                best_label = max(sweep["reward"], key=sweep["reward"].get)
-                sweep["best"] = list(grid[list(tried).index(best_label)])
+                sweep["best"] = list(setting[max(sweep["reward"], key=sweep["reward"].get)])
             label, extra = ppo_settings(*sweep["best"])
             runs[seed]["ppo"] = train(label, "ppo", seed, args, extra)
     return runs, sweep

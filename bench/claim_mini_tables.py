@@ -84,15 +84,10 @@ def method_stats(per_seed: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]
         set_name = next(iter(results["per_prompt"][label]))
         rows = results["per_prompt"][label][set_name]
         modes = modes_per_prompt(lines, label)
+        rows = [{**row, "modes_pictures": len(modes.get(row["prompt"], {}).get("pictures", ())),
+                 "modes_text": len(modes.get(row["prompt"], {}).get("text", ()))} for row in rows]
         for metric in seed_means:
-            vals = {}
-            for row in rows:
-                if metric == "modes_pictures":
-                    vals[row["prompt"]] = float(len(modes.get(row["prompt"], {}).get("pictures", ())))
-                elif metric == "modes_text":
-                    vals[row["prompt"]] = float(len(modes.get(row["prompt"], {}).get("text", ())))
-                elif metric in row:
-                    vals[row["prompt"]] = float(row[metric])
+            vals = {row["prompt"]: float(row[metric]) for row in rows if metric in row}
             if vals:
                 seed_means[metric].append(float(np.mean(list(vals.values()))))
                 for prompt, v in vals.items():
