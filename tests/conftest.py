@@ -6,6 +6,7 @@ Ray), tests/e2e (the `pag` command end to end, in subprocesses)."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import uuid
 
@@ -31,6 +32,30 @@ else:
     os.environ.setdefault("PAG_CACHE", tempfile.mkdtemp(prefix="pag-test-cache-"))
 
 from common.redis_server import RedisServer  # noqa: E402
+
+# Under mutmut (bench/mutants.py) every mutant's tests run in a process forked from one that collected the tests
+# once. transformers and diffusers import their model classes lazily, on first use, so without this each fork
+# would import GPT-2's modelling code (and diffusers', open_clip's) again: ~2.5 s of a learner test's set-up,
+# paid per mutant. Importing them here, in the forking process, pays it once. A plain pytest run is unchanged.
+if "mutmut" in sys.modules:
+    import diffusers  # noqa: E402, F401
+    import open_clip  # noqa: E402, F401
+    import transformers  # noqa: E402
+
+    for _lazy in ("GPT2LMHeadModel", "GPT2Config", "GPT2TokenizerFast", "CLIPTextModel", "CLIPTokenizer", "CLIPModel"):
+        getattr(transformers, _lazy)
+    for _lazy in ("AutoencoderKL", "UNet2DConditionModel", "StableDiffusionPipeline", "DPMSolverMultistepScheduler"):
+        getattr(diffusers, _lazy)
+    from common.data import default_token_counter  # noqa: E402
+
+    default_token_counter()  # the packaged GPT-2 tokenizer every prompt set is counted with (cached)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut (bench/mutants.py) a mutant's tests run fastest first; elsewhere the order is left alone."""
+    from bench.mutants import fastest_first
+
+    fastest_first(items, os.environ.get("MUTANT_UNDER_TEST", ""))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ gradients into policy and flow head, flow reactivation, and the dormant-neuron r
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -287,6 +288,23 @@ def test_dormant_ratio_known_answer():
     keep = torch.tensor([[True] * 1000, [False] * 1000])
     assert dormant_ratio(padded, 0.1, keep) == 0.25 and dormant_ratio(padded, 0.1) == 0.0
     assert dormant_ratio(torch.zeros(10, 3)) == 1.0
+
+
+def test_dormant_ratio_is_scale_free_dormant_at_tau_itself_and_nan_without_rows():
+    torch.manual_seed(0)
+    acts = torch.randn(1000, 4).abs() * torch.tensor([1.0, 1.0, 1.0, 0.05])
+    assert dormant_ratio(acts * 10, tau=0.1) == dormant_ratio(acts / 10, tau=0.1) == 0.25, "s_i = E|h_i| / mean_j"
+    exact = torch.tensor([[0.25, 1.75, 1.0, 1.0]])  # one row, s = (0.25, 1.75, 1, 1) exactly in binary
+    assert dormant_ratio(exact, tau=0.25) == 0.25, "a unit at s_i = tau is dormant (s_i <= tau), one row counts"
+    assert math.isnan(dormant_ratio(acts, mask=torch.zeros(1000, dtype=torch.bool))), "no row counted: no ratio"
+
+
+def test_dormant_metrics_leave_out_a_flow_head_the_forward_never_ran(model, batch):
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    with torch.no_grad():
+        metrics = dormant_metrics(model, FlowHead(32, 16), lambda: teacher_forced(
+            model, prompt_ids, prompt_mask, response_ids, response_mask, EOS))
+    assert "plasticity/flow_dormant" not in metrics and "plasticity/policy_dormant" in metrics
 
 
 def test_dormant_metrics_on_policy_and_flow_head(model, batch):

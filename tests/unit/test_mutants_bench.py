@@ -66,3 +66,27 @@ def test_prepare_writes_the_pass_settings_over_the_shared_ones(tmp_path, monkeyp
     assert (folder / "learner").resolve() == mutants.ROOT / "learner"
     assert not (folder / ".git").exists() and not (folder / "passes").exists()
     mutants.prepare("beam", spec)  # a second time: the links are kept
+
+
+class _Item:
+    def __init__(self, nodeid):
+        self.nodeid = nodeid
+
+
+def test_a_mutants_tests_run_fastest_first_and_unknown_ones_last(tmp_path):
+    stats = tmp_path / "mutmut-stats.json"
+    stats.write_text('{"duration_by_test": {"t.py::slow": 3.0, "t.py::fast": 0.1, "t.py::mid": 1.0}}')
+    items = [_Item(n) for n in ("t.py::new", "t.py::slow", "mutants/t.py::mid", "t.py::fast")]
+    mutants.fastest_first(items, "learner.losses.x_tb__mutmut_3", stats)
+    assert [i.nodeid for i in items] == ["t.py::fast", "mutants/t.py::mid", "t.py::slow", "t.py::new"]
+
+
+@pytest.mark.parametrize("mutant", ["", "stats", "fail"])
+def test_outside_a_mutants_run_the_order_is_left_alone(tmp_path, mutant):
+    stats = tmp_path / "mutmut-stats.json"
+    stats.write_text('{"duration_by_test": {"t.py::slow": 3.0, "t.py::fast": 0.1}}')
+    items = [_Item("t.py::slow"), _Item("t.py::fast")]
+    mutants.fastest_first(items, mutant, stats)
+    assert [i.nodeid for i in items] == ["t.py::slow", "t.py::fast"]
+    mutants.fastest_first(items, "learner.losses.x_tb__mutmut_3", tmp_path / "absent.json")
+    assert [i.nodeid for i in items] == ["t.py::slow", "t.py::fast"]

@@ -237,6 +237,50 @@ def test_replay_only_on_an_empty_buffer_times_out_naming_the_reward_workers():
     assert time.monotonic() - start >= 0.4
 
 
+def test_the_fresh_reader_reads_no_further_than_the_plan_and_counts_invalid_arrivals(trajectories):
+    buffer, counters = ListBuffer(), _counters(dropped=5)
+    buffer.add(trajectories[:6])
+    batch = read_micro_batch(buffer, "l", ReadPlan(fresh=4, replay=0, required=4), 5,
+                             lambda t: t is not trajectories[1], counters)
+    assert batch.trajectories == [trajectories[i] for i in (0, 2, 3, 4)]
+    assert buffer.reads == [(4, 200), (1, 200)], "one more read for the invalid one, none once the plan is met"
+    assert counters["dropped_invalid"] == 6, "the invalid arrival is added to the run's total"
+    replay_only = ListBuffer()
+    replay_only.pool = trajectories[:2]
+    read_micro_batch(replay_only, "l", ReadPlan(fresh=0, replay=2, required=0), 5, lambda t: True, _counters())
+    assert replay_only.reads == [], "a plan with no fresh slots never reads the stream"
+
+
+class _FullServer:
+    """A Redis at its maxmemory (buffer.connection.full_message)."""
+
+    def info(self, section: str) -> dict:
+        return {"used_memory": 100 * 2**20, "maxmemory": 100 * 2**20, "maxmemory_policy": "noeviction"}
+
+
+def test_a_fresh_timeout_says_how_long_it_waited_and_names_a_full_redis():
+    plan, everything = ReadPlan(fresh=4, replay=0, required=4), lambda t: True  # noqa: E731
+    with pytest.raises(FreshTimeoutError) as plain:
+        read_micro_batch(ListBuffer(), "l", plan, 0.05, everything, _counters())
+    assert str(plain.value).startswith("learner.fresh_policy=wait: only 0 of the 4 fresh trajectories of a "
+                                       "micro-batch arrived in 0s (learner.fresh_timeout_s); 0 unscored"), \
+        "no label: the message starts with the policy"
+    full = ListBuffer()
+    full.client = _FullServer()
+    with pytest.raises(FreshTimeoutError) as caught:
+        read_micro_batch(full, "l", plan, 0.05, everything, _counters())
+    assert str(caught.value).startswith("only 0 of the 4 fresh trajectories of a micro-batch arrived in 0s: Redis at "
+                                        "redis://unit is full: used_memory 100.0 MiB of maxmemory 100.0 MiB")
+    assert "buffer.capacity=100 trajectories" in str(caught.value)
+
+
+def test_a_fill_read_with_nothing_anywhere_times_out_asking_for_the_reward_workers():
+    with pytest.raises(TimeoutError) as caught:
+        read_micro_batch(ListBuffer(), "l", ReadPlan(fresh=4, replay=4, required=0), 0.05, lambda t: True,
+                         _counters())
+    assert str(caught.value) == "no scored trajectories arrived in 0s: are the reward workers running?"
+
+
 def test_the_fresh_reader_blocks_only_while_it_is_short(trajectories):
     """It blocks 200 ms on the stream while fewer than `required` arrived, or while nothing exists at all
     (stream and buffer empty); otherwise it only polls (0 ms), and it never reads past `plan.fresh`."""

@@ -94,4 +94,8 @@ def test_untrainable_names_each_fault():
     assert untrainable(too_big, None) is None  # no vocabulary known: only >= 0 is checked
     assert "inf" in untrainable(t.replace(log_reward=float("inf")), 50257)
     assert "not a log-probability" in untrainable(t.replace(ref_logprobs=[-1.0, 0.5, -1.0, -1.0]), 50257)
-    assert "no response tokens" in untrainable(t.replace(response_ids=[], ref_logprobs=[]), 50257)
+    assert untrainable(t.replace(response_ids=[], ref_logprobs=[]), 50257) == "no response tokens"
+    assert untrainable(t.replace(prompt_ids=[-1]), None) == \
+        "prompt_ids holds token id -1, outside the vocabulary [0, ∞)"
+    assert untrainable(t.replace(prompt_ids=[0], response_ids=[0, 4, 5, 6]), 50257) is None, "token id 0 is a token"
+    assert untrainable(t.replace(ref_logprobs=[-1.0, 1e-6, -1.0, -1.0]), 50257) is None, "1e-6 of rounding slack"
