@@ -9,10 +9,16 @@ units per picture, how many distinct outputs there are at 3 decimals and how oft
 activation patterns of the last hidden layer, and the Spearman correlation with the true taste the reader
 sees (bench/world.py's gate 5 on another caption set). A flat predictor -- many pictures, one score --
 would add noise to the reward; ties at 3 decimals would show it.
+
+What any predictor on this embedding can know: `style_probe` fits a ridge linear probe per style axis (the
+first 1/8 of the pictures held out) from the CLIP image embedding to the value the reader sees, and reports its
+held-out accuracy beside always guessing the commonest value. An axis the embedding does not carry is one the
+aesthetic MLP cannot score, whatever its training.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -39,6 +45,24 @@ def hidden_activity(mlp, emb: torch.Tensor) -> tuple[list[torch.Tensor], np.ndar
     return acts, x.squeeze(-1).numpy()
 
 
+def style_probe(emb: torch.Tensor, labels: dict[str, list[str]], ridge: float = 1e-2) -> dict[str, dict]:
+    """Per axis: held-out accuracy of a ridge one-vs-rest linear probe from `emb` (N, D) to the axis's values
+    (`labels[axis]`, N strings), and the commonest value's share of the held-out pictures (the first N // 8)."""
+    held = len(emb) // 8
+    x = emb.double()
+    out = {}
+    for axis, values in labels.items():
+        names = sorted(set(values))
+        y = torch.tensor([names.index(v) for v in values])
+        onehot = torch.nn.functional.one_hot(y, len(names)).double()
+        a, b = x[held:], onehot[held:] - onehot[held:].mean(0)
+        w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ b)
+        accuracy = float(((x[:held] @ w).argmax(1) == y[:held]).double().mean())
+        majority = float(torch.bincount(y[:held], minlength=len(names)).max()) / held
+        out[axis] = {"probe_accuracy": round(accuracy, 3), "majority": round(majority, 3)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pictures", type=int, default=1000)
@@ -48,13 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
     from scipy.stats import spearmanr
 
     from world.build import aesthetic_captions, embed_images, generate, true_taste
+    from world.reader import read
     from world.weights import load_clip, load_pipeline
 
     t0 = time.perf_counter()
     pipe, clip = load_pipeline(args.assets), load_clip(args.assets)
     images = generate(pipe, aesthetic_captions(args.pictures, args.seed), args.seed)
-    acts, out = hidden_activity(load_aesthetic(args.assets / "aesthetic.safetensors"), embed_images(clip, images))
+    emb = embed_images(clip, images)
+    acts, out = hidden_activity(load_aesthetic(args.assets / "aesthetic.safetensors"), emb)
     taste = true_taste(images)
+    seen = read(images)
+    axes = [f.name for f in dataclasses.fields(seen[0].style)]
+    probe = style_probe(emb, {axis: [getattr(a.style, axis) for a in seen] for axis in axes})
     _, counts = np.unique(np.round(out, 3), return_counts=True)
     n = len(out)
     result = {
@@ -67,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pair_tie_rate_3dp": round(float((counts * (counts - 1)).sum() / (n * (n - 1))), 6),
         "output_mean": round(float(out.mean()), 3), "output_std": round(float(out.std()), 3),
         "spearman_vs_true_taste": round(float(spearmanr(out, taste)[0]), 3),
+        "style_probe": probe,
     }
     print(json.dumps(result, indent=1))
     return result

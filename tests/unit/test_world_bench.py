@@ -181,3 +181,17 @@ def test_world_aesthetic_bench_counts_what_the_mlp_computes():
     assert np.allclose(out, mlp(emb).detach().numpy(), atol=1e-6)
     assert [a.shape[1] for a in acts] == [1024, 128, 64, 16]
     assert int((acts[0].max(0).values <= 0).sum()) >= 5
+
+
+def test_world_aesthetic_style_probe_reads_an_axis_the_embedding_carries_and_not_one_it_does_not():
+    from bench import world_aesthetic
+
+    gen = torch.Generator().manual_seed(0)
+    carried = ["dark" if i % 3 == 0 else "white" for i in range(400)]  # one embedding direction says which
+    emb = torch.randn(400, 200, generator=gen) * 0.05  # wide enough to fit noise: only held-out pictures tell
+    emb[:, 0] += torch.tensor([1.0 if v == "dark" else -1.0 for v in carried])
+    noise = ["thin" if bool(b) else "thick" for b in torch.randint(2, (400,), generator=gen)]  # nothing carries it
+    probe = world_aesthetic.style_probe(emb, {"background": carried, "outline": noise})
+    assert probe["background"]["probe_accuracy"] == 1.0
+    assert probe["background"]["majority"] == round(sum(v == "white" for v in carried[:50]) / 50, 3)
+    assert probe["outline"]["probe_accuracy"] <= probe["outline"]["majority"] + 0.1, "no better than guessing"
