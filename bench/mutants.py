@@ -124,8 +124,9 @@ def _survivors(folder: Path) -> list[str]:
 
 
 def run(name: str, spec: dict, children: int, recheck: bool = False) -> int:
-    """mutmut over one pass (it resumes), or with `recheck` only its survivors again (after new tests:
-    mutmut keeps a verdict unless the mutant is named, and collects the new tests' coverage first)."""
+    """mutmut over one pass (it resumes), or with `recheck` only its survivors again, after new tests (mutmut keeps
+    a verdict unless the mutant is named). Either way the pass's copy of tests/ is refreshed and mutmut recollects
+    which test reaches which function: mutmut copies the tests at a pass's first run only."""
     folder = prepare(name, spec)
     copy = folder / "mutants"
     if copy.is_dir():  # mutmut copies the tests once and never again: a recheck must see the new ones
