@@ -49,13 +49,13 @@ def style_probe(emb: torch.Tensor, labels: dict[str, list[str]], ridge: float = 
     """Per axis: held-out accuracy of a ridge one-vs-rest linear probe from `emb` (N, D) to the axis's values
     (`labels[axis]`, N strings), and the commonest value's share of the held-out pictures (the first N // 8)."""
     held = len(emb) // 8
-    x = emb.double()
-    out = {}
+    x = torch.cat([emb.double(), torch.ones(len(emb), 1, dtype=torch.float64)], 1)  # with an intercept: the
+    out = {}  # probe can learn how common each value is (centred targets would decide as if they were balanced)
     for axis, values in labels.items():
         names = sorted(set(values))
         y = torch.tensor([names.index(v) for v in values])
         onehot = torch.nn.functional.one_hot(y, len(names)).double()
-        a, b = x[held:], onehot[held:] - onehot[held:].mean(0)
+        a, b = x[held:], onehot[held:]
         w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ b)
         accuracy = float(((x[:held] @ w).argmax(1) == y[:held]).double().mean())
         majority = float(torch.bincount(y[:held], minlength=len(names)).max()) / held

@@ -195,3 +195,14 @@ def test_world_aesthetic_style_probe_reads_an_axis_the_embedding_carries_and_not
     assert probe["background"]["probe_accuracy"] == 1.0
     assert probe["background"]["majority"] == round(sum(v == "white" for v in carried[:50]) / 50, 3)
     assert probe["outline"]["probe_accuracy"] <= probe["outline"]["majority"] + 0.1, "no better than guessing"
+
+
+def test_world_aesthetic_style_probe_guesses_the_commonest_value_when_nothing_is_carried():
+    """A rare value the embedding says nothing about: the probe should fall back to the common one (a probe fit to
+    centred targets would call half the pictures by the rare value and score far below the majority)."""
+    from bench import world_aesthetic
+
+    gen = torch.Generator().manual_seed(1)
+    rare = ["blurry" if bool(b) else "sharp" for b in torch.rand(800, generator=gen) < 0.15]
+    probe = world_aesthetic.style_probe(torch.randn(800, 8, generator=gen), {"blur": rare})
+    assert probe["blur"]["probe_accuracy"] >= probe["blur"]["majority"] - 0.05
