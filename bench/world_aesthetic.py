@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     from scipy.stats import spearmanr
 
-    from world.build import aesthetic_captions, embed_images, generate, true_taste
+    from world.build import aesthetic_captions, embed_images, generate
     from world.reader import read
+    from world.taste import taste as taste_of
     from world.weights import load_clip, load_pipeline
 
     t0 = time.perf_counter()
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     images = generate(pipe, aesthetic_captions(args.pictures, args.seed), args.seed)
     emb = embed_images(clip, images)
     acts, out = hidden_activity(load_aesthetic(args.assets / "aesthetic.safetensors"), emb)
-    taste = true_taste(images)
-    seen = read(images)
+    seen = read(images)  # once: the true taste and the style probe both need what the reader sees
+    taste = np.array([taste_of(a) for a in seen], dtype=np.float32)  # world.build.true_taste, without a 2nd read
     axes = [f.name for f in dataclasses.fields(seen[0].style)]
     probe = style_probe(emb, {axis: [getattr(a.style, axis) for a in seen] for axis in axes})
     _, counts = np.unique(np.round(out, 3), return_counts=True)
