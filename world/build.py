@@ -8,7 +8,10 @@ Stages, each seeded and resumable on its own (`--only vae,clip`):
 2. `clip`      CLIPModel, contrastive (symmetric InfoNCE) on rendered scenes and training captions.
 3. `unet`      UNet2DConditionModel, epsilon-prediction on VAE latents (SD v1.4's noise schedule),
                conditioned on the frozen CLIP text tower, 10 % caption dropout for guidance.
-4. `aesthetic` the LAION MLP, its commented-out ReLUs switched on, on CLIP image embeddings of *generated*
+4. `sight`     the CLIP image tower again, text tower frozen: contrastive as before plus a style head on
+               rendered scenes and on generated pictures, so that style is readable from the embedding
+               the aesthetic MLP sees (world/sight.py).
+5. `aesthetic` the LAION MLP, its commented-out ReLUs switched on, on CLIP image embeddings of *generated*
                pictures, regressing 10 x the hidden taste the attribute reader sees (world/taste.py).
 
 Every stage writes its weights as soon as it finishes; the pipeline directory (sd/) is assembled
@@ -33,15 +36,16 @@ from world import models as wm
 from world.data import Pictures, pictures, to_unit, training_caption
 from world.weights import MANIFEST, load_clip, load_pipeline, load_vae, pipeline, record, save_stage, text_tower  # noqa: F401
 
-STAGES = ("vae", "clip", "unet", "aesthetic")
-STEPS = {"vae": 3000, "clip": 1500, "unet": 4000, "aesthetic": 1500}
-BATCH = {"vae": 32, "clip": 64, "unet": 64, "aesthetic": 128}
-LR = {"vae": 1e-3, "clip": 5e-4, "unet": 4e-4, "aesthetic": 1e-3}
+STAGES = ("vae", "clip", "unet", "sight", "aesthetic")
+STEPS = {"vae": 3000, "clip": 1500, "unet": 4000, "sight": 5000, "aesthetic": 1500}
+BATCH = {"vae": 32, "clip": 64, "unet": 64, "sight": 64, "aesthetic": 128}
+LR = {"vae": 1e-3, "clip": 5e-4, "unet": 4e-4, "sight": 5e-4, "aesthetic": 1e-3}
 N_PICTURES = 24000
 CAPTION_DROPOUT = 0.1
 HF_WEIGHT = 0.5
 KL_WEIGHT = 1e-6
-GENERATED = 2000  # pictures generated for the aesthetic stage (10 % held out)
+GENERATED = 6000  # pictures generated for the aesthetic stage (10 % held out; world/README.md says why 6,000)
+SIGHT_GENERATED = 6000  # and for the sight stage
 GEN_STEPS, GEN_GUIDANCE = 10, 5.0
 EMA_DECAY = 0.999
 
@@ -323,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     steps = {k: max(2, int(v * args.scale)) for k, v in chosen.items()}
     command = "python -m world.build " + " ".join(sys.argv[1:] if argv is None else argv)
-    needs_data = any(s in only for s in ("vae", "clip", "unet"))
+    needs_data = any(s in only for s in ("vae", "clip", "unet", "sight"))
     data = pictures(max(64, int(N_PICTURES * args.scale)), args.seed) if needs_data else None
     started = time.time()
     vae = clip = pipe = None
@@ -344,6 +348,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unet, figures = train_unet(data, vae, clip, steps["unet"], args.seed, start,
                                        LR["unet"] / 2 if start is not None else LR["unet"])
             model = pipe = pipeline(vae, clip, unet)
+        elif stage == "sight":
+            from world.sight import train_sight
+
+            pipe = pipe or load_pipeline(root)
+            clip, figures = train_sight(clip or load_clip(root), pipe, data, steps["sight"], args.seed,
+                                        max(64, int(SIGHT_GENERATED * args.scale)), BATCH["sight"], LR["sight"])
+            model = clip
         else:
             pipe = pipe or load_pipeline(root)
             clip = clip or load_clip(root)

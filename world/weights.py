@@ -64,6 +64,10 @@ def _save_stage(stage: str, model, root: Path) -> list[Path]:
     if stage == "vae":
         _save_half(model, root / "sd" / "vae")
         return [root / "sd" / "vae"]
+    if stage == "sight":  # the image tower changed, the text tower (sd/text_encoder) did not
+        _save_half(model, root / "clip")
+        wm.clip_tokenizer().save_pretrained(str(root / "clip"))
+        return [root / "clip"]
     if stage == "clip":
         _save_half(model, root / "clip")
         wm.clip_tokenizer().save_pretrained(str(root / "clip"))

@@ -94,9 +94,9 @@ def _manifest_mismatches(root) -> list[str]:
 
 
 def test_each_training_stage_runs_and_the_manifest_names_every_file_it_wrote(smoke_build):
-    """The smoke build ran vae, clip, unet and aesthetic a few steps each (`--scale 0.003`)."""
+    """The smoke build ran vae, clip, unet, sight and aesthetic a few steps each (`--scale 0.003`)."""
     manifest = json.loads((smoke_build / "MANIFEST.json").read_text())
-    assert set(manifest["_build"]) == {"vae", "clip", "unet", "aesthetic"}
+    assert set(manifest["_build"]) == {"vae", "clip", "unet", "sight", "aesthetic"}
     for figures in manifest["_build"].values():
         assert np.isfinite(figures["final_loss"]) and figures["steps"] >= 2, figures
     written = {p.relative_to(smoke_build).as_posix() for p in smoke_build.rglob("*") if p.is_file()}
@@ -140,6 +140,54 @@ def test_resuming_the_unet_goes_on_from_the_built_one(smoke_build, tmp_path, mon
         assert "_name_or_path" not in json.loads(config.read_text()), config
     figures = json.loads((out / "MANIFEST.json").read_text())["_build"]["unet"]
     assert figures["resumed"] is True and figures["steps"] == 3 and figures["lr"] == build.LR["unet"] / 2
+
+
+def test_the_sight_stage_moves_the_image_tower_and_leaves_the_text_tower(smoke_build, tmp_path):
+    """`--only sight` retrains the CLIP's image tower; its text tower -- the pipeline's text encoder, which the UNet
+    was trained on -- must come out bit for bit the same, and sd/ is not rewritten."""
+    import shutil
+
+    from world import build
+    from world.rules import AXES
+    from world.weights import load_clip
+
+    out = tmp_path / "sighted"
+    shutil.copytree(smoke_build, out)
+    before = load_clip(out).state_dict()
+    sd_before = {p: p.read_bytes() for p in (out / "sd").rglob("*") if p.is_file()}
+    assert build.main(["--only", "sight", "--scale", "0.003", "--out", str(out), "--threads", "1"]) == 0
+    after = load_clip(out).state_dict()
+    text = [k for k in before if k.startswith(("text_model.", "text_projection.")) or k == "logit_scale"]
+    vision = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
+    assert text and vision and len(text) + len(vision) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in text)
+    assert sum(not torch.equal(before[k], after[k]) for k in vision) > len(vision) // 2
+    assert {p: p.read_bytes() for p in (out / "sd").rglob("*") if p.is_file()} == sd_before
+    figures = json.loads((out / "MANIFEST.json").read_text())["_build"]["sight"]
+    assert set(figures["heldout_head_accuracy"]) == set(AXES) and figures["generated"] == 64
+    assert all(0 <= a <= 1 for a in figures["heldout_head_accuracy"].values()) and np.isfinite(figures["final_loss"])
+
+
+def test_the_style_loss_scores_each_axis_by_its_own_softmax():
+    from world.rules import AXES
+    from world.scenes import Style
+    from world.sight import HEAD_SCALE, style_labels, style_loss
+
+    styles = [Style(**{a: v[i % len(v)] for a, v in AXES.items()}) for i in range(3)]
+    labels = style_labels(styles)
+    assert labels[1].tolist() == [1 % len(v) for v in AXES.values()]
+    width = sum(len(v) for v in AXES.values())
+    head = torch.nn.Linear(width, width, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(width) * 100 / HEAD_SCALE)  # logits = 100 x the one-hot of each axis's value
+    onehots = torch.zeros(3, width)
+    starts = np.cumsum([0] + [len(v) for v in AXES.values()])[:-1]
+    for row, lab in enumerate(labels):
+        onehots[row, torch.as_tensor(starts) + lab] = 1
+    assert style_loss(head, onehots, labels).item() < 1e-6
+    wrong = labels.clone()
+    wrong[:, 0] = (wrong[:, 0] + 1) % len(next(iter(AXES.values())))  # one axis of eight wrong: 100 nats / 8
+    assert style_loss(head, onehots, wrong).item() == pytest.approx(100 / len(AXES), rel=1e-3)
 
 
 def test_stage_steps_names_the_bad_part():
