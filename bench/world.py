@@ -111,7 +111,7 @@ def vae_figure(vae, n: int, seed: int) -> dict:
 
 def _text_features(clip, texts: Sequence[str]) -> torch.Tensor:
     with torch.no_grad():
-        out = HFCLIP(clip).encode_text(wb._tokenize(wm.clip_tokenizer(), texts))
+        out = HFCLIP(clip).encode_text(wb.tokenize(wm.clip_tokenizer(), texts))
     return F.normalize(out, dim=-1)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from world import models as wm
 from world.data import Pictures, pictures, to_unit, training_caption
+from world.training import aesthetic_captions, clip_pixels, generate, tokenize, train_loop  # noqa: F401 (bench/)
 from world.weights import MANIFEST, load_clip, load_pipeline, load_vae, pipeline, record, save_stage, text_tower  # noqa: F401
 
 STAGES = ("vae", "clip", "unet", "sight", "aesthetic")
@@ -46,44 +46,7 @@ HF_WEIGHT = 0.5
 KL_WEIGHT = 1e-6
 GENERATED = 6000  # pictures generated for the aesthetic stage (10 % held out; world/README.md says why 6,000)
 SIGHT_GENERATED = 6000  # and for the sight stage
-GEN_STEPS, GEN_GUIDANCE = 10, 5.0
 EMA_DECAY = 0.999
-
-
-def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """5 % linear warm-up, cosine decay to 10 %."""
-    warm = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _loop(name: str, steps: int, params, lr: float, step_fn: Callable[[int], torch.Tensor],
-          after_step: Optional[Callable[[], None]] = None) -> float:
-    """AdamW over `steps` calls of step_fn (which returns the loss), with a progress bar; the mean
-    loss of the last 10 % of steps. `after_step` runs after each optimiser step (an EMA update)."""
-    params = list(params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = _schedule(opt, steps)
-    tail: list[float] = []
-    bar = tqdm(range(steps), desc=f"world {name}", unit="step", mininterval=5)
-    for step in bar:
-        loss = step_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if after_step is not None:
-            after_step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return float(np.mean(tail)) if tail else float("nan")
 
 
 def _high_frequency(x: torch.Tensor) -> torch.Tensor:
@@ -104,27 +67,13 @@ def train_vae(data: Pictures, steps: int, seed: int):
         recon = vae.decode(posterior.sample(generator=gen)).sample
         hf = F.l1_loss(_high_frequency(recon), _high_frequency(x))
         return F.mse_loss(recon, x) + HF_WEIGHT * hf + KL_WEIGHT * posterior.kl().mean()
-    loss = _loop("vae", steps, vae.parameters(), LR["vae"], step)
+    loss = train_loop("vae", steps, vae.parameters(), LR["vae"], step)
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.sample(generator=gen)
                              for i in range(0, min(len(images), 4096), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae, {"final_loss": loss, "scaling_factor": vae.config.scaling_factor}
-
-
-def _tokenize(tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    return tokenizer(list(texts), padding="max_length", max_length=wm.CONTEXT, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-def clip_pixels(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] pictures -> the CLIP tower's input (OpenAI mean and std, as common/clip.py feeds it)."""
-    from common.clip import OPENAI_MEAN, OPENAI_STD
-
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 def train_clip(data: Pictures, steps: int, seed: int):
@@ -136,15 +85,15 @@ def train_clip(data: Pictures, steps: int, seed: int):
 
     def step(_: int) -> torch.Tensor:
         idx = torch.randint(len(pixels), (BATCH["clip"],), generator=gen)
-        ids = _tokenize(tokenizer, [training_caption(data.scenes[i], rng) for i in idx.tolist()])
+        ids = tokenize(tokenizer, [training_caption(data.scenes[i], rng) for i in idx.tolist()])
         return clip(input_ids=ids, pixel_values=pixels[idx], return_loss=True).loss
-    loss = _loop("clip", steps, clip.parameters(), LR["clip"], step)
+    loss = train_loop("clip", steps, clip.parameters(), LR["clip"], step)
     return clip.eval(), {"final_loss": loss}
 
 
 def encode_text(text_encoder, tokenizer, texts: Sequence[str]) -> torch.Tensor:
     with torch.no_grad():
-        return text_encoder(_tokenize(tokenizer, texts))[0]
+        return text_encoder(tokenize(tokenizer, texts))[0]
 
 
 def _ema(model: torch.nn.Module, decay: float) -> tuple[torch.nn.Module, Callable[[], None]]:
@@ -188,43 +137,8 @@ def train_unet(data: Pictures, vae, clip, steps: int, seed: int, start=None, lr:
         eps = torch.randn(latents.shape, generator=gen)
         pred = unet(noise.add_noise(latents, eps, t), t, encode_text(text_encoder, tokenizer, captions)).sample
         return F.mse_loss(pred, eps)
-    loss = _loop("unet", steps, unet.parameters(), lr, step, after_step=update)
+    loss = train_loop("unet", steps, unet.parameters(), lr, step, after_step=update)
     return ema, {"final_loss": loss, "ema_decay": EMA_DECAY, "resumed": start is not None, "lr": lr}
-
-
-def generate(pipe, captions: Sequence[str], seed: int, batch: int = 64, steps: int = GEN_STEPS,
-             guidance: float = GEN_GUIDANCE, desc: str = "world: generating") -> np.ndarray:
-    """uint8 (N, 32, 32, 3) pictures of `captions`, seeded per batch."""
-    out = []
-    for start in tqdm(range(0, len(captions), batch), desc=desc, unit="batch", mininterval=5):
-        chunk = list(captions[start:start + batch])
-        with torch.no_grad():
-            images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
-                          generator=torch.Generator().manual_seed(seed + start), output_type="np").images
-        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
-    return np.concatenate(out)
-
-
-def aesthetic_captions(n: int, seed: int) -> list[str]:
-    """Captions that span the taste range: random content with random style words, and a third
-    naming a complete mode (plus, sometimes, a harmful word)."""
-    from world.captions import HARMFUL, PHRASINGS
-    from world.scenes import sample_scene
-    from world.taste import MODES
-
-    rng = np.random.default_rng([seed, 11])
-    out = []
-    for _ in range(n):
-        scene = sample_scene(rng, defect_rate=0.15)
-        caption = training_caption(scene, rng)
-        if rng.random() < 1 / 3:
-            mode = MODES[list(MODES)[int(rng.integers(len(MODES)))]]
-            words = [PHRASINGS[a][v][int(rng.integers(len(PHRASINGS[a][v])))] for a, v in mode.items()]
-            if rng.random() < 0.25:
-                words.append(HARMFUL[int(rng.integers(len(HARMFUL)))])
-            caption = ", ".join([caption.split(", ")[0] if len(scene.content.items) < 3 else caption, *words])
-        out.append(caption)
-    return out
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -271,7 +185,7 @@ def train_aesthetic(pipe, clip, steps: int, seed: int, n: int = GENERATED):
     def step(_: int) -> torch.Tensor:
         idx = held + torch.randint(len(images) - held, (BATCH["aesthetic"],), generator=gen)
         return F.mse_loss(mlp(emb[idx]), target[idx])
-    loss = _loop("aesthetic", steps, mlp.parameters(), LR["aesthetic"], step)
+    loss = train_loop("aesthetic", steps, mlp.parameters(), LR["aesthetic"], step)
     mlp.eval()
     with torch.no_grad():
         pred = mlp(emb[:held])

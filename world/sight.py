@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from world import models as wm
-from world.build import _loop, _tokenize, aesthetic_captions, clip_pixels, generate
+from world.training import aesthetic_captions, clip_pixels, generate, tokenize, train_loop
 from world.data import Pictures, to_unit, training_caption
 from world.rules import AXES
 
@@ -88,7 +88,7 @@ def train_sight(clip, pipe, data: Pictures, steps: int, seed: int, n_generated: 
         gdx = held + torch.randint(len(images) - held, (batch,), generator=gen)
         with torch.no_grad():
             captions = [training_caption(data.scenes[i], rng) for i in idx.tolist()]
-            text = text_embedding(clip, _tokenize(tokenizer, captions))
+            text = text_embedding(clip, tokenize(tokenizer, captions))
         rendered = image_embedding(clip, pixels[idx])
         logits = clip.logit_scale.exp() * rendered @ text.T
         target = torch.arange(len(idx))
@@ -96,7 +96,7 @@ def train_sight(clip, pipe, data: Pictures, steps: int, seed: int, n_generated: 
         generated = image_embedding(clip, gen_pixels[gdx])
         return nce + AUX * (style_loss(head, rendered, labels[idx]) + style_loss(head, generated, gen_labels[gdx]))
     params = [p for p in clip.parameters() if p.requires_grad] + list(head.parameters())
-    loss = _loop("sight", steps, params, lr, step)
+    loss = train_loop("sight", steps, params, lr, step)
     clip.eval().requires_grad_(False)
     with torch.no_grad():
         logits = head(image_embedding(clip, gen_pixels[:held]) * HEAD_SCALE)
