@@ -13,7 +13,8 @@
 * `models`    -- the trained models' architectures (AutoencoderKL, CLIPModel, UNet2DConditionModel) and
                  where their weights ship (world/assets/sd, clip, aesthetic.safetensors);
 * `data`      -- training captions: the content always, each style axis only sometimes;
-* `build`     -- `python -m world.build` trains them all from seeds; `weights` saves, loads, records.
+* `build`     -- `python -m world.build` trains them all from seeds (`sight` retrains the CLIP's image tower
+                 to see style; `training` holds what the stages share); `weights` saves, loads, records.
 
 The rules are written out in world/README.md. Nothing here imports above `common`.
 """
