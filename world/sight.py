@@ -42,28 +42,21 @@ def style_labels(styles: Sequence) -> torch.Tensor:
     return torch.tensor([[AXES[axis].index(getattr(style, axis)) for axis in AXES] for style in styles])
 
 
+def axis_logits(head: torch.nn.Linear, emb: torch.Tensor) -> list[torch.Tensor]:
+    """The head's logits cut into one (N, values) block per style axis, in rules.AXES order."""
+    return list(head(emb * HEAD_SCALE).split([len(values) for values in AXES.values()], dim=1))
+
+
 def style_loss(head: torch.nn.Linear, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over axes of the cross-entropy of each axis's softmax (the head's logits, axis by axis)."""
-    logits = head(emb * HEAD_SCALE)
-    loss, start = emb.new_zeros(()), 0
-    for i, values in enumerate(AXES.values()):
-        loss = loss + F.cross_entropy(logits[:, start:start + len(values)], labels[:, i])
-        start += len(values)
-    return loss / len(AXES)
-
-
-def image_embedding(clip, pixels: torch.Tensor) -> torch.Tensor:
-    return F.normalize(clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output), dim=-1)
-
-
-def text_embedding(clip, ids: torch.Tensor) -> torch.Tensor:
-    return F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
+    return sum(F.cross_entropy(logits, labels[:, i]) for i, logits in enumerate(axis_logits(head, emb))) / len(AXES)
 
 
 def train_sight(clip, pipe, data: Pictures, steps: int, seed: int, n_generated: int, batch: int,
                 lr: float) -> tuple[object, dict]:
     """Fine-tune `clip`'s image tower in place (see the module doc). Returns the CLIP and the stage's figures,
     among them the head's accuracy per axis on the first 10 % of the generated pictures (held out)."""
+    from common.clip import HFCLIP
     from world.reader import read
 
     images = generate(pipe, aesthetic_captions(n_generated, seed + SEED_OFFSET), seed + SEED_OFFSET,
@@ -82,27 +75,28 @@ def train_sight(clip, pipe, data: Pictures, steps: int, seed: int, n_generated: 
     tokenizer = wm.clip_tokenizer()
     rng = np.random.default_rng([seed, 21])
     gen = torch.Generator().manual_seed(seed)
+    towers = HFCLIP(clip)  # the features whichever transformers version returns them
+
+    def embed(pixels_: torch.Tensor) -> torch.Tensor:
+        return F.normalize(towers.encode_image(pixels_), dim=-1)
 
     def step(_: int) -> torch.Tensor:
         idx = torch.randint(len(pixels), (batch,), generator=gen)
         gdx = held + torch.randint(len(images) - held, (batch,), generator=gen)
         with torch.no_grad():
             captions = [training_caption(data.scenes[i], rng) for i in idx.tolist()]
-            text = text_embedding(clip, tokenize(tokenizer, captions))
-        rendered = image_embedding(clip, pixels[idx])
+            text = F.normalize(towers.encode_text(tokenize(tokenizer, captions)), dim=-1)
+        rendered = embed(pixels[idx])
         logits = clip.logit_scale.exp() * rendered @ text.T
         target = torch.arange(len(idx))
         nce = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        generated = image_embedding(clip, gen_pixels[gdx])
+        generated = embed(gen_pixels[gdx])
         return nce + AUX * (style_loss(head, rendered, labels[idx]) + style_loss(head, generated, gen_labels[gdx]))
     params = [p for p in clip.parameters() if p.requires_grad] + list(head.parameters())
     loss = train_loop("sight", steps, params, lr, step)
     clip.eval().requires_grad_(False)
     with torch.no_grad():
-        logits = head(image_embedding(clip, gen_pixels[:held]) * HEAD_SCALE)
-    accuracy, start = {}, 0
-    for i, (axis, values) in enumerate(AXES.items()):
-        hit = logits[:, start:start + len(values)].argmax(1) == gen_labels[:held, i]
-        accuracy[axis] = round(float(hit.float().mean()), 3)
-        start += len(values)
+        logits = axis_logits(head, embed(gen_pixels[:held]))
+    accuracy = {axis: round(float((block.argmax(1) == gen_labels[:held, i]).float().mean()), 3)
+                for i, (axis, block) in enumerate(zip(AXES, logits))}
     return clip, {"final_loss": loss, "generated": len(images), "heldout_head_accuracy": accuracy}
